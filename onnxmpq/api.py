@@ -1,0 +1,118 @@
+"""The Python API: the same jobs as the CLI, as functions.
+
+Example:
+    >>> import onnxmpq
+    >>> report = onnxmpq.quantize("models/resnet20_cifar10.onnx", "out.onnx",
+    ...                           calib="calibration/cifar10_train256.npz", weight_bits=4, act_bits=8)
+    >>> report.weight_bytes < report.float_weight_bytes
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+from onnxmpq import calibrate, graph, progress, quantize as writer
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
+from onnxmpq.export import Report, save_model, storage_notes, summarize, write_json
+from onnxmpq.graph import Model
+from onnxmpq.types import Candidate, QuantOptions
+
+
+def load(model: str | os.PathLike | Model) -> Model:
+    """A `Model` from a path (or the model itself)."""
+    return model if isinstance(model, Model) else graph.load(model)
+
+
+def assign(model: Model, weight_bits: int | None, act_bits: int | None,
+           layer_bits: Mapping[str, Candidate] | None = None) -> dict[str, Candidate]:
+    """Uniform precision for every quantizable layer, then the per-layer overrides by name."""
+    assignment = {spec.name: Candidate(weight_bits, act_bits) for spec in model.layers}
+    for name, cand in (layer_bits or {}).items():
+        model.layer(name)  # raises a clear error for an unknown name
+        assignment[name] = cand
+    return {name: cand for name, cand in assignment.items() if cand.weight_bits or cand.act_bits}
+
+
+def read_allocation(path: str | os.PathLike) -> dict[str, Candidate]:
+    """Per-layer bits from JSON: a report's `layers` list, or {"layers": {name: {"weight_bits", "act_bits"}}}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OnnxmpqError(f"cannot read allocation file {str(path)!r}: {exc}.",
+                           "pass a JSON file written by onnxmpq (a report or an allocation).") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if isinstance(layers, dict):
+        layers = [dict(entry, name=name) for name, entry in layers.items()]
+    if not isinstance(layers, list) or not all(isinstance(e, dict) and "name" in e for e in layers):
+        raise OnnxmpqError(f"allocation file {str(path)!r} has no list of layers with names.",
+                           'expected {"layers": [{"name": ..., "weight_bits": 4, "act_bits": 8}, ...]}.')
+    return {e["name"]: Candidate(e.get("weight_bits"), e.get("act_bits")) for e in layers}
+
+
+def calibration_stats(model: Model, assignment: Mapping[str, Candidate], calib, *, batch_size: int = 32,
+                      limit: int | None = None, preprocess=None) -> dict:
+    """Statistics of the activation tensors that `assignment` quantizes (empty when none is)."""
+    tensors = [spec.activation for spec in model.layers
+               if assignment.get(spec.name, Candidate(None, None)).act_bits]
+    if not tensors:
+        return {}
+    if calib is None:
+        raise OnnxmpqError("quantized activations need calibration data.",
+                           "pass --calib PATH, or --act-bits 0 for weight-only quantization.")
+    source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
+    with progress.bar("calibrate", len(source)) as advance:
+        return calibrate.collect(model, source, tensors, batch_size=batch_size, on_batch=advance)
+
+
+def _check_output(model: Model, output: Path, calib) -> None:
+    protected = [p for p in (model.path, calib) if isinstance(p, (str, os.PathLike))]
+    for path in protected:
+        if Path(path).exists() and output.exists() and output.resolve() == Path(path).resolve():
+            raise OnnxmpqError(f"the output path {str(output)!r} is one of the inputs.",
+                               "write the quantized model to a new file; inputs are never overwritten.")
+
+
+def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
+             act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
+             options: QuantOptions = QuantOptions(), batch_size: int = 32, limit: int | None = None,
+             preprocess=None) -> Report:
+    """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`)."""
+    start = time.perf_counter()
+    model = load(model)
+    output = Path(output)
+    _check_output(model, output, calib)
+    if not model.layers:
+        raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
+                           "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
+    assignment = assign(model, weight_bits, act_bits, layer_bits)
+    stats = calibration_stats(model, assignment, calib, batch_size=batch_size, limit=limit, preprocess=preprocess)
+    proto, results = writer.build(model, assignment, stats, options)
+    file_bytes = save_model(proto, output)
+    return Report(
+        model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
+        file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
+        opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
+        notes=storage_notes(results),
+        settings={"weight_range": str(options.weight_range), "act_range": str(options.act_range),
+                  "percentile": options.percentile, "int2_container": options.int2_container},
+        **summarize(results))
+
+
+def evaluate(model, data, reference=None, *, limit: int | None = None, batch_size: int = 100,
+             preprocess=None) -> Evaluation:
+    """Scores `model` on `data` (labels give top1; a reference model gives agreement, kl, sqnr_db)."""
+    model = load(model)
+    ref = load(reference) if reference is not None else None
+    source = calibrate.read(data, model, limit=limit, preprocess=preprocess)
+    with progress.bar("evaluate", len(source)) as advance:
+        return _evaluate(model.proto, source, ref.proto if ref else None, batch_size=batch_size, on_batch=advance)
+
+
+def write_report(report: Report, path: str | os.PathLike) -> None:
+    write_json(report.to_dict(), path)

@@ -1,0 +1,172 @@
+"""Activation statistics and ranges.
+
+`Histogram` accumulates a tensor's values batch by batch in a fixed number of bins whose range grows
+when a batch falls outside it (old counts are re-binned at their bin centres), so memory is O(bins) per
+tensor whatever the calibration set's size. `choose_range` turns it into [lo, hi]:
+
+- minmax: the exact min and max seen.
+- percentile p: lo, hi = the (100 - p)th and pth percentiles of the histogram.
+- mse: [a*min, a*max] with a in a grid minimising the expected squared error
+  sum_k n_k (c_k - deq(q(c_k)))^2 over bin centres c_k with counts n_k (clipping included).
+- entropy (TensorRT's KL calibration on an asymmetric range): for each a in the grid, P is the histogram
+  restricted to the bins inside [a*min, a*max] with the clipped mass folded into the two edge bins; Q
+  splits the same bins, without the folded mass, into 2^b equal groups and spreads each group's mass
+  evenly over the bins where P is non-zero (so clipping shows as P's edge mass that Q lacks);
+  choose the a minimising KL(P || Q) = sum_k P_k log(P_k / Q_k). Exact zeros are left out of P: the
+  grid holds zero exactly, and a ReLU's spike at zero would otherwise decide the choice. Only ranges holding at least 2^b bins
+  are candidates (fewer would make every P equal its Q); when none does (16 bits), minmax.
+
+`act_params` turns a range into the asymmetric unsigned scale and zero point:
+s = (hi - lo) / (2^b - 1), z = clip(round(-lo / s), 0, 2^b - 1), with lo <= 0 <= hi enforced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.formats import IntFormat
+from onnxmpq.types import ActRange, TensorStats
+
+BINS = 2048
+RANGE_GRID = np.linspace(1.0, 0.05, 96)
+
+
+class Histogram:
+    """Streaming histogram of one tensor (see the module docstring)."""
+
+    def __init__(self, name: str, bins: int = BINS):
+        self.name = name
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.lo = self.hi = None
+        self.min = np.inf
+        self.max = -np.inf
+        self.count = 0
+        self.zeros = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        if values.size == 0:
+            return
+        vmin, vmax = float(values.min()), float(values.max())
+        if not (np.isfinite(vmin) and np.isfinite(vmax)):
+            raise OnnxmpqError(f"tensor {self.name!r} took NaN or Inf values during calibration.",
+                               "check the calibration data and the model; the float model itself overflows.")
+        self.min, self.max = min(self.min, vmin), max(self.max, vmax)
+        self.count += values.size
+        self.zeros += int(np.count_nonzero(values == 0))
+        if self.lo is None:
+            self.lo, self.hi = vmin, vmax if vmax > vmin else vmin + 1e-8
+        elif vmin < self.lo or vmax > self.hi:
+            self._grow(min(vmin, self.lo), max(vmax, self.hi))
+        hist, _ = np.histogram(values, bins=self.bins, range=(self.lo, self.hi))
+        self.counts += hist
+
+    def _grow(self, lo: float, hi: float) -> None:
+        """Widens the range (by at least a quarter, so re-binning stays rare) and re-bins old counts."""
+        width = self.hi - self.lo
+        if lo < self.lo:
+            lo = min(lo, self.lo - 0.25 * width)
+        if hi > self.hi:
+            hi = max(hi, self.hi + 0.25 * width)
+        centres = self.edges[:-1] + 0.5 * (self.edges[1] - self.edges[0])
+        self.lo, self.hi = lo, hi
+        self.counts, _ = np.histogram(centres, bins=self.bins, range=(lo, hi), weights=self.counts)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, self.bins + 1)
+
+    def stats(self) -> TensorStats:
+        if self.lo is None:
+            raise OnnxmpqError(f"tensor {self.name!r} saw no calibration values.",
+                               "give at least one calibration sample.")
+        return TensorStats(self.name, self.min, self.max, self.counts.copy(), self.edges, self.count,
+                           self.zeros)
+
+
+@dataclass(frozen=True)
+class ActParams:
+    """Scale and zero point of an activation quantizer: x ~= (q - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+    fmt: IntFormat
+
+
+def act_params(lo: float, hi: float, fmt: IntFormat) -> ActParams:
+    """Asymmetric unsigned parameters for the range [lo, hi] (see the module docstring)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+    if scale <= 0 or not np.isfinite(scale):
+        scale = 1e-8
+    scale = float(np.float32(scale))
+    zero_point = int(np.clip(np.rint(-lo / scale), fmt.qmin, fmt.qmax))
+    return ActParams(scale, zero_point, fmt)
+
+
+def choose_range(stats: TensorStats, fmt: IntFormat, method: ActRange,
+                 percentile: float = 99.99) -> tuple[float, float]:
+    """The [lo, hi] range of `stats` for the activation format `fmt` (see the module docstring)."""
+    if method == ActRange.MINMAX:
+        return stats.min, stats.max
+    if method == ActRange.PERCENTILE:
+        return _percentile_range(stats, percentile)
+    if method == ActRange.ENTROPY:
+        errors = [_kl_error(stats, a, fmt.qmax + 1) for a in RANGE_GRID]
+    else:
+        errors = [_mse_error(stats, fmt, a) for a in RANGE_GRID]
+    best = RANGE_GRID[int(np.argmin(errors))]
+    return best * min(stats.min, 0.0), best * max(stats.max, 0.0)
+
+
+def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:
+    cdf = np.cumsum(stats.hist)
+    total = cdf[-1]
+    if total <= 0:
+        return stats.min, stats.max
+    tail = (100.0 - percentile) / 100.0 * total
+    lo_idx = int(np.searchsorted(cdf, tail, side="right"))
+    hi_idx = int(np.searchsorted(cdf, total - tail, side="left"))
+    lo = stats.min if stats.min >= 0 else max(stats.min, stats.edges[lo_idx])
+    hi = min(stats.max, stats.edges[min(hi_idx + 1, len(stats.edges) - 1)])
+    return lo, hi
+
+
+def _mse_error(stats: TensorStats, fmt: IntFormat, alpha: float) -> float:
+    """Expected squared quantization error of the histogram for the range scaled by `alpha`."""
+    params = act_params(alpha * min(stats.min, 0.0), alpha * max(stats.max, 0.0), fmt)
+    centres = 0.5 * (stats.edges[:-1] + stats.edges[1:])
+    codes = np.clip(np.rint(centres / params.scale) + params.zero_point, fmt.qmin, fmt.qmax)
+    deq = (codes - params.zero_point) * params.scale
+    return float(np.sum(stats.hist * np.square(centres - deq)))
+
+
+def _kl_error(stats: TensorStats, alpha: float, levels: int) -> float:
+    """KL(P || Q) of the entropy method for the range scaled by `alpha`; inf when too few bins."""
+    centres = 0.5 * (stats.edges[:-1] + stats.edges[1:])
+    hist = stats.hist.astype(np.float64).copy()
+    zero_bin = min(int(np.searchsorted(stats.edges, 0.0, side="right")) - 1, hist.size - 1)
+    if zero_bin >= 0:
+        hist[zero_bin] = max(hist[zero_bin] - stats.zeros, 0.0)
+    lo, hi = alpha * min(stats.min, 0.0), alpha * max(stats.max, 0.0)
+    inside = np.flatnonzero((centres >= lo) & (centres <= hi))
+    if inside.size < levels:
+        return 0.0 if alpha == 1.0 else np.inf
+    kept = hist[inside[0]: inside[-1] + 1]
+    p = kept.copy()
+    p[0] += hist[: inside[0]].sum()
+    p[-1] += hist[inside[-1] + 1:].sum()
+    q = np.zeros_like(p)
+    for group in np.array_split(np.arange(p.size), levels):
+        nonzero = group[p[group] > 0]
+        if nonzero.size:
+            q[nonzero] = kept[group].sum() / nonzero.size
+    if p.sum() <= 0 or q.sum() <= 0:
+        return 0.0
+    p, q = p / p.sum(), np.maximum(q / q.sum(), 1e-12)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))

@@ -1,0 +1,131 @@
+"""Write models and reports safely, and summarise what the writer did.
+
+Every file is written to a temporary name in the destination folder and renamed into place, so an
+existing file is replaced only by a complete new one and an interrupted run leaves the old one intact.
+Models over 2 GB (or over `external_threshold`) are written with their tensors in `NAME.data` beside
+them. A written model is re-read and passed through `onnx.checker.check_model(full_check=True)` before
+it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+from onnxmpq.errors import InternalError, OnnxmpqError
+from onnxmpq.quantize import LayerResult
+
+PROTO_LIMIT = 2**31 - 1
+FLOAT_BITS = 32
+
+
+def _tmp_dir(path: Path) -> Path:
+    parent = path.parent
+    if not parent.is_dir():
+        raise OnnxmpqError(f"output folder {str(parent)!r} does not exist.", "create it first or choose another path.")
+    try:
+        return Path(tempfile.mkdtemp(prefix=".onnxmpq-", dir=parent))
+    except OSError as exc:
+        raise OnnxmpqError(f"cannot write in {str(parent)!r}: {exc.strerror}.", "choose a writable folder.") from None
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_threshold: int = PROTO_LIMIT) -> int:
+    """Checks and writes `proto` to `path` atomically; returns the bytes on disk (model + external data)."""
+    path = Path(path)
+    tmp = _tmp_dir(path)
+    try:
+        staged = tmp / path.name
+        data_name = path.name + ".data"
+        external = proto.ByteSize() > external_threshold
+        if external:
+            onnx.save(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+        else:
+            onnx.save(proto, str(staged))
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise InternalError(f"onnxmpq wrote an invalid model: {exc}") from exc
+        size = staged.stat().st_size
+        if external:
+            size += (tmp / data_name).stat().st_size
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(staged, path)
+        return size
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    """Writes `obj` as indented JSON atomically."""
+    path = Path(path)
+    tmp = _tmp_dir(path)
+    try:
+        staged = tmp / path.name
+        staged.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `quantize` wrote: per-layer precisions and sizes plus model totals.
+
+    avg_weight_bits = sum_l params_l * b_w(l) / sum_l params_l, and bitops = sum_l macs_l * b_w(l) * b_a(l),
+    with a float side counted as 32 bits.
+    """
+
+    model: str
+    output: str
+    layers: Sequence[LayerResult]
+    weight_bytes: int
+    float_weight_bytes: int
+    avg_weight_bits: float
+    bitops: int
+    file_bytes: int
+    float_file_bytes: int
+    opset: int
+    time_s: float
+    skipped: Sequence[tuple[str, str]] = ()
+    notes: Sequence[str] = ()
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["skipped"] = [{"name": n, "reason": r} for n, r in self.skipped]
+        return out
+
+
+def summarize(results: Sequence[LayerResult]) -> dict:
+    """Totals over the layers: weight bytes, float weight bytes, average weight bits and BitOps."""
+    params = sum(r.params for r in results) or 1
+    return {
+        "weight_bytes": sum(r.weight_bytes for r in results),
+        "float_weight_bytes": sum(r.params * 4 for r in results),
+        "avg_weight_bits": sum(r.params * (r.weight_bits or FLOAT_BITS) for r in results) / params,
+        "bitops": sum(r.macs * (r.weight_bits or FLOAT_BITS) * (r.act_bits or FLOAT_BITS) for r in results),
+    }
+
+
+def storage_notes(results: Sequence[LayerResult]) -> list[str]:
+    """Plain-language notes on how unusual widths are stored."""
+    notes = []
+    if any("Reshape guard" in r.weight_type for r in results):
+        notes.append("2-bit weights are stored as INT2 (4 per byte) and reach their layer through a "
+                     "shape-preserving Reshape: onnxruntime 1.32 would otherwise fuse DQ(INT2)+Conv into a "
+                     "QLinearConv it cannot build. Use --int2-container int4 for a plain DQ (2 per byte).")
+    if any("-bit range" in r.weight_type for r in results):
+        notes.append("Widths without an ONNX type (3, 5, 6, 7, ...) are stored in the next wider type "
+                     "with the narrowed integer range; their file size is that of the wider type.")
+    if any(r.act_bits and not r.weight_bits for r in results):
+        notes.append("Layers with quantized activations but float weights: onnxruntime's "
+                     "WeightBiasQuantization pass quantizes such Conv/Gemm weights to 8 bits at load time.")
+    return notes

@@ -1,0 +1,260 @@
+"""Load an ONNX model and find its quantizable layers.
+
+`load(path)` reads the protobuf (external data only from inside the model's folder), turns weights held
+in `Constant` nodes into initializers, upgrades opsets older than 13 (per-channel DequantizeLinear needs
+13), runs shape inference and returns a `Model`: the proto plus the `LayerSpec` of every Conv,
+ConvTranspose, Gemm and MatMul whose weight is a constant. Layers inside If/Loop/Scan bodies are listed
+with `in_subgraph=True` and stay in float.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper, shape_inference, version_converter
+from google.protobuf.message import DecodeError
+
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.ops import OP_HANDLERS, NodeView
+from onnxmpq.types import InputSpec, LayerSpec
+
+MIN_OPSET = 13
+_PROTO_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded float model.
+
+    Attributes:
+        proto: the model with Constant weights folded and opset >= 13; treat as read-only.
+        path: where it was read from (None for in-memory models).
+        layers: quantizable layers in topological order.
+        skipped: names of quantizable-looking nodes left in float, each with the reason.
+        inputs: the graph inputs that must be fed (initializers excluded).
+    """
+
+    proto: onnx.ModelProto
+    path: Path | None
+    layers: tuple[LayerSpec, ...]
+    skipped: tuple[tuple[str, str], ...]
+    inputs: tuple[InputSpec, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerSpec:
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        raise OnnxmpqError(f"the model has no quantizable layer named {name!r}.",
+                           "run `onnxmpq inspect MODEL` to list the layer names.")
+
+    @property
+    def opset(self) -> int:
+        return default_opset(self.proto)
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def load(path: str | os.PathLike) -> Model:
+    """Read, check and prepare a model from disk (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxmpqError(f"model file {str(path)!r} does not exist.", "check the path to the .onnx file.")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise OnnxmpqError(f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__}).",
+                           "pass an .onnx file exported by a framework; it may be truncated or corrupt.") from None
+    if not proto.HasField("graph"):
+        raise OnnxmpqError(f"{str(path)!r} holds no ONNX graph.", "pass an .onnx model file.")
+    _load_external_data(proto, path.parent)
+    return from_proto(proto, path)
+
+
+def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
+    """Loads external tensors, refusing any location outside the model's folder."""
+    base = base.resolve()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise OnnxmpqError(f"tensor {tensor.name!r} points to external data {location!r} outside the model's folder.",
+                               "refusing to read it; keep external data files next to the model.")
+        if not target.is_file():
+            raise OnnxmpqError(f"external data file {location!r} of tensor {tensor.name!r} is missing.",
+                               "copy the .data file next to the .onnx file.")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(base))
+    except (OSError, ValueError) as exc:
+        raise OnnxmpqError(f"cannot read the model's external data: {exc}.", "check the .data files.") from None
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
+    """Prepares an in-memory model: fold Constant weights, upgrade the opset, infer shapes, find layers."""
+    proto = _copy(proto)
+    if len(proto.graph.node) == 0:
+        raise OnnxmpqError("the model's graph has no nodes.", "export the model again; there is nothing to quantize.")
+    _name_nodes(proto.graph)
+    _fold_constants(proto.graph)
+    _drop_initializer_inputs(proto.graph)
+    if default_opset(proto) < MIN_OPSET:
+        proto = convert_opset(proto, MIN_OPSET)
+    proto = infer_shapes(proto)
+    layers, skipped = find_layers(proto)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return Model(proto, path, tuple(layers), tuple(skipped), tuple(graph_inputs(proto)), metadata)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def convert_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Upgrades the default-domain opset with onnx's version converter."""
+    if default_opset(proto) >= target:
+        return proto
+    try:
+        converted = version_converter.convert_version(proto, target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors of many kinds
+        raise OnnxmpqError(f"cannot upgrade the model from opset {default_opset(proto)} to {target}: "
+                           f"{str(exc).splitlines()[0][:200]}.",
+                           f"re-export the model at opset {target} or newer.") from None
+    return converted
+
+
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Runs onnx shape inference (models over 2 GB keep the shapes they have)."""
+    if proto.ByteSize() > _PROTO_LIMIT:
+        return proto
+    try:
+        return shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and bare RuntimeErrors
+        raise OnnxmpqError(f"the model is not a valid ONNX graph: {str(exc).splitlines()[0][:200]}.",
+                           "run `python -m onnx.checker MODEL` to see what is wrong.") from None
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Gives unnamed nodes a name and makes duplicate names unique, so layer names are stable ids."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        seen.add(name)
+
+
+def _fold_constants(graph: onnx.GraphProto) -> None:
+    """Moves `Constant` nodes of the top-level graph into initializers."""
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            tensor = _constant_value(node)
+            if tensor is not None:
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            tensor = TensorProto()
+            tensor.CopyFrom(attr.t)
+            return tensor
+        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            value = onnx.helper.get_attribute_value(attr)
+            dtype = np.float32 if "float" in attr.name else np.int64
+            return numpy_helper.from_array(np.array(value, dtype=dtype))
+    return None  # sparse or string constants stay as nodes
+
+
+def _drop_initializer_inputs(graph: onnx.GraphProto) -> None:
+    """Old exporters list initializers among the graph inputs; those are not fed by the user."""
+    names = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in names]
+    del graph.input[:]
+    graph.input.extend(keep)
+
+
+def graph_inputs(proto: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a user must feed, with numpy dtype and static dims (None where dynamic)."""
+    specs = []
+    for value in proto.graph.input:
+        ttype = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise OnnxmpqError(f"model input {value.name!r} is not a tensor.", "only tensor inputs are supported.")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+def find_layers(proto: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
+    """Lists the quantizable layers of the top-level graph and the ones left in float, with reasons."""
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+    shapes = _value_shapes(graph)
+    layers, skipped = [], []
+    for node in graph.node:
+        handler = OP_HANDLERS.get_or_none(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is not None:
+            spec = handler.describe(NodeView(node, consts, shapes))
+            if spec is not None:
+                layers.append(spec)
+        for sub in _subgraphs(node):
+            skipped += [(n.name or n.op_type, f"inside the {node.op_type} subgraph of {node.name!r}: stays float")
+                        for n in _walk(sub) if n.op_type in OP_HANDLERS]
+    return layers, skipped
+
+
+def _value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | None, ...]]:
+    shapes = {}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        ttype = value.type.tensor_type
+        if ttype.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
+    for tensor in graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _walk(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _walk(sub)

@@ -1,0 +1,253 @@
+"""The QDQ writer: a float `Model` plus per-layer precisions -> a QDQ ModelProto. Pure: no onnxruntime.
+
+For each layer with weight bits b_w the float weight W is replaced by DequantizeLinear(codes, scale, 0,
+axis=channel) with codes in the ONNX type of b_w (see `formats`); the float initializer is dropped when
+nothing else reads it. For each layer with activation bits b_a its activation input x becomes
+DequantizeLinear(QuantizeLinear(x, s, z), s, z), unsigned with the range chosen from the calibration
+statistics; layers reading the same tensor at the same width share one pair. Biases stay float, or with
+`bias="int32"` become DequantizeLinear(round(b / (s_x s_w)), s_x s_w) when both sides are quantized.
+
+onnxruntime 1.32 fuses DQ(INT2) + Conv + Q into a QLinearConv that rejects INT2, so an INT2 weight feeds
+its layer through a shape-preserving Reshape ("INT2 + Reshape guard"), which onnxruntime does not fuse;
+`int2_container="int4"` instead stores 2-bit codes in INT4 with a plain DQ.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxmpq.calibrate.ranges import ActParams, act_params, choose_range
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.formats import IntFormat, act_format, pack, required_opset, weight_format
+from onnxmpq.graph import Model, convert_opset, default_opset
+from onnxmpq.rounding import QuantizedWeight, round_nearest
+from onnxmpq.types import Candidate, LayerSpec, QuantOptions, TensorStats
+
+STORAGE_INT2_GUARD = "INT2 + Reshape guard"
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What the writer did to one layer; the rows of the report."""
+
+    name: str
+    op_type: str
+    weight_bits: int | None
+    act_bits: int | None
+    params: int
+    macs: int
+    weight_bytes: int
+    weight_type: str
+    act_type: str
+    act_scale: float | None = None
+    act_zero_point: int | None = None
+
+
+def layer_formats(layer: LayerSpec, cand: Candidate, options: QuantOptions) -> tuple[IntFormat | None, IntFormat | None]:
+    wfmt = weight_format(cand.weight_bits, options.int2_container == "int4") if cand.weight_bits else None
+    afmt = act_format(cand.act_bits) if cand.act_bits else None
+    return wfmt, afmt
+
+
+def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str, TensorStats] | None,
+          options: QuantOptions = QuantOptions(),
+          weights: Mapping[str, QuantizedWeight] | None = None) -> tuple[onnx.ModelProto, list[LayerResult]]:
+    """Writes the QDQ model.
+
+    Args:
+        model: the float model from `graph.load`.
+        assignment: layer name -> Candidate; layers not named stay float.
+        stats: calibration statistics of each quantized layer's activation tensor.
+        options: ranges, INT2 storage, bias handling.
+        weights: pre-rounded codes (e.g. from GPTQ) by layer name; others are rounded to nearest here.
+
+    Returns:
+        The QDQ model (opset raised as the formats need) and one `LayerResult` per layer.
+    """
+    layers = {spec.name: spec for spec in model.layers}
+    unknown = sorted(set(assignment) - set(layers))
+    if unknown:
+        raise OnnxmpqError(f"no quantizable layer named {unknown[0]!r} ({len(unknown)} unknown).",
+                           "run `onnxmpq inspect MODEL` to list the layer names.")
+    formats = {name: layer_formats(layers[name], cand, options) for name, cand in assignment.items()}
+    opset = max(default_opset(model.proto), required_opset(f for pair in formats.values() for f in pair if f))
+    proto = convert_opset(model.proto, opset)
+    writer = _Writer(proto, options)
+    results = []
+    for spec in model.layers:
+        cand = assignment.get(spec.name, Candidate(None, None))
+        wfmt, afmt = formats.get(spec.name, (None, None))
+        qweight = None
+        if wfmt is not None:
+            qweight = (weights or {}).get(spec.name) or round_nearest(
+                writer.weight(spec.weight), spec.channel_axis, wfmt, options.weight_range, spec.name)
+            _check_codes(spec, qweight, wfmt)
+        aparams = None
+        if afmt is not None:
+            aparams = _activation_params(spec, afmt, stats, options)
+        writer.quantize_layer(spec, qweight, aparams)
+        results.append(_result(spec, cand, qweight, afmt, aparams, writer.weight(spec.weight)))
+    writer.finish()
+    return proto, results
+
+
+def _check_codes(spec: LayerSpec, qweight: QuantizedWeight, fmt: IntFormat) -> None:
+    if qweight.fmt.bits != fmt.bits or qweight.codes.min(initial=0) < fmt.qmin or qweight.codes.max(initial=0) > fmt.qmax:
+        raise OnnxmpqError(f"the rounded codes of layer {spec.name!r} do not fit its {fmt.bits}-bit grid.",
+                           "round the layer at the bit-width it is written with.")
+
+
+def _activation_params(spec: LayerSpec, fmt: IntFormat, stats, options: QuantOptions) -> ActParams:
+    tensor_stats = (stats or {}).get(spec.activation)
+    if tensor_stats is None:
+        raise OnnxmpqError(f"layer {spec.name!r} has quantized activations but no calibration statistics.",
+                           "pass calibration data (--calib) or keep its activations float.")
+    lo, hi = choose_range(tensor_stats, fmt, options.act_range, options.percentile)
+    return act_params(lo, hi, fmt)
+
+
+def _result(spec, cand, qweight, afmt, aparams, float_weight) -> LayerResult:
+    if qweight is not None:
+        channels = qweight.scale.size
+        wbytes = qweight.fmt.storage_bytes(spec.params) + 4 * channels + qweight.fmt.storage_bytes(channels)
+        wtype = qweight.fmt.type_name
+        if qweight.fmt.container_bits == 2:
+            wtype = STORAGE_INT2_GUARD
+        elif qweight.fmt.bits != qweight.fmt.container_bits:
+            wtype += f" ({qweight.fmt.bits}-bit range)"
+    else:
+        wbytes, wtype = spec.params * float_weight.dtype.itemsize, str(float_weight.dtype)
+    return LayerResult(spec.name, spec.op_type, cand.weight_bits if qweight else None,
+                       cand.act_bits if aparams else None, spec.params, spec.macs, wbytes, wtype,
+                       afmt.type_name if afmt else "float", aparams.scale if aparams else None,
+                       aparams.zero_point if aparams else None)
+
+
+class _Writer:
+    """Edits one graph: adds Q/DQ nodes in front of their consumers and keeps the node order topological."""
+
+    def __init__(self, proto: onnx.ModelProto, options: QuantOptions):
+        self.proto = proto
+        self.graph = proto.graph
+        self.options = options
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.taken = set(self.inits) | {n.name for n in self.graph.node}
+        self.taken |= {o for n in self.graph.node for o in n.output} | {i.name for i in self.graph.input}
+        self.before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert before it
+        self.act_pairs: dict[tuple[str, int, float, int], str] = {}
+        self.nodes = {n.name: n for n in self.graph.node}
+        self.replaced: set[str] = set()
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def weight(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self._arrays[name]
+
+    def _name(self, base: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_./:-]", "_", base)
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def _init(self, base: str, tensor: TensorProto) -> str:
+        tensor.name = self._name(base)
+        self.graph.initializer.append(tensor)
+        return tensor.name
+
+    def quantize_layer(self, spec: LayerSpec, qweight: QuantizedWeight | None, aparams: ActParams | None) -> None:
+        node = self.nodes[spec.name]
+        inserted = self.before.setdefault(node.name, [])
+        if qweight is not None:
+            inserted += self._weight_nodes(node, spec, qweight)
+        if aparams is not None:
+            inserted += self._activation_nodes(node, spec, aparams)
+
+    def _weight_nodes(self, node, spec: LayerSpec, qweight: QuantizedWeight) -> list[onnx.NodeProto]:
+        fmt = qweight.fmt
+        codes = helper.make_tensor("", fmt.onnx_type, qweight.codes.shape, pack(qweight.codes, fmt), raw=True)
+        channels = qweight.scale.size
+        q_name = self._init(f"{spec.weight}_{spec.name}_q{fmt.bits}", codes)
+        s_name = self._init(f"{q_name}_scale", numpy_helper.from_array(qweight.scale.astype(np.float32)))
+        z = helper.make_tensor("", fmt.onnx_type, [channels], pack(np.zeros(channels, np.int8), fmt), raw=True)
+        z_name = self._init(f"{q_name}_zero_point", z)
+        out = self._name(f"{q_name}_dq")
+        nodes = [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
+                                  name=self._name(f"{spec.name}_weight_dq"), axis=qweight.axis)]
+        if fmt.container_bits == 2:
+            shape = self._init(f"{q_name}_shape", numpy_helper.from_array(np.array(qweight.codes.shape, np.int64)))
+            guarded = self._name(f"{out}_guard")
+            nodes.append(helper.make_node("Reshape", [out, shape], [guarded], name=self._name(f"{spec.name}_int2_guard")))
+            out = guarded
+        _replace_input(node, spec.weight, out)
+        self.replaced.add(spec.weight)
+        return nodes
+
+    def _activation_nodes(self, node, spec: LayerSpec, params: ActParams) -> list[onnx.NodeProto]:
+        key = (spec.activation, params.fmt.bits, params.scale, params.zero_point)
+        if key in self.act_pairs:
+            _replace_input(node, spec.activation, self.act_pairs[key])
+            return []
+        fmt = params.fmt
+        s_name = self._init(f"{spec.activation}_a{fmt.bits}_scale", numpy_helper.from_array(np.array(params.scale, np.float32)))
+        zp = helper.make_tensor("", fmt.onnx_type, [], pack(np.array([params.zero_point]), fmt), raw=True)
+        z_name = self._init(f"{spec.activation}_a{fmt.bits}_zero_point", zp)
+        q_out, dq_out = self._name(f"{spec.activation}_a{fmt.bits}_q"), self._name(f"{spec.activation}_a{fmt.bits}_dq")
+        nodes = [helper.make_node("QuantizeLinear", [spec.activation, s_name, z_name], [q_out],
+                                  name=self._name(f"{spec.activation}_a{fmt.bits}_QuantizeLinear")),
+                 helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                                  name=self._name(f"{spec.activation}_a{fmt.bits}_DequantizeLinear"))]
+        self.act_pairs[key] = dq_out
+        _replace_input(node, spec.activation, dq_out)
+        return nodes
+
+    def finish(self) -> None:
+        """Splices the new nodes in front of their consumers and drops float weights nothing reads."""
+        ordered = []
+        for node in self.graph.node:
+            ordered += self.before.get(node.name, [])
+            ordered.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(ordered)
+        used = _names_read(self.graph)
+        keep = [t for t in self.graph.initializer if t.name not in self.replaced or t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+        self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto))
+
+
+def _replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    for i, name in enumerate(node.input):
+        if name == old:
+            node.input[i] = new
+            return
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node (subgraphs included, they may read outer initializers) or output."""
+    names = {o.name for o in graph.output}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    return names
+
+
+def _min_ir(proto: onnx.ModelProto) -> int:
+    ir = helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    uses_int2 = any(t.data_type in (TensorProto.INT2, TensorProto.UINT2) for t in proto.graph.initializer)
+    return max(ir, 11 if not uses_int2 else 12)

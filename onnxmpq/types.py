@@ -1,0 +1,121 @@
+"""Frozen dataclasses exchanged between the pipeline stages; no logic beyond validation.
+
+Data flow: path -> `graph.load` -> (ModelProto, [LayerSpec]) -> `calibrate` -> {tensor: TensorStats}
+-> `quantize.build(..., {layer: Candidate})` -> QDQ ModelProto + `Report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype and shape (a dim is an int when static, else None)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One calibration or evaluation batch: arrays keyed by input name, labels when the source has them."""
+
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A quantizable layer.
+
+    Attributes:
+        name: ONNX node name, the stable id used everywhere (unnamed nodes get a generated name).
+        op_type: Conv, ConvTranspose, Gemm or MatMul.
+        weight: initializer name of the weight.
+        activation: name of the input tensor that is quantized as the activation.
+        output: name of the layer's output tensor.
+        params: number of weight elements.
+        macs: multiply-accumulates per sample (batch dimension 1; dynamic dims other than batch as 1).
+        channel_axis: axis of the weight that indexes output channels (per-channel scales live there).
+        bias: initializer name of the bias, if any.
+        in_subgraph: the node lives inside an If/Loop/Scan body and stays in float.
+    """
+
+    name: str
+    op_type: str
+    weight: str
+    activation: str
+    output: str
+    params: int
+    macs: int
+    channel_axis: int
+    bias: str | None = None
+    in_subgraph: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A precision for one layer: weight bits and activation bits (None = that side stays float)."""
+
+    weight_bits: int | None
+    act_bits: int | None
+
+    @property
+    def key(self) -> str:
+        w = f"w{self.weight_bits}" if self.weight_bits else ""
+        a = f"a{self.act_bits}" if self.act_bits else ""
+        return (w + a) or "float"
+
+
+class WeightRange(StrEnum):
+    """How the per-channel weight scale is chosen."""
+
+    MSE = "mse"
+    MINMAX = "minmax"
+
+
+class ActRange(StrEnum):
+    """How an activation tensor's [min, max] range is chosen from its calibration histogram."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+    ENTROPY = "entropy"
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Streaming statistics of one activation tensor over the calibration set.
+
+    `hist[i]` counts values in [edges[i], edges[i+1]); `min`/`max` are exact; `zeros` counts exact
+    zeros (ReLU outputs), which every asymmetric grid represents without error.
+    """
+
+    name: str
+    min: float
+    max: float
+    hist: np.ndarray
+    edges: np.ndarray
+    count: int = 0
+    zeros: int = 0
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Settings of the QDQ writer that are not per layer."""
+
+    weight_range: WeightRange = WeightRange.MSE
+    act_range: ActRange = ActRange.PERCENTILE
+    percentile: float = 99.99
+    int2_container: str = "auto"
+    bias: str = "float"
