@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from onnxmpq import calibrate, graph, progress, quantize as writer
+from onnxmpq import calibrate, graph, progress, qdq, quantize as writer
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
-from onnxmpq.export import Report, save_model, storage_notes, summarize, write_json
+from onnxmpq.export import FLOAT_BITS, Report, save_model, storage_notes, summarize, write_json
 from onnxmpq.graph import Model
 from onnxmpq.types import Candidate, QuantOptions
 
@@ -116,3 +116,35 @@ def evaluate(model, data, reference=None, *, limit: int | None = None, batch_siz
 
 def write_report(report: Report, path: str | os.PathLike) -> None:
     write_json(report.to_dict(), path)
+
+
+def inspect(model) -> dict:
+    """The quantizable layers of any model (float or QDQ) with their bits, sizes and MACs."""
+    model = load(model)
+    layers = qdq.read_layers(model.proto)
+    params = sum(layer.params for layer in layers) or 1
+    rows = [{"name": l.name, "op_type": l.op_type, "weight_bits": l.weight_bits, "act_bits": l.act_bits,
+             "params": l.params, "macs": l.macs, "weight_bytes": l.weight_bytes,
+             "weight_type": l.weight.type_name if l.weight else "float",
+             "act_type": l.activation.type_name if l.activation else "float",
+             "weight_granularity": l.weight.granularity if l.weight else None} for l in layers]
+    return {"model": str(model.path), "opset": model.opset, "layers": rows,
+            "weight_bytes": qdq.weight_bytes(layers),
+            "avg_weight_bits": sum(l.params * (l.weight_bits or FLOAT_BITS) for l in layers) / params,
+            "skipped": [{"name": n, "reason": r} for n, r in model.skipped]}
+
+
+def compare(reference, models, data, *, limit: int | None = None, preprocess=None) -> list[dict]:
+    """Size and accuracy of the reference and each model, all on the same samples."""
+    rows = []
+    for path in [reference] + list(models):
+        info = inspect(path)
+        result = evaluate(path, data, reference if path != reference else None, limit=limit, preprocess=preprocess)
+        rows.append({"model": str(path), "file_bytes": _file_bytes(Path(path)), "weight_bytes": info["weight_bytes"],
+                     "avg_weight_bits": info["avg_weight_bits"], **result.to_dict()})
+    return rows
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

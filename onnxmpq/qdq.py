@@ -1,0 +1,193 @@
+"""Read the precisions of any QDQ model: onnxmpq's own, onnxruntime's `quantize_static`, or another tool's.
+
+For every Conv, ConvTranspose, Gemm and MatMul the weight input is traced back through shape-only ops
+(Reshape, Transpose, Identity, Squeeze, Unsqueeze) to a DequantizeLinear of an integer initializer;
+the activation input to a DequantizeLinear fed by a QuantizeLinear. From the types and the zero points
+it reads signedness, granularity (per tensor, per channel, blocked) and width. A signed weight whose
+codes fit a narrower restricted grid [-(2^(k-1)-1), 2^(k-1)-1] (onnxmpq's 3-bit codes in INT4, say)
+reports that width k; onnxmpq's own models also carry the widths in metadata (`onnxmpq.layers`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from onnxmpq.ops import OP_HANDLERS, NodeView
+
+METADATA_KEY = "onnxmpq.layers"
+_PASS_THROUGH = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
+_BITS = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4,
+         TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16,
+         TensorProto.INT32: 32, TensorProto.UINT32: 32}
+_SIGNED = {TensorProto.INT2, TensorProto.INT4, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32}
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How one tensor is quantized: width, type, signedness, granularity and whether zero points are 0."""
+
+    bits: int
+    type_name: str
+    signed: bool
+    granularity: str      # "per-tensor" | "per-channel" | "blocked"
+    symmetric: bool       # every zero point is 0
+    scale_name: str = ""
+    zero_point_name: str = ""
+
+
+@dataclass(frozen=True)
+class QLayer:
+    """A quantizable layer as found in a (possibly quantized) model."""
+
+    name: str
+    op_type: str
+    params: int
+    macs: int
+    weight: Quantizer | None
+    activation: Quantizer | None
+    weight_bytes: int
+    activation_tensor: str = ""
+
+    @property
+    def weight_bits(self) -> int | None:
+        return self.weight.bits if self.weight else None
+
+    @property
+    def act_bits(self) -> int | None:
+        return self.activation.bits if self.activation else None
+
+
+def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
+    """Every quantizable layer of the top-level graph with its weight and activation quantizers."""
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    stubs, weight_q = {}, {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in consts:
+            codes = consts[node.input[0]]
+            stub = TensorProto(name=node.output[0], data_type=TensorProto.FLOAT, dims=codes.dims)
+            stubs[node.output[0]] = stub
+            weight_q[node.output[0]] = (node, codes)
+    for node in graph.node:  # shape-only ops after a weight DQ keep its identity (onnxmpq's INT2 guard)
+        if node.op_type in _PASS_THROUGH and node.input and node.input[0] in stubs:
+            stubs[node.output[0]] = stubs[node.input[0]]
+            weight_q[node.output[0]] = weight_q[node.input[0]]
+    view_consts = {**consts, **stubs}
+    shapes = _shapes(graph)
+    meta = _metadata_bits(proto)
+    layers = []
+    for node in graph.node:
+        handler = OP_HANDLERS.get_or_none(node.op_type)
+        spec = handler.describe(NodeView(node, view_consts, shapes)) if handler else None
+        if spec is None:
+            continue
+        wq = _weight_quantizer(*weight_q[spec.weight], consts, meta.get(spec.name, (None, None))[0]) \
+            if spec.weight in weight_q else None
+        aq = _act_quantizer(spec.activation, producers, consts, meta.get(spec.name, (None, None))[1])
+        wbytes = _weight_bytes(weight_q.get(spec.weight), consts, spec.weight)
+        layers.append(QLayer(spec.name, spec.op_type, spec.params, spec.macs, wq, aq, wbytes, spec.activation))
+    return layers
+
+
+def _shapes(graph) -> dict:
+    shapes = {}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                       for d in value.type.tensor_type.shape.dim)
+    return shapes
+
+
+def _metadata_bits(proto: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                return {k: tuple(v) for k, v in json.loads(prop.value).items()}
+            except (ValueError, TypeError):
+                return {}
+    return {}
+
+
+def _zero_points(node, consts) -> np.ndarray | None:
+    if len(node.input) > 2 and node.input[2] in consts:
+        return numpy_helper.to_array(consts[node.input[2]])
+    return None
+
+
+def _weight_quantizer(dq, codes: TensorProto, consts, meta_bits) -> Quantizer:
+    zp = _zero_points(dq, consts)
+    scale = consts.get(dq.input[1])
+    nscale = int(np.prod(scale.dims)) if scale is not None else 1
+    block = next((a.i for a in dq.attribute if a.name == "block_size" and a.i > 0), 0)
+    granularity = "blocked" if block else ("per-channel" if nscale > 1 else "per-tensor")
+    bits = _BITS.get(codes.data_type, 32)
+    signed = codes.data_type in _SIGNED
+    if meta_bits:
+        bits = meta_bits
+    elif signed and bits <= 16:
+        bits = _narrowest(numpy_helper.to_array(codes), bits)
+    return Quantizer(bits, TensorProto.DataType.Name(codes.data_type), signed, granularity,
+                     zp is None or not np.any(zp.astype(np.int64)), dq.input[1], dq.input[2] if len(dq.input) > 2 else "")
+
+
+def _narrowest(codes: np.ndarray, bits: int) -> int:
+    """Smallest k whose restricted grid holds the codes (only narrower than the type's own width)."""
+    amax = int(np.abs(codes.astype(np.int64)).max(initial=0))
+    for k in range(2, bits):
+        if amax <= 2 ** (k - 1) - 1 and k > bits // 2:
+            return k
+    return bits
+
+
+def _act_quantizer(tensor: str, producers, consts, meta_bits) -> Quantizer | None:
+    dq = producers.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in consts:
+        return None
+    zp_name = dq.input[2] if len(dq.input) > 2 else ""
+    zp = consts.get(zp_name)
+    q = producers.get(dq.input[0])
+    dtype = zp.data_type if zp is not None else _q_output_type(q, consts)
+    zp_values = numpy_helper.to_array(zp) if zp is not None else np.zeros(1)
+    scale = consts.get(dq.input[1])
+    granularity = "per-channel" if scale is not None and int(np.prod(scale.dims)) > 1 else "per-tensor"
+    bits = meta_bits or _BITS.get(dtype, 8)
+    return Quantizer(bits, TensorProto.DataType.Name(dtype), dtype in _SIGNED, granularity,
+                     not np.any(zp_values.astype(np.int64)), dq.input[1], zp_name)
+
+
+def _q_output_type(q, consts) -> int:
+    if q is not None:
+        for attr in q.attribute:
+            if attr.name == "output_dtype" and attr.i:
+                return attr.i
+    return TensorProto.UINT8
+
+
+def _weight_bytes(entry, consts, name) -> int:
+    """Bytes of the stored weight: codes + scales + zero points, or the float tensor."""
+    if entry is None:
+        tensor = consts.get(name)
+        return len(tensor.raw_data) if tensor is not None and tensor.raw_data else (
+            int(np.prod(tensor.dims)) * 4 if tensor is not None else 0)
+    dq, codes = entry
+    total = 0
+    for input_name in dq.input:
+        tensor = consts.get(input_name)
+        if tensor is not None:
+            total += len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
+    return total
+
+
+def weight_bytes(layers: list[QLayer]) -> int:
+    return sum(layer.weight_bytes for layer in layers)
+
+
+def float_layers(layers: list[QLayer]) -> list[QLayer]:
+    return [layer for layer in layers if layer.weight is None]
+
