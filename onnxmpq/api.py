@@ -55,17 +55,19 @@ def read_allocation(path: str | os.PathLike) -> dict[str, Candidate]:
     return {e["name"]: Candidate(e.get("weight_bits"), e.get("act_bits")) for e in layers}
 
 
-def calibration_stats(model: Model, assignment: Mapping[str, Candidate], calib, *, batch_size: int = 32,
-                      limit: int | None = None, preprocess=None) -> dict:
+def first_shapes(source) -> dict[str, tuple[int, ...]]:
+    """Input shapes of the first sample of `source` (to give dynamic dims a size)."""
+    batch = next(iter(source.batches(1)), None)
+    return {name: tuple(array.shape) for name, array in batch.inputs.items()} if batch else {}
+
+
+def calibration_stats(model: Model, assignment: Mapping[str, Candidate], source, *,
+                      batch_size: int = 32) -> dict:
     """Statistics of the activation tensors that `assignment` quantizes (empty when none is)."""
     tensors = [spec.activation for spec in model.layers
                if assignment.get(spec.name, Candidate(None, None)).act_bits]
     if not tensors:
         return {}
-    if calib is None:
-        raise OnnxmpqError("quantized activations need calibration data.",
-                           "pass --calib PATH, or --act-bits 0 for weight-only quantization.")
-    source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
     with progress.bar("calibrate", len(source)) as advance:
         return calibrate.collect(model, source, tensors, batch_size=batch_size, on_batch=advance)
 
@@ -91,7 +93,14 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
     assignment = assign(model, weight_bits, act_bits, layer_bits)
-    stats = calibration_stats(model, assignment, calib, batch_size=batch_size, limit=limit, preprocess=preprocess)
+    stats = {}
+    if calib is not None:
+        source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
+        model = graph.specialize(model, first_shapes(source))
+        stats = calibration_stats(model, assignment, source, batch_size=batch_size)
+    elif any(c.act_bits for c in assignment.values()):
+        raise OnnxmpqError("quantized activations need calibration data.",
+                           "pass --calib PATH, or --act-bits float for weight-only quantization.")
     proto, results = writer.build(model, assignment, stats, options)
     file_bytes = save_model(proto, output)
     return Report(

@@ -9,9 +9,11 @@ with `in_subgraph=True` and stay in float.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -115,10 +117,12 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
     if len(proto.graph.node) == 0:
         raise OnnxmpqError("the model's graph has no nodes.", "export the model again; there is nothing to quantize.")
     _name_nodes(proto.graph)
-    _fold_constants(proto.graph)
-    _drop_initializer_inputs(proto.graph)
     if default_opset(proto) < MIN_OPSET:
         proto = convert_opset(proto, MIN_OPSET)
+    _fold_constants(proto.graph)
+    _drop_initializer_inputs(proto.graph)
+    proto.ir_version = max(proto.ir_version, 7)  # IR >= 4 lets initializers stay out of the inputs
+    _fold_weight_chains(proto)
     proto = infer_shapes(proto)
     layers, skipped = find_layers(proto)
     metadata = {p.key: p.value for p in proto.metadata_props}
@@ -180,6 +184,77 @@ def _fold_constants(graph: onnx.GraphProto) -> None:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+
+
+_FOLDABLE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten"}
+
+
+def _fold_weight_chains(proto: onnx.ModelProto) -> None:
+    """Evaluates shape-only ops whose inputs are all initializers (mnist-8 reshapes its MatMul weight),
+    so the weight behind them is seen as a constant; the op-by-op oracle is onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and inputs \
+                and all(i in consts for i in inputs) and len(node.output) == 1:
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(node.output[0], 0, None)],
+                                       [consts[i] for i in dict.fromkeys(inputs)]),
+                opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+            try:
+                value = ReferenceEvaluator(single).run(None, {})[0]
+            except Exception:  # leave anything the oracle cannot evaluate to onnxruntime
+                keep.append(node)
+                continue
+            tensor = numpy_helper.from_array(np.asarray(value), node.output[0])
+            graph.initializer.append(tensor)
+            consts[tensor.name] = tensor
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = names_read(graph)
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+
+
+def names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node (subgraphs included, they may read outer initializers) or output."""
+    names = {o.name for o in graph.output}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            names.update(node.input)
+            for sub in _subgraphs(node):
+                stack.append(sub)
+    return names
+
+
+def specialize(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
+    """`model` with its layers' MACs computed for concrete input shapes (batch counted as 1).
+
+    The proto keeps its dynamic dims; only the `LayerSpec`s change (an OCR model's width, say, is
+    dynamic, and its MACs per sample are only defined for a given width).
+    """
+    dynamic = any(d is None for spec in model.inputs for d in spec.shape[1:])
+    if not dynamic:
+        return model
+    fixed = _copy(model.proto)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, [1, *list(shapes[value.name])[1:]]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    layers, _ = find_layers(infer_shapes(fixed))
+    return dataclasses.replace(model, layers=tuple(layers))
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:

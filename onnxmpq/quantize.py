@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxmpq.calibrate.ranges import ActParams, act_params, choose_range
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import IntFormat, act_format, pack, required_opset, weight_format
-from onnxmpq.graph import Model, convert_opset, default_opset
+from onnxmpq.graph import Model, convert_opset, default_opset, names_read
 from onnxmpq.qdq import METADATA_KEY
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, TensorStats
@@ -228,7 +228,7 @@ class _Writer:
             ordered.append(node)
         del self.graph.node[:]
         self.graph.node.extend(ordered)
-        used = _names_read(self.graph)
+        used = names_read(self.graph)
         keep = [t for t in self.graph.initializer if t.name not in self.replaced or t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
@@ -240,22 +240,6 @@ def _replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
         if name == old:
             node.input[i] = new
             return
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by a node (subgraphs included, they may read outer initializers) or output."""
-    names = {o.name for o in graph.output}
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            names.update(node.input)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
-    return names
 
 
 def _min_ir(proto: onnx.ModelProto) -> int:
