@@ -45,16 +45,18 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_thresho
         data_name = path.name + ".data"
         external = proto.ByteSize() > external_threshold
         if external:
-            onnx.save(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=1024)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)  # onnx.save rewrites the tensors it externalises
+            onnx.save(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=0)
         else:
             onnx.save(proto, str(staged))
         try:
             onnx.checker.check_model(str(staged), full_check=True)
-        except onnx.checker.ValidationError as exc:
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise InternalError(f"onnxmpq wrote an invalid model: {exc}") from exc
         size = staged.stat().st_size
-        if external:
+        if (tmp / data_name).exists():
             size += (tmp / data_name).stat().st_size
             os.replace(tmp / data_name, path.parent / data_name)
         os.replace(staged, path)
@@ -118,10 +120,17 @@ def summarize(results: Sequence[LayerResult]) -> dict:
 def storage_notes(results: Sequence[LayerResult]) -> list[str]:
     """Plain-language notes on how unusual widths are stored."""
     notes = []
-    if any("Reshape guard" in r.weight_type for r in results):
+    if any(r.weight_type.startswith("INT2") for r in results):
         notes.append("2-bit weights are stored as INT2 (4 per byte) and reach their layer through a "
                      "shape-preserving Reshape: onnxruntime 1.32 would otherwise fuse DQ(INT2)+Conv into a "
                      "QLinearConv it cannot build. Use --int2-container int4 for a plain DQ (2 per byte).")
+    if any("Reshape guard" in r.weight_type and not r.weight_type.startswith("INT2") for r in results):
+        notes.append("Some weights reach their layer through a shape-preserving Reshape so that onnxruntime "
+                     "does not fuse them into a kernel that rejects the pattern (4-bit inputs with 8-bit "
+                     "weights, batched MatMul weights); those layers run as dequantize + float op.")
+    if any(r.op_type in ("MatMul", "Gemm") and r.weight_bits and not r.act_bits for r in results):
+        notes.append("onnxruntime runs weight-only MatMul/Gemm layers of 3-8 bits as MatMulNBits, which "
+                     "quantizes their inputs to 8 bits inside the kernel (accuracy_level 4).")
     if any("-bit range" in r.weight_type for r in results):
         notes.append("Widths without an ONNX type (3, 5, 6, 7, ...) are stored in the next wider type "
                      "with the narrowed integer range; their file size is that of the wider type.")

@@ -99,16 +99,21 @@ def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
                                "copy the .data file next to the .onnx file.")
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(base))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise OnnxmpqError(f"cannot read the model's external data: {exc}.", "check the .data files.") from None
 
 
 def _all_tensors(proto: onnx.ModelProto):
-    yield from proto.graph.initializer
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+    """Initializers and tensor attributes of the graph and of every subgraph."""
+    stack = [proto.graph]
+    while stack:
+        graph = stack.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+            stack.extend(_subgraphs(node))
 
 
 def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
@@ -161,11 +166,12 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
     """Gives unnamed nodes a name and makes duplicate names unique, so layer names are stable ids."""
+    explicit = {node.name for node in graph.node if node.name}
     seen: set[str] = set()
     for i, node in enumerate(graph.node):
         base = node.name or f"{node.op_type}_{i}"
         name, k = base, 1
-        while name in seen:
+        while name in seen or (not node.name and name in explicit):
             name, k = f"{base}_{k}", k + 1
         node.name = name
         seen.add(name)

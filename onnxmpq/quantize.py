@@ -9,7 +9,8 @@ statistics; layers reading the same tensor at the same width share one pair. Bia
 
 onnxruntime 1.32 fuses DQ(INT2) + Conv + Q into a QLinearConv that rejects INT2, so an INT2 weight feeds
 its layer through a shape-preserving Reshape ("INT2 + Reshape guard"), which onnxruntime does not fuse;
-`int2_container="int4"` instead stores 2-bit codes in INT4 with a plain DQ.
+`int2_container="int4"` instead stores 2-bit codes in INT4 with a plain DQ. The same guard keeps two
+other patterns away from kernels that reject them (see `needs_guard`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from onnxmpq.qdq import METADATA_KEY
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, TensorStats
 
-STORAGE_INT2_GUARD = "INT2 + Reshape guard"
+GUARD_SUFFIX = " + Reshape guard"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str,
     formats = {name: layer_formats(layers[name], cand, options) for name, cand in assignment.items()}
     opset = max(default_opset(model.proto), required_opset(f for pair in formats.values() for f in pair if f))
     proto = convert_opset(model.proto, opset)
+    if proto is model.proto:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
     writer = _Writer(proto, options)
     results = []
     for spec in model.layers:
@@ -128,10 +132,10 @@ def _result(spec, cand, qweight, afmt, aparams, float_weight) -> LayerResult:
         channels = qweight.scale.size
         wbytes = qweight.fmt.storage_bytes(spec.params) + 4 * channels + qweight.fmt.storage_bytes(channels)
         wtype = qweight.fmt.type_name
-        if qweight.fmt.container_bits == 2:
-            wtype = STORAGE_INT2_GUARD
-        elif qweight.fmt.bits != qweight.fmt.container_bits:
+        if qweight.fmt.bits != qweight.fmt.container_bits:
             wtype += f" ({qweight.fmt.bits}-bit range)"
+        if needs_guard(spec, qweight, aparams):
+            wtype += GUARD_SUFFIX
     else:
         wbytes, wtype = spec.params * float_weight.dtype.itemsize, str(float_weight.dtype)
     return LayerResult(spec.name, spec.op_type, cand.weight_bits if qweight else None,
@@ -155,6 +159,9 @@ class _Writer:
         self.nodes = {n.name: n for n in self.graph.node}
         self.replaced: set[str] = set()
         self._arrays: dict[str, np.ndarray] = {}
+        values = list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output)
+        self.float_types = {v.name: v.type.tensor_type.elem_type for v in values}
+        self.float_types.update({t.name: t.data_type for t in self.graph.initializer})
 
     def weight(self, name: str) -> np.ndarray:
         if name not in self._arrays:
@@ -178,25 +185,35 @@ class _Writer:
         node = self.nodes[spec.name]
         inserted = self.before.setdefault(node.name, [])
         if qweight is not None:
-            inserted += self._weight_nodes(node, spec, qweight)
+            inserted += self._weight_nodes(node, spec, qweight, needs_guard(spec, qweight, aparams))
         if aparams is not None:
             inserted += self._activation_nodes(node, spec, aparams)
+        if qweight is not None and aparams is not None and self.options.bias == "int32" and spec.bias:
+            inserted += self._bias_nodes(node, spec, qweight, aparams)
 
-    def _weight_nodes(self, node, spec: LayerSpec, qweight: QuantizedWeight) -> list[onnx.NodeProto]:
+    def _scale(self, values, like: str) -> TensorProto:
+        """Scales in the float type of the tensor `like` (float32 or float16), as DequantizeLinear needs."""
+        dtype = self.float_types.get(like, TensorProto.FLOAT)
+        if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            raise OnnxmpqError(f"tensor {like!r} is {TensorProto.DataType.Name(dtype)}; onnxmpq quantizes "
+                               "float32 and float16 models.", "export the model in float32.")
+        return numpy_helper.from_array(np.asarray(values, np.float16 if dtype == TensorProto.FLOAT16 else np.float32))
+
+    def _weight_nodes(self, node, spec: LayerSpec, qweight: QuantizedWeight, guard: bool) -> list[onnx.NodeProto]:
         fmt = qweight.fmt
         codes = helper.make_tensor("", fmt.onnx_type, qweight.codes.shape, pack(qweight.codes, fmt), raw=True)
         channels = qweight.scale.size
         q_name = self._init(f"{spec.weight}_{spec.name}_q{fmt.bits}", codes)
-        s_name = self._init(f"{q_name}_scale", numpy_helper.from_array(qweight.scale.astype(np.float32)))
+        s_name = self._init(f"{q_name}_scale", self._scale(qweight.scale, spec.weight))
         z = helper.make_tensor("", fmt.onnx_type, [channels], pack(np.zeros(channels, np.int8), fmt), raw=True)
         z_name = self._init(f"{q_name}_zero_point", z)
         out = self._name(f"{q_name}_dq")
         nodes = [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out],
                                   name=self._name(f"{spec.name}_weight_dq"), axis=qweight.axis)]
-        if fmt.container_bits == 2:
+        if guard:
             shape = self._init(f"{q_name}_shape", numpy_helper.from_array(np.array(qweight.codes.shape, np.int64)))
             guarded = self._name(f"{out}_guard")
-            nodes.append(helper.make_node("Reshape", [out, shape], [guarded], name=self._name(f"{spec.name}_int2_guard")))
+            nodes.append(helper.make_node("Reshape", [out, shape], [guarded], name=self._name(f"{spec.name}_fusion_guard")))
             out = guarded
         _replace_input(node, spec.weight, out)
         self.replaced.add(spec.weight)
@@ -208,7 +225,7 @@ class _Writer:
             _replace_input(node, spec.activation, self.act_pairs[key])
             return []
         fmt = params.fmt
-        s_name = self._init(f"{spec.activation}_a{fmt.bits}_scale", numpy_helper.from_array(np.array(params.scale, np.float32)))
+        s_name = self._init(f"{spec.activation}_a{fmt.bits}_scale", self._scale(params.scale, spec.activation))
         zp = helper.make_tensor("", fmt.onnx_type, [], pack(np.array([params.zero_point]), fmt), raw=True)
         z_name = self._init(f"{spec.activation}_a{fmt.bits}_zero_point", zp)
         q_out, dq_out = self._name(f"{spec.activation}_a{fmt.bits}_q"), self._name(f"{spec.activation}_a{fmt.bits}_dq")
@@ -219,6 +236,21 @@ class _Writer:
         self.act_pairs[key] = dq_out
         _replace_input(node, spec.activation, dq_out)
         return nodes
+
+    def _bias_nodes(self, node, spec: LayerSpec, qweight: QuantizedWeight, aparams: ActParams) -> list[onnx.NodeProto]:
+        """INT32 bias on the accumulator's grid: b_q = round(b / (s_x s_w)), dequantized with s_x s_w."""
+        bias = self.weight(spec.bias).astype(np.float64).reshape(-1)
+        scale = (np.float64(aparams.scale) * qweight.scale.astype(np.float64)).astype(np.float32)
+        if bias.size != scale.size or self.float_types.get(spec.bias, TensorProto.FLOAT) != TensorProto.FLOAT:
+            return []  # a grouped ConvTranspose's bias does not line up with per-axis scales: stays float
+        limit = np.iinfo(np.int32)
+        codes = np.clip(np.rint(bias / scale.astype(np.float64)), limit.min, limit.max).astype(np.int32)
+        q_name = self._init(f"{spec.bias}_{spec.name}_int32", numpy_helper.from_array(codes))
+        s_name = self._init(f"{q_name}_scale", numpy_helper.from_array(scale))
+        out = self._name(f"{q_name}_dq")
+        _replace_input(node, spec.bias, out)
+        self.replaced.add(spec.bias)
+        return [helper.make_node("DequantizeLinear", [q_name, s_name], [out], name=self._name(f"{spec.name}_bias_dq"), axis=0)]
 
     def finish(self) -> None:
         """Splices the new nodes in front of their consumers and drops float weights nothing reads."""
@@ -233,6 +265,17 @@ class _Writer:
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
         self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto))
+
+
+def needs_guard(spec: LayerSpec, qweight: QuantizedWeight, aparams: ActParams | None) -> bool:
+    """Whether the weight must reach its layer through a Reshape so that onnxruntime 1.32 does not fuse
+    the pattern into a kernel that rejects it: INT2 weights (QLinearConv has no INT2), UINT4 inputs
+    with INT8 weights (QLinearConv wants 8-bit inputs), and batched MatMul weights of rank > 2
+    (MatMulIntegerToFloat rejects their per-channel zero points)."""
+    container = qweight.fmt.container_bits
+    if container == 2 or (aparams is not None and aparams.fmt.container_bits == 4 and container == 8):
+        return True
+    return spec.op_type == "MatMul" and qweight.codes.ndim > 2
 
 
 def _replace_input(node: onnx.NodeProto, old: str, new: str) -> None:

@@ -38,7 +38,9 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = No
 def _session_from_large(model: onnx.ModelProto, options: ort.SessionOptions) -> ort.InferenceSession:
     with tempfile.TemporaryDirectory(prefix="onnxmpq-") as tmp:
         path = Path(tmp) / "model.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # onnx.save rewrites the tensors it externalises
+        onnx.save(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -48,7 +48,7 @@ class Histogram:
         self.zeros = 0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
         if values.size == 0:
             return
         vmin, vmax = float(values.min()), float(values.max())
@@ -59,7 +59,7 @@ class Histogram:
         self.count += values.size
         self.zeros += int(np.count_nonzero(values == 0))
         if self.lo is None:
-            self.lo, self.hi = vmin, vmax if vmax > vmin else vmin + 1e-8
+            self.lo, self.hi = vmin, vmax if vmax > vmin else vmin + max(1e-8, 1e-6 * abs(vmin))
         elif vmin < self.lo or vmax > self.hi:
             self._grow(min(vmin, self.lo), max(vmax, self.hi))
         hist, _ = np.histogram(values, bins=self.bins, range=(self.lo, self.hi))

@@ -27,6 +27,9 @@ class MatMulHandler:
         params = int(np.prod(weight.dims))
         contraction = weight.dims[-2] if right is not None else weight.dims[-1]
         out = view.out_shape()
-        macs = known_prod(out[1:]) * contraction if out and len(out) > 1 else params
+        act = view.in_shape(act_index)
+        # dim 0 of the output is the batch unless W @ x with a 2-D x, where it is W's rows
+        batched = right is not None or (act is not None and len(act) > 2)
+        macs = known_prod(out[1:] if batched else out) * contraction if out and len(out) > 1 else params
         return LayerSpec(view.node.name, "MatMul", weight.name, view.input(act_index), view.node.output[0],
                          params, macs, axis)

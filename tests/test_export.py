@@ -1,0 +1,176 @@
+"""Tests of onnxmpq.export: atomic model and JSON writes, report totals and notes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from conftest import build_cnn, model, node, vi
+from onnxmpq import graph
+from onnxmpq.errors import InternalError, OnnxmpqError
+from onnxmpq.export import Report, save_model, storage_notes, summarize, write_json
+from onnxmpq.quantize import GUARD_SUFFIX, LayerResult, build
+from onnxmpq.types import Candidate
+
+
+def quantized_cnn(wb=4):
+    m = graph.from_proto(build_cnn())
+    return build(m, {layer.name: Candidate(wb, None) for layer in m.layers}, None)[0]
+
+
+def invalid_model():
+    """Passes protobuf serialization but not the checker: a node reads a tensor nobody produces."""
+    return model([node("Relu", ["missing"], ["y"], "r")], [vi("x", [1])], [vi("y", [1])])
+
+
+def type_clash_model():
+    """Fails the checker's shape inference: Add of float16 and float."""
+    return model([node("Add", ["x", "c"], ["y"], "add")], [vi("x", [2], TensorProto.FLOAT16)],
+                 [vi("y", [2], TensorProto.FLOAT16)], {"c": np.ones(2, np.float32)})
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- save_model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wb", [2, 4, 8])
+def test_save_model_writes_a_checked_model_and_returns_its_size(tmp_path, wb):
+    proto = quantized_cnn(wb)
+    path = tmp_path / "q.onnx"
+    size = save_model(proto, path)
+    assert listing(tmp_path) == ["q.onnx"]
+    assert size == path.stat().st_size
+    back = onnx.load(str(path))
+    onnx.checker.check_model(back, full_check=True)
+    assert back.SerializeToString() == proto.SerializeToString()
+
+
+def test_save_model_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "q.onnx"
+    path.write_bytes(b"old")
+    save_model(quantized_cnn(), path)
+    assert onnx.load(str(path)).graph.node
+    assert listing(tmp_path) == ["q.onnx"]
+
+
+@pytest.mark.parametrize("bad", [invalid_model, type_clash_model])
+def test_invalid_model_raises_internal_error_and_leaves_nothing_behind(tmp_path, bad):
+    path = tmp_path / "q.onnx"
+    path.write_bytes(b"previous result")
+    with pytest.raises(InternalError):
+        save_model(bad(), path)
+    assert listing(tmp_path) == ["q.onnx"]
+    assert path.read_bytes() == b"previous result"
+
+
+def test_external_data_is_written_beside_the_model(tmp_path):
+    proto = quantized_cnn(16)  # the 10x64 INT16 codes (1280 bytes) go to the .data file
+    original = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    path = tmp_path / "big.onnx"
+    size = save_model(proto, path, external_threshold=0)
+    assert listing(tmp_path) == ["big.onnx", "big.onnx.data"]
+    assert size == path.stat().st_size + (tmp_path / "big.onnx.data").stat().st_size
+    back = onnx.load(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    for t in back.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), original[t.name])
+    reloaded = graph.load(path)  # the loader accepts the files the exporter writes
+    assert reloaded.proto.graph.node
+
+
+def test_save_model_with_external_data_leaves_its_argument_alone(tmp_path):
+    proto = quantized_cnn(16)
+    before = proto.SerializeToString()
+    save_model(proto, tmp_path / "big.onnx", external_threshold=0)
+    assert proto.SerializeToString() == before
+
+
+def test_external_threshold_with_only_small_tensors_still_writes_a_loadable_model(tmp_path):
+    proto = quantized_cnn(4)  # every tensor is under onnx's 1 KB externalisation threshold
+    path = tmp_path / "small.onnx"
+    size = save_model(proto, path, external_threshold=0)
+    assert size == sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert not [name for name in listing(tmp_path) if name.startswith(".onnxmpq-")]
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_missing_output_folder_is_a_user_error(tmp_path):
+    with pytest.raises(OnnxmpqError, match="does not exist"):
+        save_model(quantized_cnn(), tmp_path / "no" / "q.onnx")
+
+
+# --- write_json -----------------------------------------------------------------------------------
+
+
+def test_write_json_round_trips_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "r.json"
+    obj = {"a": [1, 2.5, None], "b": {"c": "d"}}
+    write_json(obj, path)
+    assert json.loads(path.read_text()) == obj
+    assert path.read_text().endswith("\n")
+    assert listing(tmp_path) == ["r.json"]
+
+
+def test_write_json_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "r.json"
+    write_json({"v": 1}, path)
+    with pytest.raises(TypeError):
+        write_json({"v": object()}, path)
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert listing(tmp_path) == ["r.json"]
+
+
+# --- summaries ------------------------------------------------------------------------------------
+
+
+def result(name, wb, ab, params, macs, wbytes, wtype="INT8"):
+    return LayerResult(name, "Conv", wb, ab, params, macs, wbytes, wtype, "UINT8" if ab else "float")
+
+
+def test_summarize_totals_by_hand():
+    rows = [result("a", 4, 8, 100, 1000, 60), result("b", None, None, 50, 500, 200, "float32"),
+            result("c", 2, None, 10, 20, 10)]
+    totals = summarize(rows)
+    assert totals["weight_bytes"] == 60 + 200 + 10
+    assert totals["float_weight_bytes"] == 4 * (100 + 50 + 10)
+    assert totals["avg_weight_bits"] == pytest.approx((100 * 4 + 50 * 32 + 10 * 2) / 160)
+    assert totals["bitops"] == 1000 * 4 * 8 + 500 * 32 * 32 + 20 * 2 * 32
+
+
+def test_summarize_of_nothing_is_zero():
+    assert summarize([]) == {"weight_bytes": 0, "float_weight_bytes": 0, "avg_weight_bits": 0.0, "bitops": 0}
+
+
+def test_storage_notes_name_each_unusual_storage():
+    assert storage_notes([result("a", 8, 8, 1, 1, 1)]) == []
+    int2 = storage_notes([result("a", 2, 8, 1, 1, 1, "INT2" + GUARD_SUFFIX)])
+    assert len(int2) == 1 and "INT2" in int2[0]
+    narrow = storage_notes([result("a", 3, 8, 1, 1, 1, "INT4 (3-bit range)")])
+    assert len(narrow) == 1 and "wider type" in narrow[0]
+    act_only = storage_notes([result("a", None, 8, 1, 1, 1, "float32")])
+    assert len(act_only) == 1 and "float weights" in act_only[0]
+
+
+def test_report_to_dict_is_json_ready(tmp_path):
+    report = Report(model="m.onnx", output="q.onnx", layers=[result("a", 4, 8, 100, 1000, 60)], weight_bytes=60,
+                    float_weight_bytes=400, avg_weight_bits=4.0, bitops=32000, file_bytes=1, float_file_bytes=2,
+                    opset=21, time_s=0.1, skipped=[("n", "why")])
+    out = report.to_dict()
+    assert out["skipped"] == [{"name": "n", "reason": "why"}]
+    assert out["layers"][0]["name"] == "a" and out["layers"][0]["weight_bits"] == 4
+    write_json(out, tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["bitops"] == 32000
+
+
+def test_helper_models_are_what_they_claim():
+    # guard the fixtures above: each bad model really fails the checker
+    for bad in (invalid_model(), type_clash_model()):
+        with pytest.raises(Exception):
+            onnx.checker.check_model(bad, full_check=True)
