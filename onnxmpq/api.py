@@ -21,7 +21,8 @@ from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
 from onnxmpq.export import FLOAT_BITS, Report, save_model, storage_notes, summarize, write_json
 from onnxmpq.graph import Model
-from onnxmpq.types import Candidate, QuantOptions
+from onnxmpq.rounding import sequential
+from onnxmpq.types import Candidate, QuantOptions, Rounding
 
 
 def load(model: str | os.PathLike | Model) -> Model:
@@ -72,6 +73,14 @@ def calibration_stats(model: Model, assignment: Mapping[str, Candidate], source,
         return calibrate.collect(model, source, tensors, batch_size=batch_size, on_batch=advance)
 
 
+def round_weights(model: Model, assignment, source, stats, options: QuantOptions, batch_size: int = 32):
+    """GPTQ codes for the assignment's layers, with a progress bar per layer."""
+    todo = sum(1 for c in assignment.values() if c.weight_bits)
+    with progress.bar("gptq", todo, unit="layer") as advance:
+        return sequential.round_model(model, assignment, source, stats, options, batch_size=max(batch_size, 64),
+                                      on_layer=lambda name: advance(1))
+
+
 def _check_output(model: Model, output: Path, calib) -> None:
     protected = [p for p in (model.path, calib) if isinstance(p, (str, os.PathLike))]
     for path in protected:
@@ -82,9 +91,14 @@ def _check_output(model: Model, output: Path, calib) -> None:
 
 def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
-             options: QuantOptions = QuantOptions(), batch_size: int = 32, limit: int | None = None,
-             preprocess=None) -> Report:
-    """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`)."""
+             options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.NEAREST,
+             batch_size: int = 32, limit: int | None = None, preprocess=None) -> Report:
+    """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
+
+    `rounding="gptq"` rounds each layer against the inputs the quantized network gives it, after a
+    least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`); it needs `calib`.
+    """
+    rounding = Rounding(rounding)
     start = time.perf_counter()
     model = load(model)
     output = Path(output)
@@ -93,23 +107,28 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
     assignment = assign(model, weight_bits, act_bits, layer_bits)
-    stats = {}
+    stats, weights, notes = {}, None, []
     if calib is not None:
         source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
         model = graph.specialize(model, first_shapes(source))
         stats = calibration_stats(model, assignment, source, batch_size=batch_size)
-    elif any(c.act_bits for c in assignment.values()):
-        raise OnnxmpqError("quantized activations need calibration data.",
-                           "pass --calib PATH, or --act-bits float for weight-only quantization.")
-    proto, results = writer.build(model, assignment, stats, options)
+    elif any(c.act_bits for c in assignment.values()) or rounding == Rounding.GPTQ:
+        raise OnnxmpqError(f"{'gptq rounding' if rounding == Rounding.GPTQ else 'quantized activations'} "
+                           "needs calibration data.", "pass --calib PATH.")
+    if rounding == Rounding.GPTQ:
+        result = round_weights(model, assignment, source, stats, options, batch_size)
+        weights = result.weights
+        notes += [f"{name}: {reason}" for name, reason in result.fallbacks]
+    proto, results = writer.build(model, assignment, stats, options, weights=weights)
     file_bytes = save_model(proto, output)
     return Report(
         model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
         file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
-        notes=storage_notes(results),
-        settings={"weight_range": str(options.weight_range), "act_range": str(options.act_range),
-                  "percentile": options.percentile, "int2_container": options.int2_container},
+        notes=storage_notes(results) + notes,
+        settings={"rounding": str(rounding), "weight_range": str(options.weight_range),
+                  "act_range": str(options.act_range), "percentile": options.percentile,
+                  "int2_container": options.int2_container, "bias": options.bias},
         **summarize(results))
 
 

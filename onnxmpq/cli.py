@@ -18,7 +18,7 @@ import click
 from onnxmpq import __version__, api, progress
 from onnxmpq.calibrate import Preprocess
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.types import ActRange, Candidate, QuantOptions, WeightRange
+from onnxmpq.types import ActRange, Candidate, QuantOptions, Rounding, WeightRange
 
 # ---------------------------------------------------------------- option groups
 
@@ -127,6 +127,10 @@ def cli(quiet: bool):
 @click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="percentile", show_default=True,
               help="Activation range from the calibration histogram.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --act-range percentile.")
+@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="nearest", show_default=True,
+              help="Weight rounding: nearest, or GPTQ with a least-squares re-fit to the float outputs.")
+@click.option("--bias", type=click.Choice(["float", "int32"]), default="float", show_default=True,
+              help="Keep biases float, or store them as INT32 at scale_x * scale_w.")
 @click.option("--int2-container", type=click.Choice(["int2", "int4"]), default="int2", show_default=True,
               help="Store 2-bit weights as INT2 (with a Reshape guard) or in INT4.")
 @click.option("--limit", type=int, help="Use at most this many calibration samples.")
@@ -135,13 +139,14 @@ def cli(quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @preprocess_options
 def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
-             percentile, int2_container, limit, batch_size, report_path, as_json, **kw):
+             percentile, rounding, bias, int2_container, limit, batch_size, report_path, as_json, **kw):
     """Quantize MODEL: uniform bits, or per-layer bits by hand, into a QDQ model at OUTPUT."""
     overrides = api.read_allocation(allocation) if allocation else {}
     overrides.update(parse_layer_bits(layer_bits))
-    options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container)
+    options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias)
     report = api.quantize(model, output, calib, weight_bits=_bits(weight_bits, "--weight-bits"),
                           act_bits=_bits(act_bits, "--act-bits"), layer_bits=overrides, options=options,
+                          rounding=rounding,
                           batch_size=batch_size, limit=limit, preprocess=parse_preprocess(model, kw))
     if report_path:
         api.write_report(report, report_path)

@@ -242,6 +242,36 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def prune(proto: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `proto` that computes only `outputs`: the nodes they depend on, the initializers those
+    read, and the graph outputs set to `outputs` (which must already be listed as graph outputs)."""
+    pruned = _copy(proto)
+    graph = pruned.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, stack, keep = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for sub in _subgraphs(node):
+                stack.extend(names_read(sub))
+    nodes = [n for n in graph.node if id(n) in keep]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    outs = [o for o in graph.output if o.name in set(outputs)]
+    del graph.output[:]
+    graph.output.extend(outs)
+    return pruned
+
+
 def specialize(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
     """`model` with its layers' MACs computed for concrete input shapes (batch counted as 1).
 

@@ -84,6 +84,13 @@ class WeightRange(StrEnum):
     MINMAX = "minmax"
 
 
+class Rounding(StrEnum):
+    """How float weights reach their integer grid: round to nearest, or GPTQ with a float-target re-fit."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+
 class ActRange(StrEnum):
     """How an activation tensor's [min, max] range is chosen from its calibration histogram."""
 
@@ -117,5 +124,5 @@ class QuantOptions:
     weight_range: WeightRange = WeightRange.MSE
     act_range: ActRange = ActRange.PERCENTILE
     percentile: float = 99.99
-    int2_container: str = "auto"
+    int2_container: str = "int2"
     bias: str = "float"

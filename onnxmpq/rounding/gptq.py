@@ -1,0 +1,180 @@
+"""GPTQ-style rounding with a float-target re-fit: every layer's rounding error is compensated by the
+weights not yet rounded, and every layer first absorbs the error of the layers before it.
+
+For each layer with quantized weights, in topological order (G groups, see `linear.LinearView`):
+
+1. Inputs. X_q: the layer's input as the network quantized so far produces it in onnxruntime (earlier
+   layers at their rounded codes, activations through their Q/DQ pairs, this layer's own input
+   quantizer included); X_f: the float model's input to the layer. Both as im2col columns (K, n).
+2. Statistics, accumulated batch by batch (never all columns at once):
+   H = sum X_q X_q^T and C = sum X_f X_q^T, both K x K per group.
+3. Re-fit (least squares to the float target): W' = argmin ||W X_f - W' X_q||^2 + lambda ||W'||^2
+   = W C (H + lambda I)^-1, with lambda = refit_damp * mean(diag H).
+4. Scales by a clip search on the output error: s_c = alpha_c max|W'_c| / Q, alpha_c in CLIP_GRID
+   minimising (W'_c - s_c q_c) H (W'_c - s_c q_c)^T for round-to-nearest codes q_c (diag(H) in place
+   of H for very large layers).
+5. GPTQ (Frantar et al. 2022): H <- H + delta I with delta = damp * mean(diag H); columns ordered by
+   decreasing diag(H); U the upper Cholesky factor of H^-1; for each column j in that order
+   q_j = clip(round(w_j / s), -Q, Q), e_j = (w_j - s q_j) / U_jj and w_k <- w_k - e_j U_jk for k > j,
+   applied within blocks of `block` columns and to the rest of the matrix once per block.
+
+Parameters (`GptqSettings`): damp = 0.01, refit = True, refit_damp = 0.01, block = 128,
+memory_budget = 1 GiB for H and C of one layer. A layer whose statistics would not fit the budget, or
+whose op the method does not cover (batched MatMul weights, ConvTranspose with groups, output_padding or
+auto_pad), is rounded to nearest and listed in `RoundingResult.fallbacks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from onnxmpq import runtime
+from onnxmpq.formats import IntFormat
+from onnxmpq.rounding import QuantizedWeight
+from onnxmpq.rounding.linear import LinearView
+from onnxmpq.types import LayerSpec
+
+CLIP_GRID = np.linspace(1.0, 0.3, 36)
+FULL_H_CLIP_LIMIT = 3e8  # rows * K^2 above which the clip search uses diag(H)
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """Parameters of the method (see the module docstring)."""
+
+    damp: float = 0.01
+    refit: bool = True
+    refit_damp: float = 0.01
+    block: int = 128
+    memory_budget: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class RoundingResult:
+    """Rounded weights by layer name, the layers that fell back to nearest (with why), and the time."""
+
+    weights: Mapping[str, QuantizedWeight]
+    fallbacks: tuple[tuple[str, str], ...]
+    time_s: float
+
+
+def refit(w: np.ndarray, h: np.ndarray, c: np.ndarray, damp: float) -> np.ndarray:
+    """W' = W C (H + lambda I)^-1 with lambda = damp * mean(diag H)."""
+    lam = damp * max(float(np.mean(np.diag(h))), 1e-12)
+    lhs = h + lam * np.eye(h.shape[0])
+    return np.linalg.solve(lhs, (w @ c).T).T
+
+
+def clip_scales(w: np.ndarray, h: np.ndarray, fmt: IntFormat) -> np.ndarray:
+    """Per-row scale minimising the H-weighted error of round-to-nearest (see step 4)."""
+    amax = np.abs(w).max(axis=1)
+    amax[amax == 0] = 1.0
+    use_full = w.shape[0] * w.shape[1] ** 2 <= FULL_H_CLIP_LIMIT
+    diag = np.diag(h)
+    best_err = np.full(w.shape[0], np.inf)
+    best = amax / fmt.qmax
+    for alpha in CLIP_GRID:
+        scale = (alpha * amax / fmt.qmax).astype(np.float32).astype(np.float64)
+        delta = w - np.clip(np.rint(w / scale[:, None]), fmt.qmin, fmt.qmax) * scale[:, None]
+        err = np.einsum("rk,rk->r", delta @ h, delta) if use_full else (delta ** 2) @ diag
+        better = err < best_err
+        best_err[better], best[better] = err[better], scale[better]
+    return best.astype(np.float32)
+
+
+def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray, fmt: IntFormat,
+               damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """Integer codes of `w` (rows x K) on `fmt` with GPTQ error propagation (see step 5)."""
+    w = w.astype(np.float64).copy()
+    h = h.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[:, perm], h[perm][:, perm]
+    u = _upper_cholesky_of_inverse(h, damp)
+    s = scale.astype(np.float64)[:, None]
+    codes = np.zeros_like(w)
+    k = w.shape[1]
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1))
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = np.clip(np.rint(w1[:, i:i + 1] / s), fmt.qmin, fmt.qmax)
+            codes[:, i1 + i] = q[:, 0]
+            e = (w1[:, i] - q[:, 0] * s[:, 0]) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return codes[:, np.argsort(perm)]
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
+    """U with H^-1 = U^T U, after damping H; more damping while H stays numerically singular."""
+    mean_diag = float(np.mean(np.diag(h)))
+    for factor in (1, 10, 100, 1000):
+        damped = h + damp * factor * mean_diag * np.eye(h.shape[0])
+        try:
+            return np.linalg.cholesky(np.linalg.inv(damped)).T
+        except np.linalg.LinAlgError:
+            continue
+    return np.diag(1.0 / np.sqrt(np.diag(h) + damp * mean_diag))
+
+
+def round_layer(w: np.ndarray, view: LinearView, stats: list[tuple[np.ndarray, np.ndarray]], fmt: IntFormat,
+                channel_axis: int, settings: GptqSettings) -> QuantizedWeight:
+    """Re-fit, clip search and GPTQ on each group of one layer; codes and scales in the weight's layout."""
+    mats, codes, scales = view.to_matrices(w.astype(np.float64)), [], []
+    for mat, (h, c) in zip(mats, stats):
+        target = refit(mat, h, c, settings.refit_damp) if settings.refit else mat
+        scale = clip_scales(target, h, fmt)
+        codes.append(gptq_codes(target, h, scale, fmt, settings.damp, settings.block))
+        scales.append(scale)
+    full = view.from_matrices(codes).astype(fmt.numpy_dtype)
+    return QuantizedWeight(np.ascontiguousarray(full), np.concatenate(scales), channel_axis, fmt)
+
+
+def accumulate(view: LinearView, batches) -> list[tuple[np.ndarray, np.ndarray]]:
+    """H = sum X_q X_q^T and C = sum X_f X_q^T per group over (x_float, x_quant) batches."""
+    acc = None
+    for x_f, x_q in batches:
+        cols_f = view.columns(np.asarray(x_f, np.float32))
+        cols_q = view.columns(np.asarray(x_q, np.float32))
+        if acc is None:
+            acc = [(np.zeros((q.shape[0],) * 2), np.zeros((q.shape[0],) * 2)) for q in cols_q]
+        for (h, c), f, q in zip(acc, cols_f, cols_q):
+            h += q @ q.T  # float32 products of one batch, summed across batches in float64
+            c += f @ q.T
+    return acc or []
+
+
+def statistics_bytes(view: LinearView, groups_k: int) -> int:
+    return 2 * view.groups * groups_k * groups_k * 8
+
+
+def layer_inputs(float_proto, quant_proto, spec: LayerSpec, quant_input: str, feeds: set[str]):
+    """Two pruned sessions giving the float and the quantized network's input of `spec`."""
+    from onnxmpq.calibrate import with_outputs
+    from onnxmpq.graph import prune
+
+    def make(proto, name):
+        if name in feeds:
+            return None
+        return runtime.session(prune(with_outputs(proto, [name]), [name]))
+
+    return make(float_proto, spec.activation), make(quant_proto, quant_input)
+
+
+def run_pair(sessions, names, source, batch_size: int):
+    """Yields (x_float, x_quant) batches of one layer's input."""
+    for batch in source.batches(batch_size):
+        feed = dict(batch.inputs)
+        out = []
+        for sess, name in zip(sessions, names):
+            out.append(feed[name] if sess is None else runtime.run(sess, feed, [name])[0])
+        yield out[0], out[1]
+

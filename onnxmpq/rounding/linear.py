@@ -1,0 +1,126 @@
+"""Every quantizable layer as groups of matrix products y = W_g x_g, the view that GPTQ works in.
+
+For a layer with G groups, `to_matrices(w)` gives G matrices W_g of shape (rows, K) whose rows are output
+channels, and `columns(x)` turns a batch of the layer's input into G arrays X_g of shape (K, n): one
+column per output position (im2col for convolutions), so that the layer's output (before bias) at
+those positions is W_g X_g. `from_matrices` inverts `to_matrices`.
+
+- Conv, weight (C_out, C_in/G, k...): W_g = w[g-th block of C_out].reshape(C_out/G, -1); X_g = im2col of
+  the g-th block of input channels with the node's strides, pads and dilations.
+- ConvTranspose, weight (C_in, C_out/G, k...): as the Conv over the input with zeros inserted between
+  samples (stride), padded by d(k-1)-p, with the kernel flipped and its two channel axes swapped.
+- Gemm: W = B (transB=1) or B^T; X = A^T (or A with transA=1).
+- MatMul x @ W (W of shape (K, N)): W^T and the rows of x; W @ x: W and the columns of x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+@dataclass(frozen=True)
+class LinearView:
+    op_type: str
+    weight_shape: tuple[int, ...]
+    groups: int = 1
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    trans_a: bool = False
+    trans_b: bool = False
+    weight_left: bool = False
+
+    @property
+    def rows_per_group(self) -> int:
+        if self.op_type == "ConvTranspose":
+            return self.weight_shape[1]
+        return self.to_matrices(np.zeros(self.weight_shape, np.float32))[0].shape[0]
+
+    def to_matrices(self, w: np.ndarray) -> list[np.ndarray]:
+        g = self.groups
+        if self.op_type == "Conv":
+            return [blk.reshape(blk.shape[0], -1) for blk in np.split(w, g, axis=0)]
+        if self.op_type == "ConvTranspose":
+            spatial = tuple(range(2, w.ndim))
+            flipped = np.flip(w, axis=spatial)
+            return [np.swapaxes(blk, 0, 1).reshape(blk.shape[1], -1) for blk in np.split(flipped, g, axis=0)]
+        if self.op_type == "Gemm":
+            return [w if self.trans_b else w.T]
+        return [w if self.weight_left else w.T]
+
+    def from_matrices(self, mats: list[np.ndarray]) -> np.ndarray:
+        shape = self.weight_shape
+        if self.op_type == "Conv":
+            return np.concatenate([m.reshape(-1, *shape[1:]) for m in mats], axis=0)
+        if self.op_type == "ConvTranspose":
+            blocks = [np.swapaxes(m.reshape(shape[1], shape[0] // self.groups, *shape[2:]), 0, 1) for m in mats]
+            return np.flip(np.concatenate(blocks, axis=0), axis=tuple(range(2, len(shape))))
+        m = mats[0]
+        if self.op_type == "Gemm":
+            return m if self.trans_b else m.T
+        return m if self.weight_left else m.T
+
+    def columns(self, x: np.ndarray) -> list[np.ndarray]:
+        """The layer input `x` (a batch) as G arrays of shape (K, n)."""
+        if self.op_type == "Conv":
+            return [_im2col(blk, self.weight_shape[2:], self.strides, self.pads, self.dilations)
+                    for blk in np.split(x, self.groups, axis=1)]
+        if self.op_type == "ConvTranspose":
+            kernel = self.weight_shape[2:]
+            up = _insert_zeros(x, self.strides)
+            pads = [d * (k - 1) - p for k, d, p in zip(kernel, self.dilations, self.pads[: len(kernel)])]
+            pads += [d * (k - 1) - p for k, d, p in zip(kernel, self.dilations, self.pads[len(kernel):])]
+            return [_im2col(blk, kernel, (1,) * len(kernel), tuple(pads), self.dilations)
+                    for blk in np.split(up, self.groups, axis=1)]
+        if self.op_type == "Gemm":
+            a = x.T if self.trans_a else x
+            return [a.reshape(-1, a.shape[-1]).T]
+        if self.weight_left:
+            return [np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2]).T]
+        return [x.reshape(-1, x.shape[-1]).T]
+
+
+def view_of(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_left: bool = False) -> LinearView | None:
+    """The LinearView of a layer node, or None where GPTQ does not apply (batched MatMul weights,
+    ConvTranspose with output_padding/auto_pad, Conv with auto_pad other than NOTSET)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    n = len(weight_shape) - 2
+    if node.op_type in ("Conv", "ConvTranspose"):
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(attrs.get("output_padding", [])):
+            return None
+        return LinearView(node.op_type, weight_shape, int(attrs.get("group", 1)),
+                          tuple(attrs.get("strides", [1] * n)), tuple(attrs.get("pads", [0] * 2 * n)),
+                          tuple(attrs.get("dilations", [1] * n)))
+    if node.op_type == "Gemm":
+        return LinearView("Gemm", weight_shape, trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)))
+    if node.op_type == "MatMul" and len(weight_shape) == 2:
+        return LinearView("MatMul", weight_shape, weight_left=weight_left)
+    return None
+
+
+def _insert_zeros(x: np.ndarray, strides) -> np.ndarray:
+    if all(s == 1 for s in strides):
+        return x
+    shape = list(x.shape[:2]) + [(d - 1) * s + 1 for d, s in zip(x.shape[2:], strides)]
+    up = np.zeros(shape, x.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = x
+    return up
+
+
+def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """(N, C, *spatial) -> (C * prod(kernel), N * prod(out spatial)), rows ordered as the weight's
+    (C, k1, k2, ...) flattening."""
+    n = len(kernel)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + n]) for i in range(n)])
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    win = sliding_window_view(x, span, axis=tuple(range(2, 2 + n)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+              + (Ellipsis,) + tuple(slice(None, None, d) for d in dilations)]
+    # win: (N, C, *out, *kernel) -> (C, *kernel, N, *out)
+    order = [1] + list(range(2 + n, 2 + 2 * n)) + [0] + list(range(2, 2 + n))
+    cols = np.ascontiguousarray(win.transpose(order))
+    return cols.reshape(x.shape[1] * int(np.prod(kernel)), -1)

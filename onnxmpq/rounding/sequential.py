@@ -1,0 +1,92 @@
+"""Rounding a whole model, layer after layer: the `gptq` method of `--rounding` (see `rounding.gptq`).
+
+Each layer sees the inputs that the network quantized so far produces: the partial model is written by
+the same QDQ writer as the final one (earlier layers at their final codes and activation quantizers,
+this layer's own input quantizer included) and run in onnxruntime, pruned to the layer's input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnxmpq import graph, quantize
+from onnxmpq.formats import required_opset
+from onnxmpq.graph import Model
+from onnxmpq.rounding import QuantizedWeight, round_nearest
+from onnxmpq.rounding.gptq import (GptqSettings, RoundingResult, accumulate, layer_inputs, round_layer,
+                                   run_pair, statistics_bytes)
+from onnxmpq.rounding.linear import view_of
+from onnxmpq.types import Candidate, QuantOptions, TensorStats
+
+
+def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats: Mapping[str, TensorStats],
+                options: QuantOptions = QuantOptions(), settings: GptqSettings = GptqSettings(),
+                batch_size: int = 64, on_layer: Callable[[str], None] | None = None) -> RoundingResult:
+    """GPTQ codes for every layer of `assignment` with weight bits (nearest where GPTQ cannot apply).
+
+    Args:
+        model: the float model.
+        assignment: layer name -> Candidate, as it will be written.
+        source: calibration data (a `DataSource`), iterated once per layer.
+        stats: activation statistics from `calibrate.collect` (for the activation quantizers).
+        options: the writer's options (ranges, INT2 storage) so partial models match the final one.
+        settings: GPTQ parameters.
+        on_layer: called with each layer's name when it is done (progress).
+    """
+    start = time.perf_counter()
+    formats = {name: quantize.layer_formats(model.layer(name), cand, options) for name, cand in assignment.items()}
+    target = required_opset(f for pair in formats.values() for f in pair if f)
+    model = _at_opset(model, target)
+    consts = {t.name: t for t in model.proto.graph.initializer}
+    nodes = {n.name: n for n in model.proto.graph.node}
+    feeds = {spec.name for spec in model.inputs}
+    done: dict[str, QuantizedWeight] = {}
+    fallbacks = []
+    for spec in model.layers:
+        cand = assignment.get(spec.name)
+        wfmt = formats.get(spec.name, (None, None))[0]
+        if cand is None or wfmt is None:
+            continue
+        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
+        node = nodes[spec.name]
+        view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
+        reason = _unsupported(view, weight.shape)
+        if reason is None:
+            k = view.to_matrices(weight)[0].shape[1]
+            if statistics_bytes(view, k) > settings.memory_budget:
+                reason = f"its statistics would take {statistics_bytes(view, k) >> 20} MiB, over the memory budget"
+        if reason is None:
+            partial = {n: c for n, c in assignment.items() if n in done}
+            partial[spec.name] = Candidate(None, cand.act_bits)
+            qproto, _ = quantize.build(model, partial, stats, options, weights=done)
+            quant_input = next(n for n in qproto.graph.node if n.name == spec.name).input[list(node.input).index(spec.activation)]
+            sessions = layer_inputs(model.proto, qproto, spec, quant_input, feeds)
+            acc = accumulate(view, run_pair(sessions, (spec.activation, quant_input), source, batch_size))
+            done[spec.name] = round_layer(weight, view, acc, wfmt, spec.channel_axis, settings)
+        if reason is not None:
+            fallbacks.append((spec.name, f"rounded to nearest: {reason}"))
+            done[spec.name] = round_nearest(weight, spec.channel_axis, wfmt, options.weight_range, spec.name)
+        if on_layer:
+            on_layer(spec.name)
+    return RoundingResult(done, tuple(fallbacks), time.perf_counter() - start)
+
+
+def _unsupported(view, shape) -> str | None:
+    if view is None:
+        return "GPTQ does not cover this op's form (batched MatMul weight, auto_pad or output_padding)"
+    if view.op_type == "ConvTranspose" and view.groups > 1:
+        return "grouped ConvTranspose shares per-channel scales across groups"
+    if view.op_type == "ConvTranspose" and any(p > d * (k - 1) for p, d, k in zip(
+            view.pads, view.dilations * 2, tuple(shape[2:]) * 2)):
+        return "ConvTranspose padding larger than its kernel"
+    return None
+
+
+def _at_opset(model: Model, opset: int) -> Model:
+    converted = graph.convert_opset(model.proto, opset)
+    return model if converted is model.proto else dataclasses.replace(model, proto=converted)
