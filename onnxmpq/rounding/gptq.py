@@ -31,11 +31,9 @@ from typing import Mapping
 
 import numpy as np
 
-from onnxmpq import runtime
 from onnxmpq.formats import IntFormat
 from onnxmpq.rounding import QuantizedWeight
 from onnxmpq.rounding.linear import LinearView
-from onnxmpq.types import LayerSpec
 
 CLIP_GRID = np.linspace(1.0, 0.3, 36)
 FULL_H_CLIP_LIMIT = 3e8  # rows * K^2 above which the clip search uses diag(H)
@@ -154,27 +152,3 @@ def accumulate(view: LinearView, batches) -> list[tuple[np.ndarray, np.ndarray]]
 
 def statistics_bytes(view: LinearView, groups_k: int) -> int:
     return 2 * view.groups * groups_k * groups_k * 8
-
-
-def layer_inputs(float_proto, quant_proto, spec: LayerSpec, quant_input: str, feeds: set[str]):
-    """Two pruned sessions giving the float and the quantized network's input of `spec`."""
-    from onnxmpq.calibrate import with_outputs
-    from onnxmpq.graph import prune
-
-    def make(proto, name):
-        if name in feeds:
-            return None
-        return runtime.session(prune(with_outputs(proto, [name]), [name]))
-
-    return make(float_proto, spec.activation), make(quant_proto, quant_input)
-
-
-def run_pair(sessions, names, source, batch_size: int):
-    """Yields (x_float, x_quant) batches of one layer's input."""
-    for batch in source.batches(batch_size):
-        feed = dict(batch.inputs)
-        out = []
-        for sess, name in zip(sessions, names):
-            out.append(feed[name] if sess is None else runtime.run(sess, feed, [name])[0])
-        yield out[0], out[1]
-

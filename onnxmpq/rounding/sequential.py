@@ -2,7 +2,9 @@
 
 Each layer sees the inputs that the network quantized so far produces: the partial model is written by
 the same QDQ writer as the final one (earlier layers at their final codes and activation quantizers,
-this layer's own input quantizer included) and run in onnxruntime, pruned to the layer's input.
+this layer's own input quantizer included) and run in onnxruntime. Two `engine.Frontier`s, one on the
+float model and one on the partial models, carry the calibration set through the graph segment by
+segment, so the whole pass costs about two forward passes of the model, not two per layer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from onnxmpq import graph, quantize
 from onnxmpq.formats import required_opset
 from onnxmpq.graph import Model
 from onnxmpq.rounding import QuantizedWeight, round_nearest
-from onnxmpq.rounding.gptq import (GptqSettings, RoundingResult, accumulate, layer_inputs, round_layer,
-                                   run_pair, statistics_bytes)
+from onnxmpq.engine import Frontier
+from onnxmpq.rounding.gptq import GptqSettings, RoundingResult, accumulate, round_layer, statistics_bytes
 from onnxmpq.rounding.linear import view_of
 from onnxmpq.types import Candidate, QuantOptions, TensorStats
 
@@ -32,7 +34,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
     Args:
         model: the float model.
         assignment: layer name -> Candidate, as it will be written.
-        source: calibration data (a `DataSource`), iterated once per layer.
+        source: calibration data (a `DataSource`), read once and held in memory with the cut's activations.
         stats: activation statistics from `calibrate.collect` (for the activation quantizers).
         options: the writer's options (ranges, INT2 storage) so partial models match the final one.
         settings: GPTQ parameters.
@@ -44,7 +46,8 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
     model = _at_opset(model, target)
     consts = {t.name: t for t in model.proto.graph.initializer}
     nodes = {n.name: n for n in model.proto.graph.node}
-    feeds = {spec.name for spec in model.inputs}
+    batches = [dict(batch.inputs) for batch in source.batches(batch_size)]
+    float_front, quant_front = Frontier(batches), Frontier(batches)
     done: dict[str, QuantizedWeight] = {}
     fallbacks = []
     for spec in model.layers:
@@ -65,8 +68,9 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
             partial[spec.name] = Candidate(None, cand.act_bits)
             qproto, _ = quantize.build(model, partial, stats, options, weights=done)
             quant_input = next(n for n in qproto.graph.node if n.name == spec.name).input[list(node.input).index(spec.activation)]
-            sessions = layer_inputs(model.proto, qproto, spec, quant_input, feeds)
-            acc = accumulate(view, run_pair(sessions, (spec.activation, quant_input), source, batch_size))
+            x_float = float_front.advance(model.proto, [spec.activation])
+            x_quant = quant_front.advance(qproto, [quant_input])
+            acc = accumulate(view, ((f[0], q[0]) for f, q in zip(x_float, x_quant)))
             done[spec.name] = round_layer(weight, view, acc, wfmt, spec.channel_axis, settings)
         if reason is not None:
             fallbacks.append((spec.name, f"rounded to nearest: {reason}"))

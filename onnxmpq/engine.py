@@ -1,0 +1,111 @@
+"""Run a graph piece by piece over a cached calibration set, so that asking for tensor after tensor in
+topological order costs one forward pass in all, not one per tensor.
+
+A `Frontier` holds, for every calibration batch, the values at the current cut of the graph: the
+tensors already computed that a node not yet run still reads. `advance(proto, targets)` extracts the
+nodes between the cut and `targets` (walking back from the targets until it meets cut tensors or
+initializers), runs that segment in onnxruntime batch by batch, returns the targets' values and moves
+the cut forward. The proto may change between calls (GPTQ quantizes one more layer each time) as long
+as the nodes already run keep their output names; a node whose outputs are all computed counts as run.
+
+Memory: the cut's tensors for every calibration sample (for a ResNet, one or two feature maps).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxmpq import runtime
+from onnxmpq.errors import InternalError
+
+
+class Frontier:
+    """Cached values at the cut of a graph, one dict of arrays per calibration batch."""
+
+    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]]):
+        self.values = [dict(batch) for batch in batches]
+        self.computed: set[str] = set(self.values[0]) if self.values else set()
+
+    def advance(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
+        """Values of `targets` for every batch (outer list: batches; inner: targets)."""
+        segment, inputs, produced = _segment(proto, set(self.values[0]), targets, self.computed)
+        outputs = list(dict.fromkeys(list(targets) + produced))
+        results = []
+        if segment is None:  # every target is already at the cut
+            return [[vals[t] for t in targets] for vals in self.values]
+        sess = runtime.session(segment)
+        for vals in self.values:
+            got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
+            vals.update(got)
+            results.append([got[t] for t in targets])
+        self.computed.update(o for n in segment.graph.node for o in n.output if o)
+        self._drop_dead(proto)
+        return results
+
+    def _drop_dead(self, proto: onnx.ModelProto) -> None:
+        """Forgets cut tensors that no node still to run reads."""
+        pending = [n for n in proto.graph.node if not all(o in self.computed for o in n.output if o)]
+        live = {i for n in pending for i in n.input} | {o.name for o in proto.graph.output}
+        for vals in self.values:
+            for name in [k for k in vals if k not in live]:
+                del vals[name]
+
+
+def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str], computed: set[str]):
+    """The model computing `targets` from `available`; returns (model, its inputs, the tensors it
+    computes that later nodes read, which join the cut)."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output if o}
+    inits = {t.name: t for t in graph.initializer}
+    nodes, seen, stack, inputs, taken = [], set(), [t for t in targets if t not in available], [], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in available:
+            inputs.append(name)
+            continue
+        if name in inits:
+            continue
+        node = producer.get(name)
+        if node is None:
+            raise InternalError(f"tensor {name!r} is neither computed nor at the cut")
+        if id(node) not in taken:
+            taken.add(id(node))
+            nodes.append(node)
+            stack.extend(i for i in node.input if i)
+    if not nodes:
+        return None, [], []
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    done = computed | {o for n in nodes for o in n.output if o}
+    later = {i for n in graph.node if id(n) not in taken and not all(o in done for o in n.output if o)
+             for i in n.input}
+    later |= {o.name for o in graph.output}
+    produced = [o for n in nodes for o in n.output if o and o in later]
+    reads = {i for n in nodes for i in n.input if i}
+    types = _value_types(proto)
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            nodes, "segment", [_value(types, n) for n in inputs],
+            [_value(types, n) for n in dict.fromkeys(list(targets) + produced)],
+            [inits[n] for n in sorted(reads & set(inits))]),
+        opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    return model, inputs, produced
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    graph = proto.graph
+    return {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+
+
+def _value(types: Mapping[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
+    """The name's type with every dim left free (batches differ in size)."""
+    known = types.get(name)
+    elem = known.type.tensor_type.elem_type if known is not None else onnx.TensorProto.FLOAT
+    rank = len(known.type.tensor_type.shape.dim) if known is not None and known.type.tensor_type.HasField("shape") else None
+    return onnx.helper.make_tensor_value_info(name, elem, [None] * rank if rank is not None else None)
