@@ -60,24 +60,24 @@ class RoundingResult:
 
 
 def refit(w: np.ndarray, h: np.ndarray, c: np.ndarray, damp: float) -> np.ndarray:
-    """W' = W C (H + lambda I)^-1 with lambda = damp * mean(diag H)."""
-    lam = damp * max(float(np.mean(np.diag(h))), 1e-12)
-    lhs = h + lam * np.eye(h.shape[0])
-    return np.linalg.solve(lhs, (w @ c).T).T
+    """W' = W C (H + lambda I)^-1 per group, lambda = damp * mean(diag H); w (G, R, K), h and c (G, K, K)."""
+    lam = damp * np.maximum(np.diagonal(h, axis1=1, axis2=2).mean(axis=1), 1e-12)
+    lhs = h + lam[:, None, None] * np.eye(h.shape[1])
+    return np.swapaxes(np.linalg.solve(lhs, np.swapaxes(w @ c, 1, 2)), 1, 2)
 
 
 def clip_scales(w: np.ndarray, h: np.ndarray, fmt: IntFormat) -> np.ndarray:
-    """Per-row scale minimising the H-weighted error of round-to-nearest (see step 4)."""
-    amax = np.abs(w).max(axis=1)
+    """Per-row scales (G, R) minimising the H-weighted error of round-to-nearest (see step 4)."""
+    amax = np.abs(w).max(axis=2)
     amax[amax == 0] = 1.0
-    use_full = w.shape[0] * w.shape[1] ** 2 <= FULL_H_CLIP_LIMIT
-    diag = np.diag(h)
-    best_err = np.full(w.shape[0], np.inf)
+    use_full = w.size * w.shape[2] <= FULL_H_CLIP_LIMIT
+    diag = np.diagonal(h, axis1=1, axis2=2)[:, None, :]
+    best_err = np.full(amax.shape, np.inf)
     best = amax / fmt.qmax
     for alpha in CLIP_GRID:
         scale = (alpha * amax / fmt.qmax).astype(np.float32).astype(np.float64)
-        delta = w - np.clip(np.rint(w / scale[:, None]), fmt.qmin, fmt.qmax) * scale[:, None]
-        err = np.einsum("rk,rk->r", delta @ h, delta) if use_full else (delta ** 2) @ diag
+        delta = w - np.clip(np.rint(w / scale[..., None]), fmt.qmin, fmt.qmax) * scale[..., None]
+        err = np.einsum("grk,grk->gr", delta @ h, delta) if use_full else (delta ** 2 * diag).sum(axis=2)
         better = err < best_err
         best_err[better], best[better] = err[better], scale[better]
     return best.astype(np.float32)
@@ -85,69 +85,79 @@ def clip_scales(w: np.ndarray, h: np.ndarray, fmt: IntFormat) -> np.ndarray:
 
 def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray, fmt: IntFormat,
                damp: float = 0.01, block: int = 128) -> np.ndarray:
-    """Integer codes of `w` (rows x K) on `fmt` with GPTQ error propagation (see step 5)."""
+    """Integer codes of w (G, R, K) on `fmt` with GPTQ error propagation (see step 5), all groups at once."""
     w = w.astype(np.float64).copy()
     h = h.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = np.argsort(-np.diag(h), kind="stable")
-    w, h = w[:, perm], h[perm][:, perm]
+    diag = np.diagonal(h, axis1=1, axis2=2).copy()
+    dead = diag == 0
+    g_idx, k_idx = np.nonzero(dead)
+    h[g_idx, k_idx, k_idx] = 1.0
+    w[g_idx, :, k_idx] = 0.0
+    perm = np.argsort(-np.where(dead, 1.0, diag), axis=1, kind="stable")
+    w = np.take_along_axis(w, perm[:, None, :], axis=2)
+    h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
     u = _upper_cholesky_of_inverse(h, damp)
-    s = scale.astype(np.float64)[:, None]
+    s = scale.astype(np.float64)
     codes = np.zeros_like(w)
-    k = w.shape[1]
+    k = w.shape[2]
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1))
-        u1 = u[i1:i2, i1:i2]
+        w1, err = w[:, :, i1:i2].copy(), np.zeros(w.shape[:2] + (i2 - i1,))
+        u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = np.clip(np.rint(w1[:, i:i + 1] / s), fmt.qmin, fmt.qmax)
-            codes[:, i1 + i] = q[:, 0]
-            e = (w1[:, i] - q[:, 0] * s[:, 0]) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return codes[:, np.argsort(perm)]
+            q = np.clip(np.rint(w1[:, :, i] / s), fmt.qmin, fmt.qmax)
+            codes[:, :, i1 + i] = q
+            e = (w1[:, :, i] - q * s) / u1[:, i, i][:, None]
+            w1[:, :, i:] -= e[:, :, None] * u1[:, None, i, i:]
+            err[:, :, i] = e
+        w[:, :, i2:] -= err @ u[:, i1:i2, i2:]
+    return np.take_along_axis(codes, np.argsort(perm, axis=1)[:, None, :], axis=2)
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
-    """U with H^-1 = U^T U, after damping H; more damping while H stays numerically singular."""
-    mean_diag = float(np.mean(np.diag(h)))
+    """U (G, K, K) with H^-1 = U^T U after damping H; more damping while some H stays singular."""
+    mean_diag = np.diagonal(h, axis1=1, axis2=2).mean(axis=1)[:, None, None]
+    eye = np.eye(h.shape[1])
     for factor in (1, 10, 100, 1000):
-        damped = h + damp * factor * mean_diag * np.eye(h.shape[0])
         try:
-            return np.linalg.cholesky(np.linalg.inv(damped)).T
+            return np.swapaxes(np.linalg.cholesky(np.linalg.inv(h + damp * factor * mean_diag * eye)), 1, 2)
         except np.linalg.LinAlgError:
             continue
-    return np.diag(1.0 / np.sqrt(np.diag(h) + damp * mean_diag))
+    return eye[None] / np.sqrt(np.diagonal(h, axis1=1, axis2=2) + damp * mean_diag[:, :, 0])[:, None, :]
 
 
-def round_layer(w: np.ndarray, view: LinearView, stats: list[tuple[np.ndarray, np.ndarray]], fmt: IntFormat,
+def round_layer(w: np.ndarray, view: LinearView, stats: tuple[np.ndarray, np.ndarray], fmt: IntFormat,
                 channel_axis: int, settings: GptqSettings) -> QuantizedWeight:
-    """Re-fit, clip search and GPTQ on each group of one layer; codes and scales in the weight's layout."""
-    mats, codes, scales = view.to_matrices(w.astype(np.float64)), [], []
-    for mat, (h, c) in zip(mats, stats):
-        target = refit(mat, h, c, settings.refit_damp) if settings.refit else mat
-        scale = clip_scales(target, h, fmt)
-        codes.append(gptq_codes(target, h, scale, fmt, settings.damp, settings.block))
-        scales.append(scale)
+    """Re-fit, clip search and GPTQ on every group of one layer; codes and scales in the weight's layout."""
+    h, c = stats
+    mats = view.to_matrices(w.astype(np.float64))
+    target = refit(mats, h, c, settings.refit_damp) if settings.refit else mats
+    scale = clip_scales(target, h, fmt)
+    codes = gptq_codes(target, h, scale, fmt, settings.damp, settings.block)
     full = view.from_matrices(codes).astype(fmt.numpy_dtype)
-    return QuantizedWeight(np.ascontiguousarray(full), np.concatenate(scales), channel_axis, fmt)
+    return QuantizedWeight(np.ascontiguousarray(full), scale.reshape(-1), channel_axis, fmt)
 
 
-def accumulate(view: LinearView, batches) -> list[tuple[np.ndarray, np.ndarray]]:
-    """H = sum X_q X_q^T and C = sum X_f X_q^T per group over (x_float, x_quant) batches."""
-    acc = None
+COLUMN_BUDGET = 1 << 24  # float32 im2col elements per side and chunk (64 MiB)
+
+
+def accumulate(view: LinearView, batches) -> tuple[np.ndarray, np.ndarray]:
+    """H = sum X_q X_q^T and C = sum X_f X_q^T, each (G, K, K), over (x_float, x_quant) batches,
+    im2col'd a few samples at a time so the columns stay within COLUMN_BUDGET."""
+    h = c = None
     for x_f, x_q in batches:
-        cols_f = view.columns(np.asarray(x_f, np.float32))
-        cols_q = view.columns(np.asarray(x_q, np.float32))
-        if acc is None:
-            acc = [(np.zeros((q.shape[0],) * 2), np.zeros((q.shape[0],) * 2)) for q in cols_q]
-        for (h, c), f, q in zip(acc, cols_f, cols_q):
-            h += q @ q.T  # float32 products of one batch, summed across batches in float64
-            c += f @ q.T
-    return acc or []
+        x_f, x_q = np.asarray(x_f, np.float32), np.asarray(x_q, np.float32)
+        per_sample = view.columns(x_q[:1]).size if x_q.ndim > 1 else x_q.size
+        step = max(1, COLUMN_BUDGET // max(per_sample, 1))
+        for i in range(0, max(len(x_q), 1), step):
+            cols_q = view.columns(x_q[i:i + step])
+            cols_f = view.columns(x_f[i:i + step])
+            if h is None:
+                h = np.zeros((cols_q.shape[0], cols_q.shape[1], cols_q.shape[1]))
+                c = np.zeros_like(h)
+            h += cols_q @ np.swapaxes(cols_q, 1, 2)  # float32 products of a chunk, summed in float64
+            c += cols_f @ np.swapaxes(cols_q, 1, 2)
+    return h, c
 
 
 def statistics_bytes(view: LinearView, groups_k: int) -> int:

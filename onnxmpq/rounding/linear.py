@@ -1,7 +1,7 @@
 """Every quantizable layer as groups of matrix products y = W_g x_g, the view that GPTQ works in.
 
-For a layer with G groups, `to_matrices(w)` gives G matrices W_g of shape (rows, K) whose rows are output
-channels, and `columns(x)` turns a batch of the layer's input into G arrays X_g of shape (K, n): one
+For a layer with G groups, `to_matrices(w)` gives the G matrices W_g stacked as (G, rows, K), rows being
+output channels, and `columns(x)` turns a batch of the layer's input into X stacked as (G, K, n): one
 column per output position (im2col for convolutions), so that the layer's output (before bias) at
 those positions is W_g X_g. `from_matrices` inverts `to_matrices`.
 
@@ -34,54 +34,50 @@ class LinearView:
     trans_b: bool = False
     weight_left: bool = False
 
-    @property
-    def rows_per_group(self) -> int:
-        if self.op_type == "ConvTranspose":
-            return self.weight_shape[1]
-        return self.to_matrices(np.zeros(self.weight_shape, np.float32))[0].shape[0]
-
-    def to_matrices(self, w: np.ndarray) -> list[np.ndarray]:
+    def to_matrices(self, w: np.ndarray) -> np.ndarray:
         g = self.groups
         if self.op_type == "Conv":
-            return [blk.reshape(blk.shape[0], -1) for blk in np.split(w, g, axis=0)]
+            return w.reshape(g, w.shape[0] // g, -1)
         if self.op_type == "ConvTranspose":
-            spatial = tuple(range(2, w.ndim))
-            flipped = np.flip(w, axis=spatial)
-            return [np.swapaxes(blk, 0, 1).reshape(blk.shape[1], -1) for blk in np.split(flipped, g, axis=0)]
+            flipped = np.flip(w, axis=tuple(range(2, w.ndim)))
+            blocks = flipped.reshape(g, w.shape[0] // g, *w.shape[1:])
+            return np.swapaxes(blocks, 1, 2).reshape(g, w.shape[1], -1)
         if self.op_type == "Gemm":
-            return [w if self.trans_b else w.T]
-        return [w if self.weight_left else w.T]
+            return (w if self.trans_b else w.T)[None]
+        return (w if self.weight_left else w.T)[None]
 
-    def from_matrices(self, mats: list[np.ndarray]) -> np.ndarray:
+    def from_matrices(self, mats: np.ndarray) -> np.ndarray:
         shape = self.weight_shape
         if self.op_type == "Conv":
-            return np.concatenate([m.reshape(-1, *shape[1:]) for m in mats], axis=0)
+            return mats.reshape(shape)
         if self.op_type == "ConvTranspose":
-            blocks = [np.swapaxes(m.reshape(shape[1], shape[0] // self.groups, *shape[2:]), 0, 1) for m in mats]
-            return np.flip(np.concatenate(blocks, axis=0), axis=tuple(range(2, len(shape))))
+            g = self.groups
+            blocks = np.swapaxes(mats.reshape(g, shape[1], shape[0] // g, *shape[2:]), 1, 2)
+            return np.flip(blocks.reshape(shape), axis=tuple(range(2, len(shape))))
         m = mats[0]
         if self.op_type == "Gemm":
             return m if self.trans_b else m.T
         return m if self.weight_left else m.T
 
-    def columns(self, x: np.ndarray) -> list[np.ndarray]:
-        """The layer input `x` (a batch) as G arrays of shape (K, n)."""
+    def columns(self, x: np.ndarray) -> np.ndarray:
+        """The layer input `x` (a batch) as (G, K, n)."""
+        g = self.groups
         if self.op_type == "Conv":
-            return [_im2col(blk, self.weight_shape[2:], self.strides, self.pads, self.dilations)
-                    for blk in np.split(x, self.groups, axis=1)]
+            cols = _im2col(x, self.weight_shape[2:], self.strides, self.pads, self.dilations)
+            return cols.reshape(g, cols.shape[0] // g, -1)
         if self.op_type == "ConvTranspose":
             kernel = self.weight_shape[2:]
+            n = len(kernel)
             up = _insert_zeros(x, self.strides)
-            pads = [d * (k - 1) - p for k, d, p in zip(kernel, self.dilations, self.pads[: len(kernel)])]
-            pads += [d * (k - 1) - p for k, d, p in zip(kernel, self.dilations, self.pads[len(kernel):])]
-            return [_im2col(blk, kernel, (1,) * len(kernel), tuple(pads), self.dilations)
-                    for blk in np.split(up, self.groups, axis=1)]
+            pads = [d * (k - 1) - p for k, d, p in zip(kernel * 2, self.dilations * 2, self.pads)]
+            cols = _im2col(up, kernel, (1,) * n, tuple(pads), self.dilations)
+            return cols.reshape(g, cols.shape[0] // g, -1)
         if self.op_type == "Gemm":
             a = x.T if self.trans_a else x
-            return [a.reshape(-1, a.shape[-1]).T]
+            return a.reshape(-1, a.shape[-1]).T[None]
         if self.weight_left:
-            return [np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2]).T]
-        return [x.reshape(-1, x.shape[-1]).T]
+            return np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2]).T[None]
+        return x.reshape(-1, x.shape[-1]).T[None]
 
 
 def view_of(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_left: bool = False) -> LinearView | None:

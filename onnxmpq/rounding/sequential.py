@@ -60,7 +60,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
         view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
         reason = _unsupported(view, weight.shape)
         if reason is None:
-            k = view.to_matrices(weight)[0].shape[1]
+            k = view.to_matrices(weight).shape[2]
             if statistics_bytes(view, k) > settings.memory_budget:
                 reason = f"its statistics would take {statistics_bytes(view, k) >> 20} MiB, over the memory budget"
         if reason is None:
