@@ -31,16 +31,17 @@ class Frontier:
 
     def advance(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
         """Values of `targets` for every batch (outer list: batches; inner: targets)."""
-        segment, inputs, produced = _segment(proto, set(self.values[0]), targets, self.computed)
-        outputs = list(dict.fromkeys(list(targets) + produced))
+        available = set(self.values[0])
+        segment, inputs, produced = _segment(proto, available, targets, self.computed)
+        outputs = list(dict.fromkeys([t for t in targets if t not in available] + produced))
         results = []
         if segment is None:  # every target is already at the cut
             return [[vals[t] for t in targets] for vals in self.values]
         sess = runtime.session(segment)
         for vals in self.values:
             got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
+            results.append([got[t] if t in got else vals[t] for t in targets])
             vals.update(got)
-            results.append([got[t] for t in targets])
         self.computed.update(o for n in segment.graph.node for o in n.output if o)
         self._drop_dead(proto)
         return results
@@ -92,7 +93,7 @@ def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str]
     model = onnx.helper.make_model(
         onnx.helper.make_graph(
             nodes, "segment", [_value(types, n) for n in inputs],
-            [_value(types, n) for n in dict.fromkeys(list(targets) + produced)],
+            [_value(types, n) for n in dict.fromkeys([t for t in targets if t not in available] + produced)],
             [inits[n] for n in sorted(reads & set(inits))]),
         opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     return model, inputs, produced

@@ -137,6 +137,20 @@ def test_grouped_convtranspose_products_equal_onnxruntime():
     check_round_trip(view, w)
 
 
+@pytest.mark.parametrize("output_shape", [[8, 8], [9, 9], [10, 10]], ids=["pads", "default", "output_padding"])
+def test_convtranspose_with_output_shape_has_no_view_or_a_right_one(output_shape):
+    """`output_shape` makes the op compute its own pads (and output padding), ignoring `pads`: the view
+    must either describe that or refuse the layer (GPTQ then falls back to nearest)."""
+    x, w = arr(16, 2, 2, 4, 4), arr(17, 2, 3, 3, 3)
+    n, proto = one_node("ConvTranspose", x.shape, w, strides=[2, 2], output_shape=output_shape)
+    y = run_ort(proto, {"x": x})
+    view = view_of(n, w.shape)
+    if view is not None:
+        prod = products(view, w, x)
+        assert prod.shape[1] == y.shape[0] * y.shape[2] * y.shape[3], "columns do not match the output positions"
+        assert_close(np.moveaxis(prod.reshape(3, y.shape[0], *y.shape[2:]), 0, 1), y)
+
+
 # --- Gemm and MatMul ----------------------------------------------------------------------------------
 
 

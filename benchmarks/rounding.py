@@ -1,0 +1,82 @@
+"""Issue 3: nearest vs GPTQ rounding at uniform W4/W3/W2 (activations float and A8) on ResNet-20,
+ResNet-56 and PP-OCRv4, with rounding time and peak memory (each quantization in its own process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common
+
+WIDTHS = (4, 3, 2)
+_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import onnxmpq
+start = time.perf_counter()
+r = onnxmpq.quantize({model!r}, {out!r}, {calib!r}, weight_bits={wb}, act_bits={ab}, rounding={rounding!r})
+print(json.dumps({{"time_s": time.perf_counter() - start, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "notes": list(r.notes)}}))
+"""
+
+
+def quantize_in_child(model, out, calib, wb, ab, rounding) -> dict:
+    """Runs one quantization in a fresh interpreter: its wall time and peak RSS are its own."""
+    code = _CHILD.format(root=str(common.ROOT), model=str(model), out=str(out), calib=str(calib),
+                         wb=wb, ab=ab, rounding=rounding)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rows(model, calib, tmp: Path, score) -> tuple[list[list], list[list]]:
+    rows, costs = [], []
+    for ab in (None, 8):
+        for wb in WIDTHS:
+            row = [f"W{wb}A{ab or 'float'}"]
+            for rounding in ("nearest", "gptq"):
+                out = tmp / f"m_{wb}_{ab}_{rounding}.onnx"
+                info = quantize_in_child(model, out, calib, wb, ab, rounding)
+                row += score(out)
+                if rounding == "gptq":
+                    costs.append([row[0], f"{info['time_s']:.1f}", f"{info['peak_mb']:.0f}"])
+            rows.append(row)
+    return rows, costs
+
+
+def run(ctx: common.Context) -> str:
+    parts = ["## Rounding: nearest vs GPTQ with float-target re-fit (issue 3)\n",
+             "Uniform widths, every Conv/Gemm/MatMul layer; calibration as in the uniform section. "
+             "Time and peak memory are those of the whole `onnxmpq.quantize` call with `--rounding gptq` "
+             "(calibration, rounding, writing), each in its own process.\n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        x, labels = ctx.cifar_test()
+        for name in ("resnet20", "resnet56"):
+            model = common.MODELS[name]
+            ref = common.logits(model, x)
+            float_top1 = common.classify(model, x, labels)["top1"]
+            rows, costs = _rows(model, common.CALIB, tmp, lambda p: [common.classify(p, x, labels, ref)["top1"]])
+            for row in rows:
+                row.append(f"{100 * (row[2] - float_top1):+.2f}")
+            parts += [f"### {name}: top-1 ({len(x):,d} test images; float {float_top1:.4f})\n",
+                      common.table(["weights/acts", "nearest", "gptq", "gptq - float (points)"], rows), "",
+                      common.table(["gptq run", "seconds", "peak MB"], costs), ""]
+        from benchmarks import ocr
+        ox, texts, calib = ctx.ocr_sets()
+        calib_path = tmp / "ocr_calib.npz"
+        np.savez(calib_path, x=calib[:64])
+        float_cer = ocr.score(ocr.model_path(), ox, texts)["cer"]
+
+        def score(path):
+            return [ocr.score(path, ox, texts)["cer"]]
+
+        rows, costs = _rows(ocr.model_path(), calib_path, tmp, score)
+        parts += [f"### PP-OCRv4: CER ({len(ox)} rendered lines, 64 calibration lines; float CER {float_cer:.4f})\n",
+                  common.table(["weights/acts", "nearest", "gptq"], rows), "",
+                  common.table(["gptq run", "seconds", "peak MB"], costs), ""]
+    return "\n".join(parts)
