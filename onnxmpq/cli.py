@@ -38,6 +38,16 @@ def preprocess_options(fn):
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
 
 
+def quiet_option(fn):
+    """`-q/--quiet` on a command as well as on the group (`onnxmpq quantize ... -q`)."""
+    def set_quiet(ctx, param, value):
+        if value:
+            progress.QUIET = True
+        return value
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=set_quiet,
+                        help="No progress bars or log lines on stderr.")(fn)
+
+
 def parse_preprocess(model, kw: dict) -> Preprocess | None:
     """The model's metadata preprocessing (or the defaults) with the given options replaced."""
     given = {k: kw.pop(k) for k in ("size", "resize", "crop", "scale", "mean", "std", "layout", "channel_order")}
@@ -138,6 +148,7 @@ def cli(quiet: bool):
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @preprocess_options
+@quiet_option
 def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
              percentile, rounding, bias, int2_container, limit, batch_size, report_path, as_json, **kw):
     """Quantize MODEL: uniform bits, or per-layer bits by hand, into a QDQ model at OUTPUT."""
@@ -174,6 +185,7 @@ def _quantize_summary(report) -> str:
 @click.option("--batch-size", type=int, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @preprocess_options
+@quiet_option
 def evaluate(model, data, reference, limit, batch_size, as_json, **kw):
     """Score MODEL on labelled data and/or against a reference model."""
     result = api.evaluate(model, data, reference, limit=limit, batch_size=batch_size,
@@ -186,6 +198,7 @@ def evaluate(model, data, reference, limit, batch_size, as_json, **kw):
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@quiet_option
 def inspect(model, as_json):
     """List MODEL's quantizable layers with their weight and activation bits."""
     info = api.inspect(model)
@@ -203,6 +216,7 @@ def inspect(model, as_json):
 @click.option("--limit", type=int, help="Use at most this many samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @preprocess_options
+@quiet_option
 def compare(reference, models, data, limit, as_json, **kw):
     """Table of size and accuracy of MODELS against the float REFERENCE."""
     pre = parse_preprocess(reference, kw)

@@ -210,3 +210,23 @@ def test_one_batch_straight_to_the_output():
     front = Frontier(data)
     [[y]] = front.advance(proto, ["y"])
     np.testing.assert_allclose(y, full_run(proto, data[0], ["y"])[0], rtol=1e-6, atol=1e-6)
+
+
+def test_non_float_tensors_at_the_cut_without_value_info():
+    """A proto without value_info (not shape-inferred) whose cut holds an int64 tensor (a Shape output):
+    the segments must not declare it float."""
+    proto = model([node("Conv", ["x", "W"], ["c"], "conv", pads=[1, 1, 1, 1]), node("Relu", ["c"], ["r"], "relu"),
+                   node("Shape", ["r"], ["s"], "shape"), node("Flatten", ["r"], ["a"], "flat"),
+                   node("Neg", ["a"], ["na"], "neg"), node("Reshape", ["na", "s"], ["b"], "reshape"),
+                   node("Add", ["b", "r"], ["y"], "add")],
+                  [vi("x", ["N", 2, 4, 4])], [vi("y", None)], {"W": arr(8, 3, 2, 3, 3)})
+    assert not proto.graph.value_info
+    data = [{"x": arr(9, 2, 2, 4, 4)}, {"x": arr(10, 3, 2, 4, 4)}]
+    front = Frontier(data)
+    shapes = front.advance(proto, ["s"])
+    front.advance(proto, ["na"])
+    assert front.values[0]["s"].dtype == np.int64
+    ys = front.advance(proto, ["y"])
+    for batch, [s], [y] in zip(data, shapes, ys):
+        np.testing.assert_array_equal(s, batch["x"].shape[:1] + (3, 4, 4))
+        np.testing.assert_allclose(y, full_run(proto, batch, ["y"])[0], rtol=1e-6, atol=1e-6)

@@ -106,11 +106,22 @@ def test_round_model_gives_codes_on_each_layers_grid():
         assert q.codes.min() >= fmt.qmin and q.codes.max() <= fmt.qmax
         assert q.scale.shape == (w.shape[spec.channel_axis],) and q.scale.dtype == np.float32
         assert np.all(q.scale > 0) and np.all(np.isfinite(q.scale))
-        rel = np.linalg.norm(q.dequantize() - w) / np.linalg.norm(w)
-        assert rel < {3: 0.5, 4: 0.3, 5: 0.15}[fmt.bits], (spec.name, rel)
     # and the writer accepts them
     proto, _ = build(m, assignment, stats, weights=result.weights)
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_weights_stay_near_the_float_weights_with_fewer_samples_than_inputs():
+    """24 calibration samples give the fc layer (K = 400 inputs) a rank-24 H. Directions the data does
+    not reach must keep their float weights (GPTQ may move them some way, but not wipe them out)."""
+    m, source, stats = prepared(build_convnet(), images(0, 24))
+    assignment = {spec.name: Candidate(4, 8) for spec in m.layers}
+    result = sequential.round_model(m, assignment, source, stats, batch_size=10)
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in m.proto.graph.initializer}
+    for spec in m.layers:
+        w = consts[spec.weight]
+        rel = np.linalg.norm(result.weights[spec.name].dequantize() - w) / np.linalg.norm(w)
+        assert rel < 0.5, (spec.name, rel)  # nearest: about 0.1
 
 
 def build_with_unsupported():

@@ -48,7 +48,7 @@ class Histogram:
         self.zeros = 0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
         if values.size == 0:
             return
         vmin, vmax = float(values.min()), float(values.max())
@@ -62,8 +62,14 @@ class Histogram:
             self.lo, self.hi = vmin, vmax if vmax > vmin else vmin + max(1e-8, 1e-6 * abs(vmin))
         elif vmin < self.lo or vmax > self.hi:
             self._grow(min(vmin, self.lo), max(vmax, self.hi))
-        hist, _ = np.histogram(values, bins=self.bins, range=(self.lo, self.hi))
-        self.counts += hist
+        self.counts += self._bin(values)
+
+    def _bin(self, values: np.ndarray) -> np.ndarray:
+        """Counts of `values` in the current bins (the last bin closed), by index arithmetic + bincount."""
+        scale = self.bins / (self.hi - self.lo)
+        idx = ((values - np.float32(self.lo)) * np.float32(scale)).astype(np.int64)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        return np.bincount(idx, minlength=self.bins)
 
     def _grow(self, lo: float, hi: float) -> None:
         """Widens the range (by at least a quarter, so re-binning stays rare) and re-bins old counts."""
