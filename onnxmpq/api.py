@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from onnxmpq import calibrate, graph, progress, qdq, quantize as writer
+from onnxmpq import calibrate, graph, progress, qdq
+from onnxmpq.quantize import build
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
 from onnxmpq.export import FLOAT_BITS, Report, save_model, storage_notes, summarize, write_json
@@ -119,7 +120,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         result = round_weights(model, assignment, source, stats, options, batch_size)
         weights = result.weights
         notes += [f"{name}: {reason}" for name, reason in result.fallbacks]
-    proto, results = writer.build(model, assignment, stats, options, weights=weights)
+    proto, results = build(model, assignment, stats, options, weights=weights)
     file_bytes = save_model(proto, output)
     return Report(
         model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,

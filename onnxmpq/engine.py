@@ -32,7 +32,8 @@ class Frontier:
     def advance(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
         """Values of `targets` for every batch (outer list: batches; inner: targets)."""
         available = set(self.values[0])
-        segment, inputs, produced = _segment(proto, available, targets, self.computed)
+        dtypes = {name: value.dtype for name, value in self.values[0].items()}
+        segment, inputs, produced = _segment(proto, available, targets, self.computed, dtypes)
         outputs = list(dict.fromkeys([t for t in targets if t not in available] + produced))
         results = []
         if segment is None:  # every target is already at the cut
@@ -55,7 +56,8 @@ class Frontier:
                 del vals[name]
 
 
-def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str], computed: set[str]):
+def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str], computed: set[str],
+             dtypes: Mapping[str, np.dtype]):
     """The model computing `targets` from `available`; returns (model, its inputs, the tensors it
     computes that later nodes read, which join the cut)."""
     graph = proto.graph
@@ -92,8 +94,8 @@ def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str]
     types = _value_types(proto)
     model = onnx.helper.make_model(
         onnx.helper.make_graph(
-            nodes, "segment", [_value(types, n) for n in inputs],
-            [_value(types, n) for n in dict.fromkeys([t for t in targets if t not in available] + produced)],
+            nodes, "segment", [_input_value(types, n, dtypes[n]) for n in inputs],
+            [_output_value(types, n) for n in dict.fromkeys([t for t in targets if t not in available] + produced)],
             [inits[n] for n in sorted(reads & set(inits))]),
         opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
     return model, inputs, produced
@@ -104,9 +106,17 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
 
 
-def _value(types: Mapping[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
-    """The name's type with every dim left free (batches differ in size)."""
+def _input_value(types: Mapping[str, onnx.ValueInfoProto], name: str, dtype: np.dtype) -> onnx.ValueInfoProto:
+    """A segment input typed from the cached array (value_info may be missing), every dim left free."""
     known = types.get(name)
-    elem = known.type.tensor_type.elem_type if known is not None else onnx.TensorProto.FLOAT
-    rank = len(known.type.tensor_type.shape.dim) if known is not None and known.type.tensor_type.HasField("shape") else None
-    return onnx.helper.make_tensor_value_info(name, elem, [None] * rank if rank is not None else None)
+    shape = known.type.tensor_type.shape if known is not None and known.type.tensor_type.HasField("shape") else None
+    elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    return onnx.helper.make_tensor_value_info(name, elem, [None] * len(shape.dim) if shape is not None else None)
+
+
+def _output_value(types: Mapping[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
+    """A segment output: its known element type, else left for onnxruntime to infer."""
+    known = types.get(name)
+    if known is None or not known.type.tensor_type.elem_type:
+        return onnx.helper.make_empty_tensor_value_info(name)
+    return onnx.helper.make_tensor_value_info(name, known.type.tensor_type.elem_type, None)

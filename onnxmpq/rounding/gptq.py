@@ -8,8 +8,9 @@ For each layer with quantized weights, in topological order (G groups, see `line
    quantizer included); X_f: the float model's input to the layer. Both as im2col columns (K, n).
 2. Statistics, accumulated batch by batch (never all columns at once):
    H = sum X_q X_q^T and C = sum X_f X_q^T, both K x K per group.
-3. Re-fit (least squares to the float target): W' = argmin ||W X_f - W' X_q||^2 + lambda ||W'||^2
-   = W C (H + lambda I)^-1, with lambda = refit_damp * mean(diag H).
+3. Re-fit (least squares to the float target, regularised toward the float weights):
+   W' = argmin ||W X_f - W' X_q||^2 + lambda ||W' - W||^2 = (W C + lambda W)(H + lambda I)^-1,
+   with lambda = refit_damp * mean(diag H); W' = W when X_q = X_f.
 4. Scales by a clip search on the output error: s_c = alpha_c max|W'_c| / Q, alpha_c in CLIP_GRID
    minimising (W'_c - s_c q_c) H (W'_c - s_c q_c)^T for round-to-nearest codes q_c (diag(H) in place
    of H for very large layers).
@@ -60,10 +61,12 @@ class RoundingResult:
 
 
 def refit(w: np.ndarray, h: np.ndarray, c: np.ndarray, damp: float) -> np.ndarray:
-    """W' = W C (H + lambda I)^-1 per group, lambda = damp * mean(diag H); w (G, R, K), h and c (G, K, K)."""
+    """W' = (W C + lambda W)(H + lambda I)^-1 per group, lambda = damp * mean(diag H);
+    w (G, R, K), h and c (G, K, K)."""
     lam = damp * np.maximum(np.diagonal(h, axis1=1, axis2=2).mean(axis=1), 1e-12)
     lhs = h + lam[:, None, None] * np.eye(h.shape[1])
-    return np.swapaxes(np.linalg.solve(lhs, np.swapaxes(w @ c, 1, 2)), 1, 2)
+    rhs = w @ c + lam[:, None, None] * w
+    return np.swapaxes(np.linalg.solve(lhs, np.swapaxes(rhs, 1, 2)), 1, 2)
 
 
 def clip_scales(w: np.ndarray, h: np.ndarray, fmt: IntFormat) -> np.ndarray:

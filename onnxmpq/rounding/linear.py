@@ -82,12 +82,13 @@ class LinearView:
 
 def view_of(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_left: bool = False) -> LinearView | None:
     """The LinearView of a layer node, or None where GPTQ does not apply (batched MatMul weights,
-    ConvTranspose with output_padding/auto_pad, Conv with auto_pad other than NOTSET)."""
+    ConvTranspose with output_padding or output_shape, auto_pad other than NOTSET)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     n = len(weight_shape) - 2
     if node.op_type in ("Conv", "ConvTranspose"):
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(attrs.get("output_padding", [])):
-            return None
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(attrs.get("output_padding", [])) \
+                or "output_shape" in attrs:
+            return None  # onnxruntime derives the padding itself there
         return LinearView(node.op_type, weight_shape, int(attrs.get("group", 1)),
                           tuple(attrs.get("strides", [1] * n)), tuple(attrs.get("pads", [0] * 2 * n)),
                           tuple(attrs.get("dilations", [1] * n)))

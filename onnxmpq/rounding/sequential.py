@@ -16,7 +16,8 @@ from typing import Callable, Mapping
 import numpy as np
 from onnx import numpy_helper
 
-from onnxmpq import graph, quantize
+from onnxmpq import graph
+from onnxmpq.quantize import build, layer_formats
 from onnxmpq.formats import required_opset
 from onnxmpq.graph import Model
 from onnxmpq.rounding import QuantizedWeight, round_nearest
@@ -41,7 +42,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
         on_layer: called with each layer's name when it is done (progress).
     """
     start = time.perf_counter()
-    formats = {name: quantize.layer_formats(model.layer(name), cand, options) for name, cand in assignment.items()}
+    formats = {name: layer_formats(model.layer(name), cand, options) for name, cand in assignment.items()}
     target = required_opset(f for pair in formats.values() for f in pair if f)
     model = _at_opset(model, target)
     consts = {t.name: t for t in model.proto.graph.initializer}
@@ -50,7 +51,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
     float_front, quant_front = Frontier(batches), Frontier(batches)
     done: dict[str, QuantizedWeight] = {}
     fallbacks = []
-    for spec in model.layers:
+    for index, spec in enumerate(model.layers):
         cand = assignment.get(spec.name)
         wfmt = formats.get(spec.name, (None, None))[0]
         if cand is None or wfmt is None:
@@ -64,9 +65,10 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
             if statistics_bytes(view, k) > settings.memory_budget:
                 reason = f"its statistics would take {statistics_bytes(view, k) >> 20} MiB, over the memory budget"
         if reason is None:
-            partial = {n: c for n, c in assignment.items() if n in done}
+            before = {s.name for s in model.layers[:index]}
+            partial = {n: c for n, c in assignment.items() if n in before}
             partial[spec.name] = Candidate(None, cand.act_bits)
-            qproto, _ = quantize.build(model, partial, stats, options, weights=done)
+            qproto, _ = build(model, partial, stats, options, weights=done)
             quant_input = next(n for n in qproto.graph.node if n.name == spec.name).input[list(node.input).index(spec.activation)]
             x_float = float_front.advance(model.proto, [spec.activation])
             x_quant = quant_front.advance(qproto, [quant_input])
