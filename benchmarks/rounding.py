@@ -13,7 +13,7 @@ import numpy as np
 
 from benchmarks import common
 
-WIDTHS = (4, 3, 2)
+WIDTHS = (8, 4, 3, 2)
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})

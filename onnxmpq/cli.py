@@ -132,9 +132,9 @@ def cli(quiet: bool):
 @click.option("-a", "--act-bits", default="8", show_default=True, help="Activation bits (2-16, or float).")
 @click.option("--layer-bits", multiple=True, help="Per-layer override NAME=W[:A]; repeatable.")
 @click.option("--allocation", type=click.Path(dir_okay=False), help="Per-layer bits from a JSON allocation or report.")
-@click.option("--weight-range", type=click.Choice([m.value for m in WeightRange]), default="mse", show_default=True,
-              help="Per-channel weight scale: MSE-optimal clipping or min/max.")
-@click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="percentile", show_default=True,
+@click.option("--weight-range", type=click.Choice([m.value for m in WeightRange]), default="minmax", show_default=True,
+              help="Per-channel weight scale for nearest rounding: min/max, or MSE-optimal clipping.")
+@click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="mse", show_default=True,
               help="Activation range from the calibration histogram.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --act-range percentile.")
 @click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="nearest", show_default=True,

@@ -121,8 +121,8 @@ class TensorStats:
 class QuantOptions:
     """Settings of the QDQ writer that are not per layer."""
 
-    weight_range: WeightRange = WeightRange.MSE
-    act_range: ActRange = ActRange.PERCENTILE
+    weight_range: WeightRange = WeightRange.MINMAX
+    act_range: ActRange = ActRange.MSE
     percentile: float = 99.99
     int2_container: str = "int2"
     bias: str = "float"

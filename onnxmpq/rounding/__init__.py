@@ -61,7 +61,7 @@ def clip_scale(rows: np.ndarray, fmt: IntFormat, method: WeightRange) -> np.ndar
 
 
 def round_nearest(weight: np.ndarray, axis: int, fmt: IntFormat,
-                  method: WeightRange = WeightRange.MSE, name: str = "weight") -> QuantizedWeight:
+                  method: WeightRange = WeightRange.MINMAX, name: str = "weight") -> QuantizedWeight:
     """Round-to-nearest per-channel quantization of `weight` (see the module docstring)."""
     weight = np.asarray(weight, dtype=np.float32)
     if not np.isfinite(weight).all():
