@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from onnxmpq import calibrate, graph, progress, qdq
 from onnxmpq.quantize import build
@@ -177,3 +177,45 @@ def compare(reference, models, data, *, limit: int | None = None, preprocess=Non
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight_bits: Sequence[int] = (2, 4, 8),
+                act_bits: Sequence[int | None] = (None,), separate: bool = False,
+                rounding: Rounding | str = Rounding.NEAREST, options: QuantOptions = QuantOptions(),
+                limit: int = 256, batch_size: int = 64, workers: int = 1, cache_dir=None, preprocess=None,
+                naive: bool = False) -> list:
+    """Sensitivity tables, one per metric (see `onnxmpq sensitivity --help` and `onnxmpq.sensitivity`).
+
+    The calibration samples (at most `limit`) are held in memory with the activations at the probe
+    engine's cut; `workers` > 1 splits the candidates over processes.
+    """
+    from onnxmpq import sensitivity as sens
+    from onnxmpq.sensitivity import cache, parallel
+
+    model = load(model)
+    for name in metrics:
+        sens.METRICS.get(name)
+    candidates = sens.parse_candidates(weight_bits, act_bits, separate)
+    data_free = all(sens.METRICS.get(name).data_free for name in metrics)
+    batches, stats = [], None
+    if calib is not None and not data_free:
+        source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
+        model = graph.specialize(model, first_shapes(source))
+        batches = [dict(b.inputs) for b in source.batches(batch_size)]
+        if any(c.act_bits for c in candidates):
+            with progress.bar("calibrate", len(source)) as advance:
+                stats = calibrate.collect(model, source, [s.activation for s in model.layers],
+                                          batch_size=batch_size, on_batch=advance)
+    elif not data_free:
+        raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", "pass --calib PATH.")
+    settings = {"metrics": list(metrics), "candidates": [c.key for c in candidates], "rounding": str(rounding),
+                "options": repr(options), "naive": naive}
+    key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
+    if key and (hit := cache.load(cache_dir, key)) is not None:
+        return hit
+    with progress.bar("sensitivity", len(model.layers), unit="layer") as advance:
+        tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
+                                  workers=workers, naive=naive, on_layer=lambda name: advance(1))
+    if key:
+        cache.store(cache_dir, key, tables)
+    return tables

@@ -18,6 +18,7 @@ import click
 from onnxmpq import __version__, api, progress
 from onnxmpq.calibrate import Preprocess
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.export import write_json
 from onnxmpq.types import ActRange, Candidate, QuantOptions, Rounding, WeightRange
 
 # ---------------------------------------------------------------- option groups
@@ -230,6 +231,52 @@ def compare(reference, models, data, limit, as_json, **kw):
 
 def _fmt(value, width: int = 7, digits: int = 4) -> str:
     return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+@cli.command()
+@quiet_option
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", help="Calibration data (not needed for weight-entropy alone).")
+@click.option("--metric", "metric_list", default="sqnr", show_default=True,
+              help="Metric name(s), comma-separated: sqnr, kl, output-entropy, mutual-info, weight-entropy.")
+@click.option("--bits", default="2,4,8", show_default=True, help="Candidate weight bits, comma-separated.")
+@click.option("--act-bits", default="float", show_default=True,
+              help="Candidate activation bits, comma-separated (float = activations unquantized).")
+@click.option("--separate", is_flag=True, help="Probe weights (w{W}) and activations (a{A}) separately.")
+@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="nearest", show_default=True,
+              help="Rounding the probes use (use the one the model will be written with).")
+@click.option("--limit", type=int, default=256, show_default=True, help="Calibration samples to probe with.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table(s) as JSON here.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of score per layer per candidate.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes for the probes.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Reuse results across runs (a folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table(s) as JSON on stdout.")
+@preprocess_options
+def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, output, plot, workers,
+                cache_dir, as_json, **kw):
+    """Per-layer sensitivity of MODEL: one probe per layer and candidate, the rest of the network float."""
+    metrics = [m.strip() for m in metric_list.split(",") if m.strip()]
+    weight_bits = [b for b in (_bits(v.strip(), "--bits") for v in bits.split(",")) if b]
+    acts = [_bits(v.strip(), "--act-bits") for v in act_bits.split(",")]
+    tables = api.sensitivity(model, calib, metrics=metrics, weight_bits=weight_bits, act_bits=acts,
+                             separate=separate, rounding=rounding, limit=limit, workers=workers,
+                             cache_dir=cache_dir, preprocess=parse_preprocess(model, kw))
+    data = [t.to_dict() for t in tables]
+    payload = data[0] if len(data) == 1 else data
+    if output:
+        write_json(payload, output)
+    if plot:
+        from onnxmpq.plots import sensitivity_plot
+        sensitivity_plot(tables, plot)
+    emit(as_json, payload, "\n\n".join(_table_text(t) for t in tables))
+
+
+def _table_text(table) -> str:
+    keys = list(table.candidates)
+    lines = [f"{table.metric} ({table.samples} samples, {table.time_s:.1f} s; larger = more sensitive)",
+             f"{'layer':<44} " + " ".join(f"{k:>10}" for k in keys)]
+    lines += [f"{l.name[:44]:<44} " + " ".join(f"{l.scores[k]:>10.4g}" for k in keys) for l in table.layers]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- entry point

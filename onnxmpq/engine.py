@@ -30,10 +30,18 @@ class Frontier:
         self.computed: set[str] = set(self.values[0]) if self.values else set()
 
     def advance(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
-        """Values of `targets` for every batch (outer list: batches; inner: targets)."""
+        """Values of `targets` for every batch (outer list: batches; inner: targets); moves the cut."""
+        return self._run(proto, targets, move=True)
+
+    def peek(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
+        """Values of `targets` computed from the current cut, which stays where it is (a probe: the
+        cut's float values through a graph that differs only downstream of the cut)."""
+        return self._run(proto, targets, move=False)
+
+    def _run(self, proto: onnx.ModelProto, targets: Sequence[str], move: bool) -> list[list[np.ndarray]]:
         available = set(self.values[0])
         dtypes = {name: value.dtype for name, value in self.values[0].items()}
-        segment, inputs, produced = _segment(proto, available, targets, self.computed, dtypes)
+        segment, inputs, produced = _segment(proto, available, targets, self.computed, dtypes, move)
         outputs = list(dict.fromkeys([t for t in targets if t not in available] + produced))
         results = []
         if segment is None:  # every target is already at the cut
@@ -42,9 +50,11 @@ class Frontier:
         for vals in self.values:
             got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
             results.append([got[t] if t in got else vals[t] for t in targets])
-            vals.update(got)
-        self.computed.update(o for n in segment.graph.node for o in n.output if o)
-        self._drop_dead(proto)
+            if move:
+                vals.update(got)
+        if move:
+            self.computed.update(o for n in segment.graph.node for o in n.output if o)
+            self._drop_dead(proto)
         return results
 
     def _drop_dead(self, proto: onnx.ModelProto) -> None:
@@ -57,7 +67,7 @@ class Frontier:
 
 
 def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str], computed: set[str],
-             dtypes: Mapping[str, np.dtype]):
+             dtypes: Mapping[str, np.dtype], keep_cut: bool = True):
     """The model computing `targets` from `available`; returns (model, its inputs, the tensors it
     computes that later nodes read, which join the cut)."""
     graph = proto.graph
@@ -89,7 +99,7 @@ def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str]
     later = {i for n in graph.node if id(n) not in taken and not all(o in done for o in n.output if o)
              for i in n.input}
     later |= {o.name for o in graph.output}
-    produced = [o for n in nodes for o in n.output if o and o in later]
+    produced = [o for n in nodes for o in n.output if o and o in later] if keep_cut else []
     reads = {i for n in nodes for i in n.input if i}
     types = _value_types(proto)
     model = onnx.helper.make_model(

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnxmpq.errors import OnnxmpqError
 
 _PROTO_LIMIT = 2**31 - 1
+THREADS: int | None = None  # intra-op threads of every session; None = onnxruntime's default (all cores)
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None,
@@ -20,6 +21,7 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = No
     """A CPU InferenceSession at the default optimisation level (all optimisations) unless `optimize=False`."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or THREADS
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:

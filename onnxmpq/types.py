@@ -126,3 +126,44 @@ class QuantOptions:
     percentile: float = 99.99
     int2_container: str = "int2"
     bias: str = "float"
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """One layer's row of a sensitivity table: a degradation per candidate key (larger = worse), plus
+    per-layer facts a metric keeps (the raw output entropy of the float layer, for the threshold method)."""
+
+    name: str
+    op_type: str
+    scores: Mapping[str, float]
+    extra: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """What the sensitivity stage hands the allocators: one metric, layers in network order.
+
+    JSON form (a contract): {"metric", "candidates", "samples", "time_s", "rounding",
+    "layers": [{"name", "op_type", "scores": {candidate: score}, ...extra}]}.
+    """
+
+    metric: str
+    candidates: tuple[str, ...]
+    layers: tuple[LayerScores, ...]
+    samples: int
+    time_s: float
+    rounding: str = "nearest"
+
+    def to_dict(self) -> dict:
+        layers = [{"name": l.name, "op_type": l.op_type, "scores": dict(l.scores), **dict(l.extra or {})}
+                  for l in self.layers]
+        return {"metric": self.metric, "candidates": list(self.candidates), "samples": self.samples,
+                "time_s": self.time_s, "rounding": self.rounding, "layers": layers}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SensitivityTable":
+        layers = tuple(LayerScores(l["name"], l["op_type"], dict(l["scores"]),
+                                   {k: v for k, v in l.items() if k not in ("name", "op_type", "scores")} or None)
+                       for l in data["layers"])
+        return cls(data["metric"], tuple(data["candidates"]), layers, int(data["samples"]),
+                   float(data["time_s"]), data.get("rounding", "nearest"))

@@ -1,0 +1,182 @@
+"""Sensitivity: how much the network suffers when one layer is quantized at one candidate precision.
+
+`measure(model, batches, metrics, candidates)` probes every quantizable layer at every candidate with
+the rest of the network in float (`probe.sweep`) and scores each probe with every asked-for metric of
+the METRICS registry; `weight-entropy` needs no data. Scores are degradations: larger = more damage.
+Results are cached on disk by model hash, calibration data hash and settings (`cache`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.formats import weight_format
+from onnxmpq.graph import Model
+from onnxmpq.registry import Registry
+from onnxmpq.rounding import round_nearest
+from onnxmpq.sensitivity import metrics as m
+from onnxmpq.sensitivity.probe import Probe, Reference, sweep
+from onnxmpq.types import Candidate, LayerScores, LayerSpec, QuantOptions, Rounding, SensitivityTable
+
+ENTROPY_BINS = 256
+N_PROJECTIONS = 32
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a metric may look at for one layer: the float reference and that layer's probes."""
+
+    spec: LayerSpec
+    weight: np.ndarray
+    ref: Reference
+    float_output: np.ndarray | None
+
+    @functools.cached_property
+    def output_range(self) -> tuple[float, float]:
+        return float(self.float_output.min()), float(self.float_output.max())
+
+    @functools.cached_property
+    def output_entropy(self) -> float:
+        """Entropy of the float layer output on ENTROPY_BINS bins over its range."""
+        return m.histogram_entropy(self.float_output, *self.output_range, ENTROPY_BINS)
+
+    @functools.cached_property
+    def weight_entropy_16(self) -> float:
+        """Entropy of the weight codes on a 16-bit grid (the near-float reference of weight-entropy)."""
+        return m.weight_entropy(round_nearest(self.weight, self.spec.channel_axis, weight_format(16)).codes)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: `score(ctx, probe)` -> degradation; `extra(ctx)` -> per-layer facts."""
+
+    name: str
+    score: Callable[[LayerContext, Probe], float]
+    needs_layer_output: bool = False
+    needs_observers: bool = False
+    data_free: bool = False
+    extra: Callable[[LayerContext], dict] | None = None
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _register(metric: Metric) -> None:
+    METRICS.register(metric.name)(metric)
+
+
+def _concat(batches: list[list[np.ndarray]], k: int) -> np.ndarray:
+    return np.concatenate([np.asarray(b[k]) for b in batches])
+
+
+def _per_output(fn) -> Callable[[LayerContext, Probe], float]:
+    def score(ctx: LayerContext, probe: Probe) -> float:
+        n = len(ctx.ref.outputs[0])
+        return m.aggregate([fn(_concat(ctx.ref.outputs, k), _concat(probe.outputs, k)) for k in range(n)])
+    return score
+
+
+def _output_entropy(ctx: LayerContext, probe: Probe) -> float:
+    quant = m.histogram_entropy(probe.layer_output, *ctx.output_range, ENTROPY_BINS)
+    return m.entropy_loss(ctx.output_entropy, quant)
+
+
+def _raw_entropy(ctx: LayerContext) -> dict:
+    return {"entropy": ctx.output_entropy}
+
+
+def _weight_entropy(ctx: LayerContext, probe: Probe) -> float:
+    if probe.codes is None:
+        return 0.0
+    return m.weight_entropy_loss(ctx.weight_entropy_16, m.weight_entropy(probe.codes.codes))
+
+
+def _projections(dim: int) -> np.ndarray:
+    """N_PROJECTIONS random unit directions in R^dim, the same for every run (seeded by dim)."""
+    rng = np.random.default_rng(dim)
+    theta = rng.standard_normal((N_PROJECTIONS, dim))
+    return theta / np.linalg.norm(theta, axis=1, keepdims=True)
+
+
+def _mutual_info(ctx: LayerContext, probe: Probe) -> float:
+    names = sorted(probe.observers)
+    if not names:
+        return 0.0
+    ref_smi, probe_smi = [], []
+    for name in names:
+        theta = _projections(ctx.ref.observers[name].shape[1])
+        if name not in ctx.ref.smi:
+            ctx.ref.smi[name] = m.sliced_mutual_information(ctx.ref.observers[name], ctx.ref.labels, theta)
+        ref_smi.append(ctx.ref.smi[name])
+        probe_smi.append(m.sliced_mutual_information(probe.observers[name], ctx.ref.labels, theta))
+    bits = probe.cand.weight_bits or probe.cand.act_bits or 32
+    return m.mi_drop(ref_smi, probe_smi, bits)
+
+
+_register(Metric("sqnr", _per_output(m.noise_to_signal)))
+_register(Metric("kl", _per_output(m.kl_divergence)))
+_register(Metric("output-entropy", _output_entropy, needs_layer_output=True, extra=_raw_entropy))
+_register(Metric("mutual-info", _mutual_info, needs_observers=True))
+_register(Metric("weight-entropy", _weight_entropy, data_free=True))
+
+
+def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None], separate: bool = False) -> list[Candidate]:
+    """w x a candidates (`w4a8`), or with `separate` weight-only (`w4`) and activation-only (`a8`) ones."""
+    for bits in list(weight_bits) + [a for a in act_bits if a]:
+        if not 2 <= bits <= 16:
+            raise OnnxmpqError(f"bit-width {bits} is outside 2..16.", "use --bits values from 2 to 16.")
+    if separate:
+        return [Candidate(w, None) for w in weight_bits] + [Candidate(None, a) for a in act_bits if a]
+    return [Candidate(w, a) for w in weight_bits for a in act_bits]
+
+
+def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_names: Sequence[str],
+            candidates: Sequence[Candidate], stats=None, options: QuantOptions = QuantOptions(),
+            rounding: Rounding = Rounding.NEAREST, naive: bool = False,
+            on_layer: Callable[[str], None] | None = None) -> list[SensitivityTable]:
+    """One SensitivityTable per metric (see the module docstring)."""
+    start = time.perf_counter()
+    metrics = [METRICS.get(name) for name in metric_names]
+    if not model.layers:
+        raise OnnxmpqError("the model has no quantizable layer.", "run `onnxmpq inspect MODEL` to see what it holds.")
+    keys = [c.key for c in candidates]
+    rows: dict[str, list[LayerScores]] = {metric.name: [] for metric in metrics}
+    consts = {t.name: t for t in model.proto.graph.initializer}
+
+    def score_layer(spec, ref, float_out, probes):
+        ctx = LayerContext(spec, numpy_helper.to_array(consts[spec.weight]).astype(np.float32), ref, float_out)
+        for metric in metrics:
+            scores = {probe.cand.key: float(metric.score(ctx, probe)) for probe in probes}
+            extra = metric.extra(ctx) if metric.extra else None
+            rows[metric.name].append(LayerScores(spec.name, spec.op_type, scores, extra))
+        if on_layer:
+            on_layer(spec.name)
+
+    if all(metric.data_free for metric in metrics):
+        _data_free(model, candidates, options, score_layer, consts)
+    else:
+        if not batches:
+            raise OnnxmpqError("these metrics need calibration data.", "pass --calib PATH.")
+        sweep(model, batches, candidates, stats, options, rounding,
+              needs_layer_output=any(x.needs_layer_output for x in metrics),
+              with_observers=any(x.needs_observers for x in metrics), naive=naive, on_layer=score_layer)
+    samples = sum(len(next(iter(b.values()))) for b in batches) if batches else 0
+    elapsed = time.perf_counter() - start
+    return [SensitivityTable(metric.name, tuple(keys), tuple(rows[metric.name]), samples, elapsed, str(rounding))
+            for metric in metrics]
+
+
+def _data_free(model: Model, candidates, options: QuantOptions, score_layer, consts) -> None:
+    for spec in model.layers:
+        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
+        probes = [Probe(c, [], None, {}, round_nearest(weight, spec.channel_axis, weight_format(c.weight_bits),
+                                                       options.weight_range, spec.name) if c.weight_bits else None)
+                  for c in candidates]
+        score_layer(spec, Reference([], np.zeros(0)), None, probes)

@@ -1,0 +1,165 @@
+"""The probe engine: for every layer and candidate, quantize that layer alone and see what the network
+does, re-running only the part of the graph downstream of the layer.
+
+One float `Frontier` walks the graph layer by layer (one forward pass in all); at each layer it holds
+the float values at the cut just before the layer, and every probe of that layer runs the probe model
+from that cut to the outputs (`Frontier.peek`). The float outputs, the float model's predictions (the
+label stand-in) and the observer activations are computed once. `naive=True` runs every probe from the
+graph inputs instead: the baseline the benchmark compares with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnxmpq import graph
+from onnxmpq.calibrate.ranges import act_params, choose_range
+from onnxmpq.engine import Frontier
+from onnxmpq.formats import act_format, required_opset, weight_format
+from onnxmpq.quantize import build
+from onnxmpq.rounding import QuantizedWeight, round_nearest
+from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
+from onnxmpq.rounding.linear import view_of
+from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding
+
+N_OBSERVERS = 3
+
+
+@dataclass
+class Reference:
+    """What the float model gives once: outputs per batch, labels per sample, observer features."""
+
+    outputs: list[list[np.ndarray]]
+    labels: np.ndarray
+    observers: dict[str, np.ndarray] = field(default_factory=dict)
+    downstream: dict[str, set[str]] = field(default_factory=dict)
+    smi: dict[str, float] = field(default_factory=dict)  # reference sliced MI per observer, filled lazily
+
+
+@dataclass
+class Probe:
+    """One probe's result: the network outputs per batch, the probed layer's output, observer features."""
+
+    cand: Candidate
+    outputs: list[list[np.ndarray]]
+    layer_output: np.ndarray | None
+    observers: dict[str, np.ndarray]
+    codes: QuantizedWeight | None
+
+
+def observers_of(model: graph.Model) -> list[str]:
+    """Observer tensors for the mutual-information metric: the inputs of the last few layers and the
+    first network output (downstream of every layer)."""
+    names = [spec.activation for spec in model.layers[-N_OBSERVERS:]] + [model.proto.graph.output[0].name]
+    return list(dict.fromkeys(n for n in names if n not in {i.name for i in model.proto.graph.input}))
+
+
+def descendants(proto, start: str) -> set[str]:
+    """Every tensor computed from `start` (itself included)."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    seen, stack = set(), [start]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in consumers.get(name, []):
+            stack.extend(o for o in node.output if o)
+    return seen
+
+
+def labels_of(outputs: list[list[np.ndarray]]) -> np.ndarray:
+    """The float model's prediction per sample (first output): argmax of the mean score over its rows."""
+    labels = []
+    for batch in outputs:
+        y = np.asarray(batch[0], dtype=np.float64)
+        y = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 1 else y.reshape(-1, 1, 1)
+        labels.append(y.mean(axis=1).argmax(axis=1))
+    return np.concatenate(labels)
+
+
+def reference(model: graph.Model, batches, with_observers: bool) -> Reference:
+    outputs = [o.name for o in model.proto.graph.output]
+    observers = observers_of(model) if with_observers else []
+    targets = list(dict.fromkeys(outputs + observers))
+    values = [dict(zip(targets, v)) for v in Frontier(batches).peek(model.proto, targets)]
+    ref_outputs = [[v[o] for o in outputs] for v in values]
+    ref = Reference(ref_outputs, labels_of(ref_outputs))
+    for name in observers:
+        ref.observers[name] = np.concatenate([v[name] for v in values]).reshape(len(ref.labels), -1)
+    for spec in model.layers:
+        ref.downstream[spec.name] = descendants(model.proto, spec.output) & set(observers)
+    return ref
+
+
+def layer_codes(spec: LayerSpec, weight: np.ndarray, node, cand: Candidate, x_batches, rounding: Rounding,
+                options: QuantOptions, stats, cache: dict) -> QuantizedWeight | None:
+    """The codes the probe uses: nearest, or GPTQ against H of the layer's (float or act-quantized) input."""
+    if not cand.weight_bits:
+        return None
+    fmt = weight_format(cand.weight_bits, options.int2_container == "int4")
+    view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight) if rounding == Rounding.GPTQ else None
+    if view is None:
+        return round_nearest(weight, spec.channel_axis, fmt, options.weight_range, spec.name)
+    key = cand.act_bits
+    if key not in cache:
+        cache[key] = accumulate(view, ((x, _fake_quant(x, cand.act_bits, (stats or {}).get(spec.activation), options))
+                                       for x in x_batches))
+    return round_layer(weight, view, cache[key], fmt, spec.channel_axis, GptqSettings())
+
+
+def _fake_quant(x: np.ndarray, bits: int | None, tensor_stats, options: QuantOptions) -> np.ndarray:
+    """x through the activation quantizer the writer would put in front of the layer."""
+    if not bits or tensor_stats is None:
+        return x
+    fmt = act_format(bits)
+    p = act_params(*choose_range(tensor_stats, fmt, options.act_range, options.percentile), fmt)
+    q = np.clip(np.rint(x / p.scale) + p.zero_point, fmt.qmin, fmt.qmax)
+    return ((q - p.zero_point) * p.scale).astype(np.float32)
+
+
+def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
+          stats, options: QuantOptions, rounding: Rounding, *, needs_layer_output: bool, with_observers: bool,
+          naive: bool = False, on_layer: Callable[[LayerSpec, Reference, np.ndarray | None, list[Probe]], None]):
+    """Probes every layer at every candidate; calls `on_layer(spec, reference, float_layer_output, probes)`."""
+    formats = [f for c in candidates for f in (
+        weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
+        act_format(c.act_bits) if c.act_bits else None) if f]
+    opset = required_opset(formats)
+    converted = graph.convert_opset(model.proto, opset)
+    model = dataclasses.replace(model, proto=converted)
+    ref = reference(model, batches, with_observers)
+    outputs = [o.name for o in model.proto.graph.output]
+    consts = {t.name: t for t in model.proto.graph.initializer}
+    nodes = {n.name: n for n in model.proto.graph.node}
+    front = Frontier(batches)
+    for spec in model.layers:
+        x = [v[0] for v in front.advance(model.proto, [spec.activation])]
+        float_out = None
+        if needs_layer_output:
+            float_out = np.concatenate([v[0] for v in front.peek(model.proto, [spec.output])])
+        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
+        cache: dict = {}
+        probes = []
+        observers = sorted(ref.downstream.get(spec.name, ()))
+        targets = list(dict.fromkeys(outputs + ([spec.output] if needs_layer_output else []) + observers))
+        for cand in candidates:
+            codes = layer_codes(spec, weight, nodes[spec.name], cand, x, rounding, options, stats, cache)
+            proto, _ = build(model, {spec.name: cand}, stats, options, weights={spec.name: codes} if codes else None)
+            runner = Frontier(batches) if naive else front
+            values = [dict(zip(targets, v)) for v in runner.peek(proto, targets)]
+            probe = Probe(cand, [[v[o] for o in outputs] for v in values], None, {}, codes)
+            if needs_layer_output:
+                probe.layer_output = np.concatenate([v[spec.output] for v in values])
+            for name in observers:
+                probe.observers[name] = np.concatenate([v[name] for v in values]).reshape(len(ref.labels), -1)
+            probes.append(probe)
+        on_layer(spec, ref, float_out, probes)
