@@ -6,7 +6,7 @@ BENCHMARKS.md is the concatenation of every section file.
     .venv/bin/python benchmarks/run.py --quick         # 2,000 test images / 100 OCR lines (smoke run)
 
 Sections: uniform (issue 2: float vs onnxruntime quantize_static vs onnxmpq uniform widths, sizes,
-time); rounding (issue 3: nearest vs GPTQ). Each section states its data and when it was measured.
+time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, rank correlation). Each section states its data and when it was measured.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks import rounding, uniform  # noqa: E402
+from benchmarks import rounding, sensitivity, uniform  # noqa: E402
 
-SECTIONS = {"uniform": uniform.run, "rounding": rounding.run}
+SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "sensitivity": sensitivity.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 
