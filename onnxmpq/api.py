@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from onnxmpq import calibrate, graph, progress, qdq
 from onnxmpq.quantize import build
 from onnxmpq.errors import OnnxmpqError
@@ -93,13 +95,15 @@ def _check_output(model: Model, output: Path, calib) -> None:
 def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.NEAREST,
-             batch_size: int = 32, limit: int | None = None, preprocess=None) -> Report:
+             batch_size: int = 32, limit: int | None = None, preprocess=None, budgets=(),
+             allocation_options: Mapping | None = None) -> Report:
     """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
 
     `rounding="gptq"` rounds each layer against the inputs the quantized network gives it, after a
     least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`); it needs `calib`.
     """
     rounding = Rounding(rounding)
+    allocation = None
     start = time.perf_counter()
     model = load(model)
     output = Path(output)
@@ -108,6 +112,12 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
     assignment = assign(model, weight_bits, act_bits, layer_bits)
+    if budgets:
+        if calib is None:
+            raise OnnxmpqError("choosing bits under a budget needs calibration data.", "pass --calib PATH.")
+        chosen, allocation, _ = allocate(model, calib, budgets, rounding=rounding, options=options,
+                                         preprocess=preprocess, **(allocation_options or {}))
+        assignment = {**chosen, **{k: v for k, v in (layer_bits or {}).items()}}
     stats, weights, notes = {}, None, []
     if calib is not None:
         source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
@@ -127,6 +137,10 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
         notes=storage_notes(results) + notes,
+        allocation=None if allocation is None else {
+            "solver": allocation.solver, "status": allocation.status, "objective": allocation.objective,
+            "budgets": [{"kind": b.kind, "value": b.value, "relative": b.relative} for b in budgets],
+            "costs": dict(allocation.costs), **dict(allocation_options or {})},
         settings={"rounding": str(rounding), "weight_range": str(options.weight_range),
                   "act_range": str(options.act_range), "percentile": options.percentile,
                   "int2_container": options.int2_container, "bias": options.bias},
@@ -219,3 +233,61 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     if key:
         cache.store(cache_dir, key, tables)
     return tables
+
+
+def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets) -> "allocate.Problem":
+    """Scores from a sensitivity table and the cost of every (layer, candidate) under each budget."""
+    from onnxmpq.allocate import Problem
+    from onnxmpq.formats import weight_format
+
+    consts = {t.name: t for t in model.proto.graph.initializer}
+    rows = {row.name: row for row in table.layers}
+    scores, costs = [], {b.kind: [] for b in budgets}
+    for spec in model.layers:
+        channels = consts[spec.weight].dims[spec.channel_axis]
+        scores.append([rows[spec.name].scores[c.key] for c in candidates])
+        for budget in budgets:
+            line = []
+            for c in candidates:
+                w, a = c.weight_bits or FLOAT_BITS, c.act_bits or FLOAT_BITS
+                if budget.kind == "weight-bytes":
+                    fmt = weight_format(w) if c.weight_bits else None
+                    line.append(fmt.storage_bytes(spec.params) + 4 * channels + fmt.storage_bytes(channels)
+                                if fmt else 4 * spec.params)
+                elif budget.kind == "avg-bits":
+                    line.append(spec.params * w)
+                else:
+                    line.append(spec.macs * w * a)
+            costs[budget.kind].append(line)
+    total_params = sum(spec.params for spec in model.layers)
+    w8a8 = sum(spec.macs * 64 for spec in model.layers)
+    limits = {}
+    for budget in budgets:
+        if budget.kind == "avg-bits":
+            limits[budget.kind] = budget.value * total_params
+        elif budget.kind == "bitops" and budget.relative:
+            limits[budget.kind] = budget.value * w8a8
+        elif budget.relative:
+            limits[budget.kind] = budget.value * sum(4 * spec.params for spec in model.layers)
+        else:
+            limits[budget.kind] = budget.value
+    return Problem(tuple(s.name for s in model.layers), tuple(c.key for c in candidates), np.array(scores, float),
+                   {k: np.array(v, float) for k, v in costs.items()}, limits)
+
+
+def allocate(model, calib, budgets, *, metric: str = "kl", method: str = "ilp", weight_bits=(2, 3, 4, 5, 6, 7, 8),
+             act_bits=(8,), rounding: Rounding | str = Rounding.NEAREST, options: QuantOptions = QuantOptions(),
+             limit: int = 256, time_limit: float = 10.0, cache_dir=None, preprocess=None):
+    """Chooses every layer's precision under `budgets` (see `onnxmpq.allocate`); returns
+    (assignment, Allocation, SensitivityTable)."""
+    from onnxmpq.allocate import solve
+    from onnxmpq.sensitivity import parse_candidates
+
+    model = load(model)
+    candidates = parse_candidates(weight_bits, act_bits)
+    table = sensitivity(model, calib, metrics=[metric], weight_bits=weight_bits, act_bits=act_bits,
+                        rounding=rounding, options=options, limit=limit, cache_dir=cache_dir,
+                        preprocess=preprocess)[0]
+    result = solve(allocation_problem(model, table, candidates, budgets), method, time_limit)
+    by_key = {c.key: c for c in candidates}
+    return {name: by_key[key] for name, key in result.choice.items()}, result, table

@@ -99,6 +99,7 @@ class Report:
     skipped: Sequence[tuple[str, str]] = ()
     notes: Sequence[str] = ()
     settings: dict = field(default_factory=dict)
+    allocation: dict | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -1,0 +1,100 @@
+"""Allocation: one candidate precision per layer, minimising summed sensitivity under budgets.
+
+`Problem` is arrays only (a solver never sees the graph): scores[l, c] (degradation of layer l at
+candidate c), and per budget kind a cost[l, c] with its limit. Costs: weight bytes of the stored
+codes, parameter-weighted bits (avg-bits x total params), and BitOps = MACs x w_bits x a_bits.
+SOLVERS: `ilp` (OR-Tools CP-SAT) and `greedy` (AIMET-style: lower precision step by step, least
+sensitivity per cost saved first).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.registry import Registry
+
+BUDGET_KINDS = ("weight-bytes", "avg-bits", "bitops")
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One limit: `kind` in BUDGET_KINDS, `value` in bytes / bits / BitOps, or `relative` x W8A8."""
+
+    kind: str
+    value: float
+    relative: bool = False
+
+
+def parse_budget(text: str) -> Budget:
+    """KIND=VALUE: weight-bytes=150KB, avg-bits=3.5, bitops=0.5x (of W8A8) or bitops=2.1e9."""
+    kind, sep, value = text.partition("=")
+    kind = kind.strip().lower()
+    if not sep or kind not in BUDGET_KINDS:
+        raise OnnxmpqError(f"budget {text!r} is not KIND=VALUE with KIND one of {', '.join(BUDGET_KINDS)}.",
+                           "write e.g. --budget avg-bits=3 or --budget weight-bytes=150KB.")
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", value)
+    if not match:
+        raise OnnxmpqError(f"budget value {value!r} is not a number.", "write e.g. 3.5, 150KB or 0.5x.")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    if unit == "X":
+        return Budget(kind, number, relative=True)
+    if unit not in _UNITS or (unit and kind != "weight-bytes"):
+        raise OnnxmpqError(f"unit {match.group(2)!r} does not apply to {kind}.", "units: B, KB, MB, KiB, MiB; or x.")
+    return Budget(kind, number * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a solver sees: names, candidate keys, scores (L, C) and budget costs (L, C) with limits."""
+
+    layers: tuple[str, ...]
+    candidates: tuple[str, ...]
+    scores: np.ndarray
+    costs: Mapping[str, np.ndarray]
+    limits: Mapping[str, float]
+    allowed: np.ndarray | None = None  # (L, C) bool: the hardware rules' admissible choices
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Solver output: layer -> candidate key, the objective, the solver and its status."""
+
+    choice: Mapping[str, str]
+    objective: float
+    solver: str
+    status: str
+    costs: Mapping[str, float] = field(default_factory=dict)
+
+
+Solver = Callable[[Problem, float], Allocation]
+SOLVERS: Registry[Solver] = Registry("allocation method")
+
+
+def check_feasible(problem: Problem) -> None:
+    """Raises ConstraintError naming, for a budget no allocation can meet, the smallest value it can."""
+    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    for kind, cost in problem.costs.items():
+        smallest = float(np.where(allowed, cost, np.inf).min(axis=1).sum())
+        if smallest > problem.limits[kind] * (1 + 1e-9):
+            raise ConstraintError(f"budget {kind}={problem.limits[kind]:.6g} cannot be met: the smallest "
+                                  f"achievable is {smallest:.6g} with these candidates.",
+                                  "raise the budget or allow lower bit-widths (--bits).")
+
+
+def totals(problem: Problem, index: Sequence[int]) -> dict[str, float]:
+    rows = np.arange(len(problem.layers))
+    return {kind: float(cost[rows, index].sum()) for kind, cost in problem.costs.items()}
+
+
+def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0) -> Allocation:
+    check_feasible(problem)
+    return SOLVERS.get(method)(problem, time_limit)
+
+
+from onnxmpq.allocate import greedy, ilp  # noqa: E402,F401  (register the solvers)
