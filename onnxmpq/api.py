@@ -140,7 +140,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         allocation=None if allocation is None else {
             "solver": allocation.solver, "status": allocation.status, "objective": allocation.objective,
             "budgets": [{"kind": b.kind, "value": b.value, "relative": b.relative} for b in budgets],
-            "costs": dict(allocation.costs), **dict(allocation_options or {})},
+            "costs": dict(allocation.costs),
+            **{k: v for k, v in (allocation_options or {}).items() if k != "cache_dir"}},
         settings={"rounding": str(rounding), "weight_range": str(options.weight_range),
                   "act_range": str(options.act_range), "percentile": options.percentile,
                   "int2_container": options.int2_container, "bias": options.bias},
@@ -261,18 +262,17 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
             costs[budget.kind].append(line)
     total_params = sum(spec.params for spec in model.layers)
     w8a8 = sum(spec.macs * 64 for spec in model.layers)
-    limits = {}
+    limits, units = {}, {}
     for budget in budgets:
         if budget.kind == "avg-bits":
-            limits[budget.kind] = budget.value * total_params
-        elif budget.kind == "bitops" and budget.relative:
-            limits[budget.kind] = budget.value * w8a8
+            units[budget.kind] = total_params
         elif budget.relative:
-            limits[budget.kind] = budget.value * sum(4 * spec.params for spec in model.layers)
+            units[budget.kind] = w8a8 if budget.kind == "bitops" else sum(4 * spec.params for spec in model.layers)
         else:
-            limits[budget.kind] = budget.value
+            units[budget.kind] = 1.0
+        limits[budget.kind] = budget.value * units[budget.kind]
     return Problem(tuple(s.name for s in model.layers), tuple(c.key for c in candidates), np.array(scores, float),
-                   {k: np.array(v, float) for k, v in costs.items()}, limits)
+                   {k: np.array(v, float) for k, v in costs.items()}, limits, units=units)
 
 
 def allocate(model, calib, budgets, *, metric: str = "kl", method: str = "ilp", weight_bits=(2, 3, 4, 5, 6, 7, 8),

@@ -146,19 +146,39 @@ def cli(quiet: bool):
               help="Store 2-bit weights as INT2 (with a Reshape guard) or in INT4.")
 @click.option("--limit", type=int, help="Use at most this many calibration samples.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--budget", "budgets", multiple=True,
+              help="Choose every layer's bits under KIND=VALUE: weight-bytes=150KB, avg-bits=3, bitops=0.5x; repeatable.")
+@click.option("--metric", default="kl", show_default=True, help="Sensitivity metric the allocation minimises.")
+@click.option("--method", type=click.Choice(["ilp", "greedy"]), default="ilp", show_default=True,
+              help="Allocation method under --budget.")
+@click.option("--bits", "bit_choices", default="2,3,4,5,6,7,8", show_default=True,
+              help="Candidate weight bits under --budget (activation candidates: --act-bits, comma-separated).")
+@click.option("--time-limit", type=float, default=10.0, show_default=True, help="Solver time limit, seconds.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Sensitivity cache folder.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @preprocess_options
 @quiet_option
 def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
-             percentile, rounding, bias, int2_container, limit, batch_size, report_path, as_json, **kw):
+             percentile, rounding, bias, int2_container, limit, batch_size, budgets, metric, method, bit_choices,
+             time_limit, cache_dir, report_path, as_json, **kw):
     """Quantize MODEL: uniform bits, or per-layer bits by hand, into a QDQ model at OUTPUT."""
     overrides = api.read_allocation(allocation) if allocation else {}
     overrides.update(parse_layer_bits(layer_bits))
     options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias)
+    acts = [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")]
+    alloc = None
+    if budgets:
+        from onnxmpq.allocate import parse_budget
+        budgets = [parse_budget(b) for b in budgets]
+        alloc = {"metric": metric, "method": method, "time_limit": time_limit, "cache_dir": cache_dir,
+                 "weight_bits": tuple(b for b in (_bits(v.strip(), "--bits") for v in bit_choices.split(",")) if b),
+                 "act_bits": tuple(acts)}
+    elif len(acts) > 1:
+        raise OnnxmpqError("several --act-bits values need --budget to choose among them.", "give one value.")
     report = api.quantize(model, output, calib, weight_bits=_bits(weight_bits, "--weight-bits"),
-                          act_bits=_bits(act_bits, "--act-bits"), layer_bits=overrides, options=options,
-                          rounding=rounding,
+                          act_bits=acts[0], layer_bits=overrides, options=options, budgets=budgets,
+                          allocation_options=alloc, rounding=rounding,
                           batch_size=batch_size, limit=limit, preprocess=parse_preprocess(model, kw))
     if report_path:
         api.write_report(report, report_path)

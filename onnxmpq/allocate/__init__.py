@@ -59,6 +59,7 @@ class Problem:
     costs: Mapping[str, np.ndarray]
     limits: Mapping[str, float]
     allowed: np.ndarray | None = None  # (L, C) bool: the hardware rules' admissible choices
+    units: Mapping[str, float] = field(default_factory=dict)  # limit / units = the value the user wrote
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ def check_feasible(problem: Problem) -> None:
     for kind, cost in problem.costs.items():
         smallest = float(np.where(allowed, cost, np.inf).min(axis=1).sum())
         if smallest > problem.limits[kind] * (1 + 1e-9):
-            raise ConstraintError(f"budget {kind}={problem.limits[kind]:.6g} cannot be met: the smallest "
-                                  f"achievable is {smallest:.6g} with these candidates.",
+            unit = problem.units.get(kind, 1.0)
+            raise ConstraintError(f"budget {kind}={problem.limits[kind] / unit:.6g} cannot be met: the smallest "
+                                  f"achievable is {smallest / unit:.6g} with these candidates and rules.",
                                   "raise the budget or allow lower bit-widths (--bits).")
 
 
