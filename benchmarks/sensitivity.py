@@ -19,14 +19,14 @@ from onnxmpq.types import Candidate
 
 METRICS = ("sqnr", "kl", "output-entropy", "mutual-info", "weight-entropy")
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 import onnxmpq
 start = time.perf_counter()
 onnxmpq.api.sensitivity({model!r}, {calib!r}, metrics=["sqnr"], weight_bits=(2, 4, 8), limit={limit},
-                        naive={naive}, cache_dir={cache!r})
-print(json.dumps({{"time_s": time.perf_counter() - start,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                        naive={naive}, cache_dir={cache!r}, rounding="nearest")
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({{"time_s": time.perf_counter() - start, "peak_mb": hwm / 1024}}))
 """
 
 
@@ -61,14 +61,16 @@ def true_damage(model, layers, bits: int, score, tmp: Path) -> np.ndarray:
     out = []
     for spec in layers:
         path = tmp / "one.onnx"
-        onnxmpq.quantize(model, path, None, weight_bits=None, act_bits=None, layer_bits={spec.name: Candidate(bits, None)})
+        onnxmpq.quantize(model, path, None, weight_bits=None, act_bits=None, layer_bits={spec.name: Candidate(bits, None)},
+                         rounding="nearest")
         out.append(score(path))
     return np.array(out)
 
 
 def correlation_rows(name: str, model, calib, score, tmp: Path, limit: int) -> list[list]:
     m = onnxmpq.load(model)
-    tables = {t.metric: t for t in onnxmpq.api.sensitivity(m, calib, metrics=METRICS, weight_bits=(2, 4), limit=limit)}
+    tables = {t.metric: t for t in onnxmpq.api.sensitivity(m, calib, metrics=METRICS, weight_bits=(2, 4), limit=limit,
+                                                           rounding="nearest")}
     rows = []
     for bits in (2, 4):
         damage = true_damage(m, m.layers, bits, score, tmp)

@@ -38,10 +38,11 @@ def resnet_rows(ctx: common.Context, name: str, tmp: Path) -> tuple[list[list], 
     times = {"ort": ort_time}
     for label, wb, ab, opts in CONFIGS:
         out = tmp / f"{name}_{wb}_{ab}_{opts.weight_range}.onnx"
-        report = onnxmpq.quantize(model, out, common.CALIB, weight_bits=wb, act_bits=ab, options=opts)
+        report = onnxmpq.quantize(model, out, common.CALIB, weight_bits=wb, act_bits=ab, options=opts,
+                                  rounding="nearest")
         rows.append([label, *_sizes(out), *common.classify(out, x, labels, ref).values(), f"{report.time_s:.2f}"])
     times["onnxmpq"] = common.median_time(
-        lambda: onnxmpq.quantize(model, tmp / "t.onnx", common.CALIB, weight_bits=8, act_bits=8))
+        lambda: onnxmpq.quantize(model, tmp / "t.onnx", common.CALIB, weight_bits=8, act_bits=8, rounding="nearest"))
     times["ort_median"] = common.median_time(
         lambda: common.ort_quantize_static(model, tmp / "t_ort.onnx", "input", calib))
     return rows, times
@@ -83,10 +84,10 @@ def ocr_rows(ctx: common.Context, tmp: Path) -> list[list]:
                    ("onnxmpq W2A16", 2, 16, QuantOptions())]
     for label, wb, ab, opts in ocr_configs:
         out = tmp / f"ocr_{wb}_{ab}_{opts.act_range}.onnx"
-        onnxmpq.quantize(model, out, calib_path, weight_bits=wb, act_bits=ab, options=opts)
+        onnxmpq.quantize(model, out, calib_path, weight_bits=wb, act_bits=ab, options=opts, rounding="nearest")
         rows.append([label, *_sizes(out), *score(out)])
     out = tmp / "ocr_8_8_all.onnx"
-    onnxmpq.quantize(model, out, calib_all_path, weight_bits=8, act_bits=8)
+    onnxmpq.quantize(model, out, calib_all_path, weight_bits=8, act_bits=8, rounding="nearest")
     rows.append([f"onnxmpq W8A8 (act mse, all {len(calib_all)} calibration lines)", *_sizes(out), *score(out)])
     return rows
 

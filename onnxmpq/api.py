@@ -94,15 +94,19 @@ def _check_output(model: Model, output: Path, calib) -> None:
 
 def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
-             options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.NEAREST,
+             options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
              batch_size: int = 32, limit: int | None = None, preprocess=None, budgets=(),
              allocation_options: Mapping | None = None) -> Report:
     """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
 
     `rounding="gptq"` rounds each layer against the inputs the quantized network gives it, after a
-    least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`); it needs `calib`.
+    least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`); it needs `calib`. `auto`
+    (the default) uses gptq when a layer has fewer than 8 weight bits and `calib` is given.
     """
     rounding = Rounding(rounding)
+    if budgets:
+        alloc_bits = (allocation_options or {}).get("weight_bits", (2, 3, 4, 5, 6, 7, 8))
+        rounding = rounding.resolve(alloc_bits, calib is not None)
     allocation = None
     start = time.perf_counter()
     model = load(model)
@@ -118,6 +122,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         chosen, allocation, _ = allocate(model, calib, budgets, rounding=rounding, options=options,
                                          preprocess=preprocess, **(allocation_options or {}))
         assignment = {**chosen, **{k: v for k, v in (layer_bits or {}).items()}}
+    rounding = rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)
     stats, weights, notes = {}, None, []
     if calib is not None:
         source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
@@ -196,7 +201,7 @@ def _file_bytes(path: Path) -> int:
 
 def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight_bits: Sequence[int] = (2, 4, 8),
                 act_bits: Sequence[int | None] = (None,), separate: bool = False,
-                rounding: Rounding | str = Rounding.NEAREST, options: QuantOptions = QuantOptions(),
+                rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
                 limit: int = 256, batch_size: int = 64, workers: int = 1, cache_dir=None, preprocess=None,
                 naive: bool = False) -> list:
     """Sensitivity tables, one per metric (see `onnxmpq sensitivity --help` and `onnxmpq.sensitivity`).
@@ -211,6 +216,7 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     for name in metrics:
         sens.METRICS.get(name)
     candidates = sens.parse_candidates(weight_bits, act_bits, separate)
+    rounding = Rounding(rounding).resolve(weight_bits, calib is not None)
     data_free = all(sens.METRICS.get(name).data_free for name in metrics)
     batches, stats = [], None
     if calib is not None and not data_free:
@@ -276,7 +282,7 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
 
 
 def allocate(model, calib, budgets, *, metric: str = "kl", method: str = "ilp", weight_bits=(2, 3, 4, 5, 6, 7, 8),
-             act_bits=(8,), rounding: Rounding | str = Rounding.NEAREST, options: QuantOptions = QuantOptions(),
+             act_bits=(8,), rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
              limit: int = 256, time_limit: float = 10.0, cache_dir=None, preprocess=None):
     """Chooses every layer's precision under `budgets` (see `onnxmpq.allocate`); returns
     (assignment, Allocation, SensitivityTable)."""

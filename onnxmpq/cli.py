@@ -138,8 +138,9 @@ def cli(quiet: bool):
 @click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="mse", show_default=True,
               help="Activation range from the calibration histogram.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --act-range percentile.")
-@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="nearest", show_default=True,
-              help="Weight rounding: nearest, or GPTQ with a least-squares re-fit to the float outputs.")
+@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
+              help="Weight rounding: nearest; GPTQ with a least-squares re-fit to the float outputs; auto = "
+                   "gptq when a layer has under 8 weight bits and --calib is given, else nearest.")
 @click.option("--bias", type=click.Choice(["float", "int32"]), default="float", show_default=True,
               help="Keep biases float, or store them as INT32 at scale_x * scale_w.")
 @click.option("--int2-container", type=click.Choice(["int2", "int4"]), default="int2", show_default=True,
@@ -263,8 +264,8 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--act-bits", default="float", show_default=True,
               help="Candidate activation bits, comma-separated (float = activations unquantized).")
 @click.option("--separate", is_flag=True, help="Probe weights (w{W}) and activations (a{A}) separately.")
-@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="nearest", show_default=True,
-              help="Rounding the probes use (use the one the model will be written with).")
+@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
+              help="Rounding the probes use (the one the model will be written with; auto as in quantize).")
 @click.option("--limit", type=int, default=256, show_default=True, help="Calibration samples to probe with.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table(s) as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of score per layer per candidate.")

@@ -85,10 +85,20 @@ class WeightRange(StrEnum):
 
 
 class Rounding(StrEnum):
-    """How float weights reach their integer grid: round to nearest, or GPTQ with a float-target re-fit."""
+    """How float weights reach their integer grid: round to nearest, GPTQ with a float-target re-fit,
+    or `auto`: GPTQ when some layer has fewer than 8 weight bits and calibration data is given (where
+    it decides accuracy: BENCHMARKS.md), nearest otherwise (at 8 bits it gains nothing and costs time)."""
 
+    AUTO = "auto"
     NEAREST = "nearest"
     GPTQ = "gptq"
+
+    def resolve(self, weight_bits, have_data: bool = True) -> "Rounding":
+        """The rounding `auto` stands for, given the weight widths in play."""
+        if self != Rounding.AUTO:
+            return self
+        low = any(b is not None and b < 8 for b in weight_bits)
+        return Rounding.GPTQ if low and have_data else Rounding.NEAREST
 
 
 class ActRange(StrEnum):

@@ -43,10 +43,10 @@ def load(directory: str | Path, key: str) -> list[SensitivityTable] | None:
         return None
     try:
         entry = json.loads(path.read_text())
-        if entry.get("key") != key or entry.get("checksum") != _checksum(entry["tables"]):
+        if not isinstance(entry, dict) or entry.get("key") != key or entry.get("checksum") != _checksum(entry["tables"]):
             raise ValueError("key or checksum mismatch")
         return [SensitivityTable.from_dict(t) for t in entry["tables"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         progress.log(f"warning: sensitivity cache entry {path.name} is unusable ({exc}); rebuilding it")
         return None
 
