@@ -84,6 +84,18 @@ def round_weights(model: Model, assignment, source, stats, options: QuantOptions
                                       on_layer=lambda name: advance(1))
 
 
+def check_new_file(path, inputs) -> None:
+    """An output path must not be one of the inputs, and its folder must exist (checked before work starts)."""
+    path = Path(path)
+    for other in inputs:
+        if isinstance(other, (str, os.PathLike)) and Path(other).exists() and path.exists() \
+                and path.resolve() == Path(other).resolve():
+            raise OnnxmpqError(f"the output path {str(path)!r} is one of the inputs.",
+                               "write to a new file; inputs are never overwritten.")
+    if not path.parent.is_dir():
+        raise OnnxmpqError(f"output folder {str(path.parent)!r} does not exist.", "create it first or choose another path.")
+
+
 def _check_output(model: Model, output: Path, calib) -> None:
     protected = [p for p in (model.path, calib) if isinstance(p, (str, os.PathLike))]
     for path in protected:
@@ -216,8 +228,8 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     for name in metrics:
         sens.METRICS.get(name)
     candidates = sens.parse_candidates(weight_bits, act_bits, separate)
-    rounding = Rounding(rounding).resolve(weight_bits, calib is not None)
     data_free = all(sens.METRICS.get(name).data_free for name in metrics)
+    rounding = Rounding(rounding).resolve(weight_bits, calib is not None and not data_free)
     batches, stats = [], None
     if calib is not None and not data_free:
         source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)

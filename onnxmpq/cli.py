@@ -277,8 +277,13 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
                 cache_dir, as_json, **kw):
     """Per-layer sensitivity of MODEL: one probe per layer and candidate, the rest of the network float."""
     metrics = [m.strip() for m in metric_list.split(",") if m.strip()]
+    if not metrics:
+        raise OnnxmpqError("--metric names no metric.", "write e.g. --metric sqnr,kl.")
     weight_bits = [b for b in (_bits(v.strip(), "--bits") for v in bits.split(",")) if b]
     acts = [_bits(v.strip(), "--act-bits") for v in act_bits.split(",")]
+    for path in (output, plot):
+        if path:
+            api.check_new_file(path, [model, calib])
     tables = api.sensitivity(model, calib, metrics=metrics, weight_bits=weight_bits, act_bits=acts,
                              separate=separate, rounding=rounding, limit=limit, workers=workers,
                              cache_dir=cache_dir, preprocess=parse_preprocess(model, kw))

@@ -28,5 +28,5 @@ def sensitivity_plot(tables: Sequence[SensitivityTable], path: str | Path) -> No
         ax.legend(fontsize=7, ncol=min(6, len(table.candidates)))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    fig.savefig(str(path), dpi=110, format="png")
     plt.close(fig)

@@ -370,12 +370,17 @@ def test_mutual_info_against_observers_of_single_layer_models():
     assert max(l.scores["w2"] for l in table.layers) > 0
 
 
-def test_gptq_rounding_is_recorded_and_scores_are_finite():
+def test_gptq_rounding_is_recorded_used_and_engine_equals_naive():
     m = load(build_cnn())
-    table = sensitivity.measure(m, batches_for(m, 16, 2), ["sqnr"], WBITS, rounding=Rounding.GPTQ)[0]
+    batches = batches_for(m, 16, 2)
+    table = sensitivity.measure(m, batches, ["sqnr"], WBITS, rounding=Rounding.GPTQ)[0]
     assert table.rounding == "gptq"
     assert_finite_nonnegative(table)
     assert all(l.scores["w2"] > l.scores["w8"] for l in table.layers)
+    assert_tables_close(table, sensitivity.measure(m, batches, ["sqnr"], WBITS, rounding=Rounding.GPTQ, naive=True)[0],
+                        rtol=1e-4, atol=1e-9)
+    nearest = sensitivity.measure(m, batches, ["sqnr"], WBITS)[0]
+    assert [l.scores for l in nearest.layers] != [l.scores for l in table.layers]  # the rounding was really used
 
 
 # --- weight entropy (data-free) ---------------------------------------------------------------------
@@ -395,6 +400,16 @@ def test_weight_entropy_needs_no_data_and_matches_hand_rounding():
             assert row.scores[cand.key] == pytest.approx(expected, abs=1e-9), (spec.name, cand.key)
         s = [row.scores[c.key] for c in cands]
         assert s[0] > s[1] > s[2] > s[3] > s[4] == 0.0
+
+
+def test_data_free_table_records_nearest_rounding():
+    """weight-entropy alone never reads data, so its codes are nearest whatever rounding is asked for; the
+    table must say so (an allocator or report trusting `rounding` would otherwise be misled)."""
+    m = load(build_cnn())
+    asked = sensitivity.measure(m, [], ["weight-entropy"], WBITS, rounding=Rounding.GPTQ)[0]
+    plain = sensitivity.measure(m, [], ["weight-entropy"], WBITS)[0]
+    assert [l.scores for l in asked.layers] == [l.scores for l in plain.layers]
+    assert asked.rounding == plain.rounding == "nearest"
 
 
 def test_weight_entropy_is_the_same_with_and_without_data():
@@ -472,7 +487,7 @@ def forbid_probing(monkeypatch):
     monkeypatch.setattr(probe, "sweep", boom)
 
 
-CACHED = dict(metrics=("sqnr", "output-entropy"), weight_bits=(2, 4, 8), batch_size=8)
+CACHED = dict(metrics=("sqnr", "output-entropy"), weight_bits=(2, 4, 8), batch_size=8, rounding="nearest")
 
 
 def test_cache_hit_returns_equal_tables_without_probing(files, tmp_path, monkeypatch):

@@ -68,7 +68,7 @@ CNN_LAYERS = [("conv1", "Conv"), ("conv2", "Conv"), ("fc", "Gemm")]
 def test_resnet_sqnr_kl_json_file_and_plot(tmp_path, capsys):
     out_json, png = tmp_path / "t.json", tmp_path / "p.png"
     code, out, err = run(capsys, "sensitivity", RESNET, "--calib", CALIB, "--metric", "sqnr,kl", "--bits", "2,4,8",
-                         "--limit", 32, "-o", out_json, "--plot", png, "--json")
+                         "--rounding", "nearest", "--limit", 32, "-o", out_json, "--plot", png, "--json")
     assert code == 0, err
     printed = json.loads(out)
     assert json.loads(out_json.read_text()) == printed
@@ -98,7 +98,7 @@ def test_single_metric_prints_one_table_with_extras(tiny, capsys):
 def test_separate_weight_and_activation_candidates(tiny, capsys):
     cnn, calib, _ = tiny
     code, out, err = run(capsys, "sensitivity", cnn, "--calib", calib, "--bits", "2,8", "--act-bits", "2,8",
-                         "--separate", "--json")
+                         "--separate", "--rounding", "nearest", "--json")
     assert code == 0, err
     table = json.loads(out)
     assert_table(table, "sqnr", ["w2", "w8", "a2", "a8"], CNN_LAYERS, 16)
@@ -117,6 +117,21 @@ def test_weight_entropy_runs_without_calibration_and_plots(tiny, tmp_path, capsy
     for layer in table["layers"]:
         assert layer["scores"]["w2"] > layer["scores"]["w4"] > layer["scores"]["w16"] == 0.0
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--bits", "2,4"], "gptq"),
+    (["--bits", "8"], "nearest"),
+    (["--bits", "2,4", "--rounding", "nearest"], "nearest"),
+    (["--bits", "2,4", "--metric", "weight-entropy"], "nearest"),
+], ids=["auto-low-bits", "auto-8-bits", "nearest", "weight-entropy-is-data-free"])
+def test_rounding_recorded_is_the_rounding_used(tiny, capsys, args, expected):
+    """`auto` is GPTQ below 8 bits when data is used, else nearest; weight-entropy never reads the data (its
+    codes are nearest with or without --calib), so its table must not claim gptq."""
+    cnn, calib, _ = tiny
+    code, out, err = run(capsys, "sensitivity", cnn, "--calib", calib, *args, "--json")
+    assert code == 0, err
+    assert json.loads(out)["rounding"] == expected
 
 
 def test_human_table_lists_every_layer(tiny, capsys):

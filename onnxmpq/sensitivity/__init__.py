@@ -133,8 +133,12 @@ def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None],
         if not 2 <= bits <= 16:
             raise OnnxmpqError(f"bit-width {bits} is outside 2..16.", "use --bits values from 2 to 16.")
     if separate:
-        return [Candidate(w, None) for w in weight_bits] + [Candidate(None, a) for a in act_bits if a]
-    return [Candidate(w, a) for w in weight_bits for a in act_bits]
+        cands = [Candidate(w, None) for w in weight_bits] + [Candidate(None, a) for a in act_bits if a]
+    else:
+        cands = [Candidate(w, a) for w in weight_bits for a in act_bits if w or a]
+    if not cands:
+        raise OnnxmpqError("no candidate precision to probe.", "give weight bits (--bits 2,4,8) or activation bits.")
+    return cands
 
 
 def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_names: Sequence[str],
@@ -144,6 +148,8 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
     """One SensitivityTable per metric (see the module docstring)."""
     start = time.perf_counter()
     metrics = [METRICS.get(name) for name in metric_names]
+    if not metrics:
+        raise OnnxmpqError("no metric named.", "ask for at least one, e.g. sqnr.")
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer.", "run `onnxmpq inspect MODEL` to see what it holds.")
     keys = [c.key for c in candidates]
@@ -161,6 +167,7 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
 
     if all(metric.data_free for metric in metrics):
         _data_free(model, candidates, options, score_layer, consts)
+        rounding = Rounding.NEAREST  # the data-free path rounds to nearest whatever was asked
     else:
         if not batches:
             raise OnnxmpqError("these metrics need calibration data.", "pass --calib PATH.")

@@ -41,11 +41,20 @@ def noise_to_signal(y_ref: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((y_ref - y) ** 2) / max(np.sum(y_ref ** 2), EPS))
 
 
+def log_probabilities(y: np.ndarray) -> np.ndarray:
+    """log of `probabilities(y)`, computed as log-softmax for scores (exact for large logit gaps)."""
+    y = rows(y)
+    if y.min() >= 0 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3):
+        return np.log(np.maximum(y, EPS))
+    shifted = y - y.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def kl_divergence(y_ref: np.ndarray, y: np.ndarray) -> float:
     """The `kl` metric: mean over rows of KL(p_ref || p) = sum_c p_ref,c log(p_ref,c / p_c), with p the
     softmax of each output row (the float model is the teacher, its soft labels the targets)."""
-    p_ref, p = probabilities(y_ref), probabilities(y)
-    return float(np.mean(np.sum(p_ref * (np.log(p_ref + EPS) - np.log(p + EPS)), axis=1)))
+    log_ref, log_p = log_probabilities(y_ref), log_probabilities(y)
+    return float(np.mean(np.sum(np.exp(log_ref) * (log_ref - log_p), axis=1)))
 
 
 def histogram_entropy(values: np.ndarray, lo: float, hi: float, bins: int = 256) -> float:

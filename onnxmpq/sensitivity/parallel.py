@@ -26,7 +26,8 @@ def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Cand
         first = tables[0]
         layers = []
         for rows in zip(*(t.layers for t in tables)):
-            scores = {k: v for row in rows for k, v in row.scores.items()}
+            found = {k: v for row in rows for k, v in row.scores.items()}
+            scores = {c.key: found[c.key] for c in candidates}
             layers.append(LayerScores(rows[0].name, rows[0].op_type, scores, rows[0].extra))
         merged.append(SensitivityTable(first.metric, tuple(c.key for c in candidates), tuple(layers), first.samples,
                                        max(t.time_s for t in tables), first.rounding))
