@@ -96,14 +96,6 @@ def check_new_file(path, inputs) -> None:
         raise OnnxmpqError(f"output folder {str(path.parent)!r} does not exist.", "create it first or choose another path.")
 
 
-def _check_output(model: Model, output: Path, calib) -> None:
-    protected = [p for p in (model.path, calib) if isinstance(p, (str, os.PathLike))]
-    for path in protected:
-        if Path(path).exists() and output.exists() and output.resolve() == Path(path).resolve():
-            raise OnnxmpqError(f"the output path {str(output)!r} is one of the inputs.",
-                               "write the quantized model to a new file; inputs are never overwritten.")
-
-
 def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
@@ -123,7 +115,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     start = time.perf_counter()
     model = load(model)
     output = Path(output)
-    _check_output(model, output, calib)
+    check_new_file(output, [model.path, calib])
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
