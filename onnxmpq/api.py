@@ -207,7 +207,7 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
                 act_bits: Sequence[int | None] = (None,), separate: bool = False,
                 rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
                 limit: int = 256, batch_size: int = 64, workers: int = 1, cache_dir=None, preprocess=None,
-                naive: bool = False) -> list:
+                naive: bool = False, executor: str = "process", address: str | None = None) -> list:
     """Sensitivity tables, one per metric (see `onnxmpq sensitivity --help` and `onnxmpq.sensitivity`).
 
     The calibration samples (at most `limit`) are held in memory with the activations at the probe
@@ -240,7 +240,8 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
         return hit
     with progress.bar("sensitivity", len(model.layers), unit="layer") as advance:
         tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
-                                  workers=workers, naive=naive, on_layer=lambda name: advance(1))
+                                  workers=workers, naive=naive, executor=executor, address=address,
+                                  on_layer=lambda name: advance(1))
     if key:
         cache.store(cache_dir, key, tables)
     return tables

@@ -269,12 +269,16 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--limit", type=int, default=256, show_default=True, help="Calibration samples to probe with.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table(s) as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of score per layer per candidate.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes for the probes.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Workers (processes or Ray tasks).")
+@click.option("--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
+              help="Where workers run: local processes, or Ray tasks (a running cluster via --address or "
+                   "RAY_ADDRESS, else a local one).")
+@click.option("--address", help="Ray cluster address for --executor ray (e.g. ray://head:10001).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Reuse results across runs (a folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table(s) as JSON on stdout.")
 @preprocess_options
 def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, output, plot, workers,
-                cache_dir, as_json, **kw):
+                executor, address, cache_dir, as_json, **kw):
     """Per-layer sensitivity of MODEL: one probe per layer and candidate, the rest of the network float."""
     metrics = [m.strip() for m in metric_list.split(",") if m.strip()]
     if not metrics:
@@ -286,7 +290,8 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
             api.check_new_file(path, [model, calib])
     tables = api.sensitivity(model, calib, metrics=metrics, weight_bits=weight_bits, act_bits=acts,
                              separate=separate, rounding=rounding, limit=limit, workers=workers,
-                             cache_dir=cache_dir, preprocess=parse_preprocess(model, kw))
+                             executor=executor, address=address, cache_dir=cache_dir,
+                             preprocess=parse_preprocess(model, kw))
     data = [t.to_dict() for t in tables]
     payload = data[0] if len(data) == 1 else data
     if output:

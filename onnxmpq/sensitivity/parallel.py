@@ -1,6 +1,10 @@
-"""Spreading a sensitivity sweep over worker processes: the candidates are dealt round-robin to the
-workers, each runs the whole probe sweep for its share with onnxruntime threads = cores / workers,
-and the tables are merged layer by layer."""
+"""Spreading a sensitivity sweep over workers: the candidates are dealt round-robin to the workers,
+each runs the whole probe sweep for its share with onnxruntime threads = cores / workers, and the
+tables are merged layer by layer.
+
+Executors: `process` (local worker processes) and `ray` (Ray tasks: `ray.init(address=...)` joins a
+running cluster when an address is given or RAY_ADDRESS is set, else starts a local one), so a sweep
+can use every machine of a cluster. Ray is an optional dependency (`pip install ray`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Sequence
 
 from onnxmpq import runtime
+from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
 
 
@@ -17,6 +22,24 @@ def _worker(threads: int, args: tuple, kwargs: dict) -> list[SensitivityTable]:
     from onnxmpq import sensitivity
     runtime.THREADS = threads
     return sensitivity.measure(*args, **kwargs)
+
+
+def _on_ray(jobs, address: str | None) -> list[list[SensitivityTable]]:
+    """Runs each job as a Ray task (one CPU each) and gathers the results in order."""
+    try:
+        import ray
+    except ImportError:
+        raise OnnxmpqError("--executor ray needs the ray package.", "pip install ray, or use --executor process.") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1)(_worker)
+        return ray.get([task.remote(1, job, {}) for job in jobs])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Candidate]) -> list[SensitivityTable]:
@@ -35,20 +58,22 @@ def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Cand
 
 
 def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candidate], stats, options: QuantOptions,
-            rounding: Rounding, *, workers: int = 1, naive: bool = False,
-            on_layer: Callable[[str], None] | None = None) -> list[SensitivityTable]:
-    """`sensitivity.measure`, on `workers` processes when there are several candidates to share."""
+            rounding: Rounding, *, workers: int = 1, naive: bool = False, executor: str = "process",
+            address: str | None = None, on_layer: Callable[[str], None] | None = None) -> list[SensitivityTable]:
+    """`sensitivity.measure`, on `workers` processes or Ray tasks when there are several candidates."""
     from onnxmpq import sensitivity
     workers = max(1, min(workers, len(candidates)))
-    if workers == 1:
+    if workers == 1 and executor == "process":
         return sensitivity.measure(model, batches, metrics, candidates, stats, options, rounding, naive, on_layer)
     shares = [list(candidates[i::workers]) for i in range(workers)]
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_worker, threads, (model, batches, metrics, share, stats, options, rounding, naive), {})
-                   for share in shares]
-        parts = [f.result() for f in futures]
+    jobs = [(model, batches, metrics, share, stats, options, rounding, naive) for share in shares]
+    if executor == "ray":
+        parts = _on_ray(jobs, address)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = [f.result() for f in [pool.submit(_worker, threads, job, {}) for job in jobs]]
     if on_layer:
         for spec in model.layers:
             on_layer(spec.name)
