@@ -117,11 +117,15 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def _input_value(types: Mapping[str, onnx.ValueInfoProto], name: str, dtype: np.dtype) -> onnx.ValueInfoProto:
-    """A segment input typed from the cached array (value_info may be missing), every dim left free."""
+    """A segment input typed from the cached array (value_info may be missing). Static dims are kept but
+    the first (batches differ in size): onnxruntime's layout optimisations need the channel count."""
     known = types.get(name)
     shape = known.type.tensor_type.shape if known is not None and known.type.tensor_type.HasField("shape") else None
     elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
-    return onnx.helper.make_tensor_value_info(name, elem, [None] * len(shape.dim) if shape is not None else None)
+    if shape is None:
+        return onnx.helper.make_tensor_value_info(name, elem, None)
+    dims = [None] + [d.dim_value if d.HasField("dim_value") else None for d in list(shape.dim)[1:]]
+    return onnx.helper.make_tensor_value_info(name, elem, dims[: len(shape.dim)])
 
 
 def _output_value(types: Mapping[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
