@@ -33,6 +33,25 @@ def quantize_in_child(model, out, calib, wb, ab, rounding) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cost(ctx: common.Context) -> str:
+    """GPTQ W4A8 time and peak memory (VmHWM of a fresh process) per model."""
+    from benchmarks import ocr
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _, _, calib = ctx.ocr_sets()
+        np.savez(tmp / "ocr_calib.npz", x=calib[:64])
+        for name, model, data in (("resnet20", common.MODELS["resnet20"], common.CALIB),
+                                  ("resnet56", common.MODELS["resnet56"], common.CALIB),
+                                  ("PP-OCRv4 (64 lines)", ocr.model_path(), tmp / "ocr_calib.npz")):
+            info = quantize_in_child(model, tmp / "m.onnx", data, 4, 8, "gptq")
+            rows.append([name, f"{info['time_s']:.1f}", f"{info['peak_mb']:.0f}"])
+    return "\n".join(["## Rounding cost (issue 3)\n",
+                      "`onnxmpq.quantize(..., weight_bits=4, act_bits=8, rounding=\"gptq\")` in a fresh process: "
+                      "wall time of the whole call (calibration, GPTQ, writing) and peak resident memory (VmHWM).\n",
+                      common.table(["model", "seconds", "peak MB"], rows), ""])
+
+
 def _rows(model, calib, tmp: Path, score) -> tuple[list[list], list[list]]:
     rows, costs = [], []
     for ab in (None, 8):

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # noqa: E402
 from benchmarks import rounding, sensitivity, uniform  # noqa: E402
 
-SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "sensitivity": sensitivity.run}
+SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
+            "sensitivity": sensitivity.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 
