@@ -123,8 +123,9 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     if budgets:
         if calib is None:
             raise OnnxmpqError("choosing bits under a budget needs calibration data.", "pass --calib PATH.")
+        settings = {"limit": limit or 256, **(allocation_options or {})}
         chosen, allocation, _ = allocate(model, calib, budgets, rounding=rounding, options=options,
-                                         preprocess=preprocess, **(allocation_options or {}))
+                                         preprocess=preprocess, **settings)
         assignment = {**chosen, **{k: v for k, v in (layer_bits or {}).items()}}
     rounding = rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)
     stats, weights, notes = {}, None, []
@@ -247,7 +248,8 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     return tables
 
 
-def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets) -> "allocate.Problem":
+def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets,
+                       options: QuantOptions = QuantOptions()) -> "allocate.Problem":
     """Scores from a sensitivity table and the cost of every (layer, candidate) under each budget."""
     from onnxmpq.allocate import Problem
     from onnxmpq.formats import weight_format
@@ -263,7 +265,7 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
             for c in candidates:
                 w, a = c.weight_bits or FLOAT_BITS, c.act_bits or FLOAT_BITS
                 if budget.kind == "weight-bytes":
-                    fmt = weight_format(w) if c.weight_bits else None
+                    fmt = weight_format(w, options.int2_container == "int4") if c.weight_bits else None
                     line.append(fmt.storage_bytes(spec.params) + 4 * channels + fmt.storage_bytes(channels)
                                 if fmt else 4 * spec.params)
                 elif budget.kind == "avg-bits":
@@ -299,6 +301,6 @@ def allocate(model, calib, budgets, *, metric: str = "kl", method: str = "ilp", 
     table = sensitivity(model, calib, metrics=[metric], weight_bits=weight_bits, act_bits=act_bits,
                         rounding=rounding, options=options, limit=limit, cache_dir=cache_dir,
                         preprocess=preprocess)[0]
-    result = solve(allocation_problem(model, table, candidates, budgets), method, time_limit)
+    result = solve(allocation_problem(model, table, candidates, budgets, options), method, time_limit)
     by_key = {c.key: c for c in candidates}
     return {name: by_key[key] for name, key in result.choice.items()}, result, table

@@ -150,7 +150,7 @@ def cli(quiet: bool):
 @click.option("--budget", "budgets", multiple=True,
               help="Choose every layer's bits under KIND=VALUE: weight-bytes=150KB, avg-bits=3, bitops=0.5x; repeatable.")
 @click.option("--metric", default="kl", show_default=True, help="Sensitivity metric the allocation minimises.")
-@click.option("--method", type=click.Choice(["ilp", "greedy"]), default="ilp", show_default=True,
+@click.option("--method", type=click.Choice(["ilp", "ilp-cpsat", "greedy"]), default="ilp", show_default=True,
               help="Allocation method under --budget.")
 @click.option("--bits", "bit_choices", default="2,3,4,5,6,7,8", show_default=True,
               help="Candidate weight bits under --budget (activation candidates: --act-bits, comma-separated).")

@@ -24,7 +24,8 @@ _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 10
 
 @dataclass(frozen=True)
 class Budget:
-    """One limit: `kind` in BUDGET_KINDS, `value` in bytes / bits / BitOps, or `relative` x W8A8."""
+    """One limit: `kind` in BUDGET_KINDS, `value` in bytes / bits / BitOps; `relative` means a fraction of
+    W8A8 BitOps (bitops) or of the float32 weight bytes (weight-bytes)."""
 
     kind: str
     value: float
@@ -41,8 +42,16 @@ def parse_budget(text: str) -> Budget:
     match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", value)
     if not match:
         raise OnnxmpqError(f"budget value {value!r} is not a number.", "write e.g. 3.5, 150KB or 0.5x.")
-    number, unit = float(match.group(1)), match.group(2).upper()
+    try:
+        number = float(match.group(1))
+    except ValueError:
+        raise OnnxmpqError(f"budget value {value!r} is not a number.", "write e.g. 3.5, 150KB or 0.5x.") from None
+    unit = match.group(2).upper()
+    if number <= 0:
+        raise OnnxmpqError(f"budget {text!r} must be positive.", "write e.g. --budget avg-bits=3.")
     if unit == "X":
+        if kind == "avg-bits":
+            raise OnnxmpqError("avg-bits takes bits, not a fraction (x).", "write e.g. --budget avg-bits=3.5.")
         return Budget(kind, number, relative=True)
     if unit not in _UNITS or (unit and kind != "weight-bytes"):
         raise OnnxmpqError(f"unit {match.group(2)!r} does not apply to {kind}.", "units: B, KB, MB, KiB, MiB; or x.")

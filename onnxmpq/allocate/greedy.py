@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxmpq.allocate import SOLVERS, Allocation, Problem, totals
+from onnxmpq.errors import ConstraintError
 
 
 def _cost(problem: Problem) -> np.ndarray:
@@ -18,6 +19,27 @@ def _cost(problem: Problem) -> np.ndarray:
 
 def _over(problem: Problem, index) -> bool:
     return any(v > problem.limits[k] * (1 + 1e-9) for k, v in totals(problem, index).items())
+
+
+def _repair(problem: Problem, allowed: np.ndarray, index: list[int]) -> None:
+    """While a budget is exceeded, take the move that adds the least sensitivity per unit of the exceeded
+    budgets' (normalised) cost it removes, even if it raises another budget's cost."""
+    for _ in range(problem.scores.size):
+        over = [k for k, v in totals(problem, index).items() if v > problem.limits[k] * (1 + 1e-9)]
+        if not over:
+            return
+        excess = sum(problem.costs[k] / max(problem.limits[k], 1e-12) for k in over)
+        best = None
+        for l in range(len(index)):
+            for c in np.flatnonzero(allowed[l]):
+                saved = excess[l, index[l]] - excess[l, c]
+                if saved > 0:
+                    rate = (problem.scores[l, c] - problem.scores[l, index[l]]) / saved
+                    if best is None or rate < best[0]:
+                        best = (rate, l, int(c))
+        if best is None:
+            return
+        index[best[1]] = best[2]
 
 
 @SOLVERS.register("greedy")
@@ -38,7 +60,11 @@ def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
             break
         if cost[l, c] < cost[l, index[l]]:
             index[l] = c
-    status = "feasible" if not _over(problem, index) else "over budget"
+    _repair(problem, allowed, index)
+    if _over(problem, index):
+        raise ConstraintError("the greedy walk ends over a budget: lowering precision by its combined cost "
+                              "cannot meet these budgets together.", "use --method ilp, which can.")
+    status = "feasible"
     return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in range(n_layers)},
                       float(problem.scores[np.arange(n_layers), index].sum()), "greedy", status,
                       totals(problem, index))

@@ -1,12 +1,16 @@
-"""`ilp`: the multiple-choice knapsack of HAWQ-V3 / InfoQ / EAGL as an integer program (OR-Tools CP-SAT).
+"""`ilp`: the multiple-choice knapsack of HAWQ-V3 / InfoQ / EAGL as an integer program, solved by
+OR-Tools' MIP solver (SCIP); `ilp-cpsat` solves the same program with CP-SAT.
 
     minimise   sum_l sum_c S[l, c] x[l, c]
     subject to sum_c x[l, c] = 1                      for every layer l
                sum_l sum_c cost_k[l, c] x[l, c] <= B_k for every budget k
                x[l, c] = 0 where the hardware rules forbid c for l;  x binary.
 
-CP-SAT needs integers: S is scaled so its largest entry is 10^9 (ranking kept to 1 part in 10^9 of
-the largest score) and costs are rounded up (limits down), so a solution never exceeds a budget.
+CP-SAT needs integers: each layer's scores are shifted by their minimum (which changes no choice) and
+scaled so the largest entry is 10^9; costs and limits are scaled so the limit is 10^9 and rounded down,
+so every choice within the budgets stays feasible and a chosen one exceeds a budget by less than
+L parts in 10^9 (L layers). The search stops at a relative gap of
+1e-4 or the time limit; the report says optimal or feasible.
 """
 
 from __future__ import annotations
@@ -16,15 +20,48 @@ import numpy as np
 from onnxmpq.allocate import SOLVERS, Allocation, Problem, totals
 
 SCORE_SCALE = 10 ** 9
+COST_SCALE = 10 ** 9
 
 
 @SOLVERS.register("ilp")
+def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
+    """The same program with OR-Tools' MIP solver (SCIP): float scores and costs, no scaling; it proves
+    optimality on 500 layers x 6 candidates x 2 budgets in about a second, where CP-SAT needs ~14 s."""
+    from ortools.linear_solver import pywraplp
+
+    n_layers, n_cands = problem.scores.shape
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    x = [[solver.BoolVar(f"x{l}_{c}") for c in range(n_cands)] for l in range(n_layers)]
+    for l in range(n_layers):
+        solver.Add(solver.Sum(x[l]) == 1)
+        if problem.allowed is not None:
+            for c in np.flatnonzero(~problem.allowed[l]):
+                solver.Add(x[l][int(c)] == 0)
+    for kind, cost in problem.costs.items():
+        solver.Add(solver.Sum([float(cost[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)])
+                   <= float(problem.limits[kind]))
+    shifted = problem.scores - problem.scores.min(axis=1, keepdims=True)
+    solver.Minimize(solver.Sum([float(shifted[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)]))
+    solver.SetTimeLimit(int(time_limit * 1000))
+    status = solver.Solve()
+    if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        from onnxmpq.errors import ConstraintError
+        raise ConstraintError("the integer program found no allocation within the budgets and rules.",
+                              "raise a budget or relax the rules.")
+    index = [int(np.argmax([x[l][c].solution_value() for c in range(n_cands)])) for l in range(n_layers)]
+    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in range(n_layers)},
+                      float(problem.scores[np.arange(n_layers), index].sum()), "ilp (OR-Tools MIP, SCIP)",
+                      "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible", totals(problem, index))
+
+
+@SOLVERS.register("ilp-cpsat")
 def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
     from ortools.sat.python import cp_model
 
     n_layers, n_cands = problem.scores.shape
-    top = float(problem.scores.max()) or 1.0
-    weights = np.rint(np.maximum(problem.scores, 0) / top * SCORE_SCALE).astype(np.int64)
+    shifted = problem.scores - problem.scores.min(axis=1, keepdims=True)
+    top = float(shifted.max()) or 1.0
+    weights = np.rint(shifted / top * SCORE_SCALE).astype(np.int64)
     model = cp_model.CpModel()
     x = [[model.NewBoolVar(f"x{l}_{c}") for c in range(n_cands)] for l in range(n_layers)]
     for l in range(n_layers):
@@ -33,14 +70,16 @@ def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
             for c in range(n_cands):
                 if not problem.allowed[l, c]:
                     model.Add(x[l][c] == 0)
+    flat = [x[l][c] for l in range(n_layers) for c in range(n_cands)]
     for kind, cost in problem.costs.items():
-        ints = np.ceil(cost - 1e-9).astype(np.int64)
-        model.Add(sum(int(ints[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands))
-                  <= int(np.floor(problem.limits[kind] + 1e-9)))
-    model.Minimize(sum(int(weights[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)))
+        factor = COST_SCALE / max(problem.limits[kind], 1e-12)
+        ints = np.floor(cost * factor).astype(np.int64).ravel().tolist()
+        model.Add(cp_model.LinearExpr.WeightedSum(flat, ints) <= int(np.floor(problem.limits[kind] * factor)))
+    model.Minimize(cp_model.LinearExpr.WeightedSum(flat, weights.ravel().tolist()))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit
     solver.parameters.num_workers = 2
+    solver.parameters.relative_gap_limit = 1e-4
     status = solver.Solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         from onnxmpq.errors import ConstraintError
