@@ -20,6 +20,7 @@ import numpy as np
 
 from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.sensitivity.metrics import log_probabilities, probabilities  # noqa: F401 (part of this API)
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,6 @@ class Evaluation:
         if out["sqnr_db"] is not None and not np.isfinite(out["sqnr_db"]):
             out["sqnr_db"] = None if np.isnan(out["sqnr_db"]) else 999.0
         return {k: v for k, v in out.items() if v is not None or k in ("samples",)}
-
-
-def probabilities(y: np.ndarray) -> np.ndarray:
-    """Rows of class probabilities: y itself when it already is a distribution, else softmax(y)."""
-    y = y.astype(np.float64)
-    if y.min() >= 0 and np.allclose(y.sum(axis=-1), 1.0, atol=1e-3):
-        return y
-    e = np.exp(y - y.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class _Sums:
@@ -68,8 +60,8 @@ class _Sums:
         rows_y, rows_r = y.reshape(-1, y.shape[-1]), ref.reshape(-1, ref.shape[-1])
         self.rows += rows_y.shape[0]
         self.agree += int((rows_y.argmax(-1) == rows_r.argmax(-1)).sum())
-        p, p_ref = probabilities(rows_y), probabilities(rows_r)
-        self.kl += float(np.sum(p_ref * (np.log(np.maximum(p_ref, 1e-12)) - np.log(np.maximum(p, 1e-12)))))
+        log_p, log_ref = log_probabilities(rows_y), log_probabilities(rows_r)
+        self.kl += float(np.sum(np.exp(log_ref) * (log_ref - log_p)))
         self.signal += float(np.sum(rows_r.astype(np.float64) ** 2))
         self.noise += float(np.sum((rows_r.astype(np.float64) - rows_y) ** 2))
 
