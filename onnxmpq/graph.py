@@ -153,6 +153,12 @@ def convert_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
+def at_opset(model: Model, opset: int) -> Model:
+    """`model` with its proto upgraded to `opset` (the same object when it already is)."""
+    converted = convert_opset(model.proto, opset)
+    return model if converted is model.proto else dataclasses.replace(model, proto=converted)
+
+
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Runs onnx shape inference (models over 2 GB keep the shapes they have)."""
     if proto.ByteSize() > _PROTO_LIMIT:

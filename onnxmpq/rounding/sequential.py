@@ -9,7 +9,6 @@ segment, so the whole pass costs about two forward passes of the model, not two 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable, Mapping
 
@@ -44,7 +43,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
     start = time.perf_counter()
     formats = {name: layer_formats(model.layer(name), cand, options) for name, cand in assignment.items()}
     target = required_opset(f for pair in formats.values() for f in pair if f)
-    model = _at_opset(model, target)
+    model = graph.at_opset(model, target)
     consts = {t.name: t for t in model.proto.graph.initializer}
     nodes = {n.name: n for n in model.proto.graph.node}
     batches = [dict(batch.inputs) for batch in source.batches(batch_size)]
@@ -91,8 +90,3 @@ def _unsupported(view, shape) -> str | None:
             view.pads, view.dilations * 2, tuple(shape[2:]) * 2)):
         return "ConvTranspose padding larger than its kernel"
     return None
-
-
-def _at_opset(model: Model, opset: int) -> Model:
-    converted = graph.convert_opset(model.proto, opset)
-    return model if converted is model.proto else dataclasses.replace(model, proto=converted)

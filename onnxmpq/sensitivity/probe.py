@@ -10,7 +10,6 @@ graph inputs instead: the baseline the benchmark compares with.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -134,8 +133,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
         weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
         act_format(c.act_bits) if c.act_bits else None) if f]
     opset = required_opset(formats)
-    converted = graph.convert_opset(model.proto, opset)
-    model = dataclasses.replace(model, proto=converted)
+    model = graph.at_opset(model, opset)
     ref = reference(model, batches, with_observers)
     outputs = [o.name for o in model.proto.graph.output]
     consts = {t.name: t for t in model.proto.graph.initializer}
