@@ -31,6 +31,11 @@ ACT_BITS = [None, 4, 8, 16]
 # onnxruntime fuses DQ(weight on axis 1) + MatMul/Gemm(transB=0) into MatMulNBits with accuracy_level 4,
 # which quantizes the activations to int8 inside the kernel: those outputs are only int8-accurate.
 INT8_KERNEL_MODELS = {"matmul_right", "gemm_t0"}
+# On x86 CPUs with AVX2 but no VNNI, onnxruntime's fused U8S8 kernels (QLinearConv, W8A8 MatMul) add
+# pairs of u8*s8 products in int16 with saturation (VPMADDUBSW; onnxruntime's docs advise reduce_range /
+# 7-bit weights there), so at the default optimisation level W8A8 outputs may differ from exact QDQ
+# arithmetic by more than a few steps. The exact numerics are checked with optimisations off.
+SATURATING_PAIRS = {(8, 8)}
 
 
 def quantized(proto, wb, ab, options=QuantOptions(), batch=3, seed=0):
@@ -42,8 +47,11 @@ def quantized(proto, wb, ab, options=QuantOptions(), batch=3, seed=0):
     return m, q, results, feed
 
 
-def run_ort(proto, feed):
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+def run_ort(proto, feed, optimize=True):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
 
 
@@ -86,10 +94,17 @@ def tolerance(name, y_ref, ab):
 def test_qdq_model_is_valid_and_ort_matches_reference(name, wb, ab):
     _, q, _, feed = quantized(MODELS[name](), wb, ab)
     onnx.checker.check_model(q, full_check=True)
-    got = run_ort(q, feed)[0]
     want = ReferenceEvaluator(q).run(None, feed)[0]
+    exact = run_ort(q, feed, optimize=False)[0]
+    span = float(want.max() - want.min()) or 1.0
+    np.testing.assert_allclose(exact, want, rtol=0, atol=1e-4 * span)
+    got = run_ort(q, feed)[0]
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(name, want, ab))
+    if (wb, ab) in SATURATING_PAIRS:  # fused int8 kernels: a gross error (scale, axis, zero point) still fails
+        off = np.abs(got - want) > tolerance(name, want, ab)
+        assert off.mean() <= 0.05, f"{off.sum()} of {off.size} outputs off by more than a few steps"
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(name, want, ab))
 
 
 @pytest.mark.parametrize("wb", WEIGHT_BITS)
