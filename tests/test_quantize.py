@@ -101,8 +101,8 @@ def test_qdq_model_is_valid_and_ort_matches_reference(name, wb, ab):
     got = run_ort(q, feed)[0]
     assert got.shape == want.shape
     if (wb, ab) in SATURATING_PAIRS:  # fused int8 kernels: a gross error (scale, axis, zero point) still fails
-        off = np.abs(got - want) > tolerance(name, want, ab)
-        assert off.mean() <= 0.05, f"{off.sum()} of {off.size} outputs off by more than a few steps"
+        mean_error = float(np.abs(got - want).mean())
+        assert mean_error <= 0.02 * span, f"mean error {mean_error:.4g} over 2% of the output span {span:.4g}"
     else:
         np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(name, want, ab))
 
