@@ -594,3 +594,18 @@ def test_parallel_merge_puts_candidates_back_in_order():
     assert merged[0].candidates == ("w2", "w4", "w8")
     assert merged[0].layers[0].scores == {"w2": 1.0, "w8": 1.0, "w4": 2.0}
     assert list(merged[0].layers[0].scores) == ["w2", "w4", "w8"]
+
+
+def test_sequence_outputs_give_one_label_per_time_step_and_aligned_observers():
+    from onnxmpq.sensitivity.probe import align_rows, labels_of
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(4, 7, 5))                      # (N, T, C), as a CTC head gives
+    labels = labels_of([[y[:2]], [y[2:]]])
+    np.testing.assert_array_equal(labels, y.argmax(axis=2).ravel())
+    feats = rng.normal(size=(4, 3, 1, 7))               # (N, C, 1, T): the time axis is last
+    rows = align_rows(feats, 4, 28)
+    assert rows.shape == (28, 3)
+    np.testing.assert_array_equal(rows[7 * 2 + 5], feats[2, :, 0, 5])   # sample 2, step 5
+    assert align_rows(rng.normal(size=(4, 6)), 4, 28) is None           # no time axis: not used
+    assert align_rows(feats, 4, 4).shape == (4, 21)                     # class scores: one row per sample

@@ -76,13 +76,28 @@ def descendants(proto, start: str) -> set[str]:
 
 
 def labels_of(outputs: list[list[np.ndarray]]) -> np.ndarray:
-    """The float model's prediction per sample (first output): argmax of the mean score over its rows."""
+    """The float model's prediction for each row of the first output: argmax over its last axis. A class
+    score output (N, C) gives one label per sample; a sequence (N, T, C), as OCR's CTC head gives,
+    one label per time step (N*T rows), since a whole sequence's label would be unique per sample."""
     labels = []
     for batch in outputs:
         y = np.asarray(batch[0], dtype=np.float64)
         y = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 1 else y.reshape(-1, 1, 1)
-        labels.append(y.mean(axis=1).argmax(axis=1))
+        labels.append(y.argmax(axis=2).ravel())
     return np.concatenate(labels)
+
+
+def align_rows(features: np.ndarray, n_samples: int, n_rows: int) -> np.ndarray | None:
+    """Observer features as one row per label: (N, D) when each sample has one label; for sequence labels
+    (n_rows = N*T) the axis of size T moved next to the batch axis and the rest flattened, (N*T, D);
+    None when the tensor has no axis of that length (such an observer is not used)."""
+    if n_rows == n_samples:
+        return features.reshape(n_samples, -1)
+    steps = n_rows // n_samples
+    axis = next((a for a in range(1, features.ndim) if features.shape[a] == steps), None)
+    if axis is None:
+        return None
+    return np.moveaxis(features, axis, 1).reshape(n_rows, -1)
 
 
 def reference(model: graph.Model, batches, with_observers: bool) -> Reference:
@@ -92,10 +107,13 @@ def reference(model: graph.Model, batches, with_observers: bool) -> Reference:
     values = [dict(zip(targets, v)) for v in Frontier(batches).peek(model.proto, targets)]
     ref_outputs = [[v[o] for o in outputs] for v in values]
     ref = Reference(ref_outputs, labels_of(ref_outputs))
+    n_samples = sum(len(v[outputs[0]]) for v in values)
     for name in observers:
-        ref.observers[name] = np.concatenate([v[name] for v in values]).reshape(len(ref.labels), -1)
+        rows = align_rows(np.concatenate([v[name] for v in values]), n_samples, len(ref.labels))
+        if rows is not None:
+            ref.observers[name] = rows
     for spec in model.layers:
-        ref.downstream[spec.name] = descendants(model.proto, spec.output) & set(observers)
+        ref.downstream[spec.name] = descendants(model.proto, spec.output) & set(ref.observers)
     return ref
 
 
@@ -158,6 +176,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
             if needs_layer_output:
                 probe.layer_output = np.concatenate([v[spec.output] for v in values])
             for name in observers:
-                probe.observers[name] = np.concatenate([v[name] for v in values]).reshape(len(ref.labels), -1)
+                probe.observers[name] = align_rows(np.concatenate([v[name] for v in values]),
+                                                   sum(len(v[outputs[0]]) for v in values), len(ref.labels))
             probes.append(probe)
         on_layer(spec, ref, float_out, probes)
