@@ -252,7 +252,7 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
                        options: QuantOptions = QuantOptions()) -> "allocate.Problem":
     """Scores from a sensitivity table and the cost of every (layer, candidate) under each budget."""
     from onnxmpq.allocate import Problem
-    from onnxmpq.formats import weight_format
+    from onnxmpq.quantize import cast_to_int8, layer_formats, stored_weight_bytes
 
     consts = {t.name: t for t in model.proto.graph.initializer}
     rows = {row.name: row for row in table.layers}
@@ -265,9 +265,9 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
             for c in candidates:
                 w, a = c.weight_bits or FLOAT_BITS, c.act_bits or FLOAT_BITS
                 if budget.kind == "weight-bytes":
-                    fmt = weight_format(w, options.int2_container == "int4") if c.weight_bits else None
-                    line.append(fmt.storage_bytes(spec.params) + 4 * channels + fmt.storage_bytes(channels)
-                                if fmt else 4 * spec.params)
+                    wfmt, afmt = layer_formats(spec, c, options)
+                    line.append(stored_weight_bytes(wfmt, spec.params, channels, cast_to_int8(wfmt, afmt, options))
+                                if wfmt else 4 * spec.params)
                 elif budget.kind == "avg-bits":
                     line.append(spec.params * w)
                 else:

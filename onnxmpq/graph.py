@@ -201,6 +201,12 @@ def _fold_constants(graph: onnx.GraphProto) -> None:
 _FOLDABLE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten"}
 
 
+def _widens_codes(node, consts) -> bool:
+    """A Cast of packed INT4/INT2 codes is a storage layout (see `quantize`), kept so readers see the width."""
+    sub_byte = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2}
+    return node.op_type == "Cast" and consts[node.input[0]].data_type in sub_byte
+
+
 def _fold_weight_chains(proto: onnx.ModelProto) -> None:
     """Evaluates shape-only ops whose inputs are all initializers (mnist-8 reshapes its MatMul weight),
     so the weight behind them is seen as a constant; the op-by-op oracle is onnx's reference evaluator."""
@@ -212,7 +218,7 @@ def _fold_weight_chains(proto: onnx.ModelProto) -> None:
     for node in graph.node:
         inputs = [i for i in node.input if i]
         if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and inputs \
-                and all(i in consts for i in inputs) and len(node.output) == 1:
+                and all(i in consts for i in inputs) and len(node.output) == 1 and not _widens_codes(node, consts):
             single = onnx.helper.make_model(
                 onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(node.output[0], 0, None)],
                                        [consts[i] for i in dict.fromkeys(inputs)]),

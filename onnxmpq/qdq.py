@@ -68,9 +68,10 @@ def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
     consts = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     stubs, weight_q = {}, {}
+    stored = {**consts, **_casts_of_constants(graph, consts)}
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in consts:
-            codes = consts[node.input[0]]
+        if node.op_type == "DequantizeLinear" and node.input[0] in stored:
+            codes = stored[node.input[0]]
             stub = TensorProto(name=node.output[0], data_type=TensorProto.FLOAT, dims=codes.dims)
             stubs[node.output[0]] = stub
             weight_q[node.output[0]] = (node, codes)
@@ -93,6 +94,14 @@ def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
         wbytes = _weight_bytes(weight_q.get(spec.weight), consts, spec.weight)
         layers.append(QLayer(spec.name, spec.op_type, spec.params, spec.macs, wq, aq, wbytes, spec.activation))
     return layers
+
+
+def _casts_of_constants(graph, consts) -> dict[str, TensorProto]:
+    """Cast outputs of integer initializers -> the stored initializer (onnxmpq's INT4-on-disk, INT8-kernel
+    layout: Cast(INT4 codes -> INT8) -> DequantizeLinear); the stored type is what the layer's width is."""
+    return {node.output[0]: consts[node.input[0]] for node in graph.node
+            if node.op_type == "Cast" and node.input and node.input[0] in consts
+            and consts[node.input[0]].data_type in _BITS}
 
 
 def _shapes(graph) -> dict:
@@ -176,8 +185,8 @@ def _weight_bytes(entry, consts, name) -> int:
         return len(tensor.raw_data) if tensor is not None and tensor.raw_data else (
             int(np.prod(tensor.dims)) * 4 if tensor is not None else 0)
     dq, codes = entry
-    total = 0
-    for input_name in dq.input:
+    total = len(codes.raw_data) if codes.raw_data else numpy_helper.to_array(codes).nbytes
+    for input_name in dq.input[1:]:
         tensor = consts.get(input_name)
         if tensor is not None:
             total += len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes

@@ -136,6 +136,7 @@ class QuantOptions:
     percentile: float = 99.99
     int2_container: str = "int2"
     bias: str = "float"
+    weight_layout: str = "auto"  # native | int8-cast | auto (see quantize.cast_to_int8)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from conftest import (MODELS, activation_stats, arr, build_cnn, build_constant_w
 from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import act_format, weight_format
-from onnxmpq.quantize import GUARD_SUFFIX, build
+from onnxmpq.quantize import CAST_SUFFIX, GUARD_SUFFIX, build
 from onnxmpq.rounding import round_nearest
 from onnxmpq.types import ActRange, Candidate, QuantOptions, WeightRange
 
@@ -208,10 +208,29 @@ def test_int2_container_int4_stores_ternary_codes_in_int4_without_guard():
 
 
 def test_int2_uses_reshape_guard_and_opset_25():
-    _, q, results, _ = quantized(build_cnn(), 2, 8)
+    _, q, results, _ = quantized(build_cnn(), 2, 8, QuantOptions(weight_layout="native"))
     assert graph.default_opset(q) == 25
     assert sum(n.op_type == "Reshape" for n in q.graph.node) == 3
     assert all(r.weight_type == "INT2" + GUARD_SUFFIX for r in results)
+
+
+@pytest.mark.parametrize("wb", [2, 3, 4])
+def test_sub_byte_weights_with_8_bit_activations_are_cast_to_int8_for_the_int8_kernels(wb):
+    """auto layout: the file keeps INT4/INT2 codes; a Cast to INT8 feeds their DQ (no guard needed), and
+    onnxruntime folds it so QLinearConv runs; values equal the native layout's."""
+    _, q, results, feed = quantized(build_cnn(), wb, 8)
+    _, native, _, _ = quantized(build_cnn(), wb, 8, QuantOptions(weight_layout="native"))
+    inits = {t.name: t for t in q.graph.initializer}
+    casts = [n for n in q.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 3 and not any(n.op_type == "Reshape" for n in q.graph.node)
+    assert all(inits[n.input[0]].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT2) for n in casts)
+    assert all(r.weight_type.endswith(CAST_SUFFIX) for r in results)
+    onnx.checker.check_model(q, full_check=True)
+    np.testing.assert_allclose(ReferenceEvaluator(q).run(None, feed)[0], ReferenceEvaluator(native).run(None, feed)[0],
+                               rtol=1e-6, atol=1e-6)
+    assert run_ort(q, feed)[0].shape == run_ort(native, feed)[0].shape
+    _, no_acts, _, _ = quantized(build_cnn(), wb, None)
+    assert not any(n.op_type == "Cast" for n in no_acts.graph.node)  # no INT8 kernel without 8-bit activations
 
 
 @pytest.mark.parametrize("wb", [3, 4, 8, 16])
