@@ -449,13 +449,15 @@ def test_allocation_problem_costs_and_limits_on_resnet20(resnet):
             assert problem.costs["bitops"][l, c] == macs * w * a
             if cand.weight_bits:
                 fmt = weight_format(cand.weight_bits)
-                expect = fmt.storage_bytes(params) + 4 * channels + fmt.storage_bytes(channels)
+                # sub-byte codes beside 8-bit activations are cast to INT8 at run time: INT8 zero points
+                zero_bytes = channels if fmt.container_bits < 8 and cand.act_bits == 8 else fmt.storage_bytes(channels)
+                expect = fmt.storage_bytes(params) + 4 * channels + zero_bytes
             else:
                 expect = 4 * params
             assert problem.costs["weight-bytes"][l, c] == expect, (name, cand)
-    # spot values: a 16x16x3x3 conv at 2 bits is 2304 / 4 bytes of codes + 16 float scales + 16 INT2 zero points
+    # spot values: a 16x16x3x3 conv at 2 bits is 2304 / 4 bytes of codes + 16 float scales + 16 INT8 zero points
     first = names.index("/layer1/layer1.0/conv1/Conv")
-    assert problem.costs["weight-bytes"][first, 0] == 576 + 64 + 4
+    assert problem.costs["weight-bytes"][first, 0] == 576 + 64 + 16
 
     total_params = sum(f[0] for f in facts.values())
     w8a8 = sum(f[2] * 64 for f in facts.values())
