@@ -3,8 +3,13 @@
 `Problem` is arrays only (a solver never sees the graph): scores[l, c] (degradation of layer l at
 candidate c), and per budget kind a cost[l, c] with its limit. Costs: weight bytes of the stored
 codes, parameter-weighted bits (avg-bits x total params), and BitOps = MACs x w_bits x a_bits.
-SOLVERS: `ilp` (OR-Tools CP-SAT) and `greedy` (AIMET-style: lower precision step by step, least
-sensitivity per cost saved first).
+latency-ms costs come from a measured `latency.LatencyTable` (per-layer change against a reference
+precision, shifted so each layer's cheapest choice costs 0). Hardware rules arrive as `allowed` (the
+profile's admissible choices), `ties` (layers reading one tensor must share activation bits: one
+quantizer) and `max_distinct` (at most K distinct weight widths). SOLVERS: `ilp` (OR-Tools MIP),
+`ilp-cpsat`, `greedy` (AIMET-style: lower precision step by step, least sensitivity per cost saved
+first), `eagl` (weight-entropy knapsack) and `threshold` (Qin et al.: smoothed output entropy against a
+tuned threshold; it needs `entropy` and a `fidelity` judge).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.registry import Registry
 
-BUDGET_KINDS = ("weight-bytes", "avg-bits", "bitops")
+BUDGET_KINDS = ("weight-bytes", "avg-bits", "bitops", "latency-ms")
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
 
 
@@ -33,7 +38,7 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """KIND=VALUE: weight-bytes=150KB, avg-bits=3.5, bitops=0.5x (of W8A8) or bitops=2.1e9."""
+    """KIND=VALUE: weight-bytes=150KB, avg-bits=3.5, bitops=0.5x (of W8A8) or bitops=2.1e9, latency-ms=1.2."""
     kind, sep, value = text.partition("=")
     kind = kind.strip().lower()
     if not sep or kind not in BUDGET_KINDS:
@@ -50,7 +55,7 @@ def parse_budget(text: str) -> Budget:
     if number <= 0:
         raise OnnxmpqError(f"budget {text!r} must be positive.", "write e.g. --budget avg-bits=3.")
     if unit == "X":
-        if kind == "avg-bits":
+        if kind in ("avg-bits", "latency-ms"):
             raise OnnxmpqError("avg-bits takes bits, not a fraction (x).", "write e.g. --budget avg-bits=3.5.")
         return Budget(kind, number, relative=True)
     if unit not in _UNITS or (unit and kind != "weight-bytes"):
@@ -69,6 +74,18 @@ class Problem:
     limits: Mapping[str, float]
     allowed: np.ndarray | None = None  # (L, C) bool: the hardware rules' admissible choices
     units: Mapping[str, float] = field(default_factory=dict)  # limit / units = the value the user wrote
+    offsets: Mapping[str, float] = field(default_factory=dict)  # cost of the layers fixed outside the problem
+    weight_bits: tuple[int, ...] = ()   # per candidate (0 = float), for max_distinct
+    act_bits: tuple[int, ...] = ()      # per candidate (0 = float), for ties
+    ties: tuple[tuple[int, ...], ...] = ()  # groups of layers that must share activation bits
+    max_distinct: int | None = None     # at most this many distinct weight widths (fixed layers' included)
+    fixed_widths: frozenset[int] = frozenset()  # weight widths already used by fixed layers
+    entropy: np.ndarray | None = None   # (L,) raw output entropy of each float layer (threshold method)
+    fidelity: Callable[[Sequence[int]], float] | None = None  # measured drop of a choice (threshold, max-drop)
+
+    def user_value(self, kind: str, total: float) -> float:
+        """A cost total in the unit the user wrote (adds back the fixed layers' share)."""
+        return (total + self.offsets.get(kind, 0.0)) / self.units.get(kind, 1.0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class Allocation:
     solver: str
     status: str
     costs: Mapping[str, float] = field(default_factory=dict)
+    details: Mapping[str, object] = field(default_factory=dict)  # method-specific (threshold: tau, window)
 
 
 Solver = Callable[[Problem, float], Allocation]
@@ -92,10 +110,9 @@ def check_feasible(problem: Problem) -> None:
     for kind, cost in problem.costs.items():
         smallest = float(np.where(allowed, cost, np.inf).min(axis=1).sum())
         if smallest > problem.limits[kind] * (1 + 1e-9):
-            unit = problem.units.get(kind, 1.0)
-            raise ConstraintError(f"budget {kind}={problem.limits[kind] / unit:.6g} cannot be met: the smallest "
-                                  f"achievable is {smallest / unit:.6g} with these candidates and rules.",
-                                  "raise the budget or allow lower bit-widths (--bits).")
+            raise ConstraintError(f"budget {kind}={problem.user_value(kind, problem.limits[kind]):.6g} cannot be met: "
+                                  f"the smallest achievable is {problem.user_value(kind, smallest):.6g} with these "
+                                  "candidates and rules.", "raise the budget or allow lower bit-widths (--bits).")
 
 
 def totals(problem: Problem, index: Sequence[int]) -> dict[str, float]:
@@ -103,9 +120,31 @@ def totals(problem: Problem, index: Sequence[int]) -> dict[str, float]:
     return {kind: float(cost[rows, index].sum()) for kind, cost in problem.costs.items()}
 
 
-def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0) -> Allocation:
+def tied_ok(problem: Problem, index: Sequence[int]) -> bool:
+    """Every tie group shares one activation width, and at most max_distinct weight widths are used."""
+    if problem.ties and problem.act_bits:
+        for group in problem.ties:
+            if len({problem.act_bits[index[l]] for l in group}) > 1:
+                return False
+    if problem.max_distinct is not None and problem.weight_bits:
+        used = {problem.weight_bits[c] for c in index if problem.weight_bits[c]} | set(problem.fixed_widths)
+        return len(used) <= problem.max_distinct
+    return True
+
+
+def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0, **settings) -> Allocation:
+    """Runs the solver `method`; `settings` go to solvers that take them (threshold: max_drop, trials)."""
     check_feasible(problem)
-    return SOLVERS.get(method)(problem, time_limit)
+    solver = SOLVERS.get(method)
+    return solver(problem, time_limit, **settings) if settings else solver(problem, time_limit)
 
 
-from onnxmpq.allocate import greedy, ilp  # noqa: E402,F401  (register the solvers)
+def result(problem: Problem, index: Sequence[int], solver: str, status: str) -> Allocation:
+    """An Allocation from chosen candidate indices, with the objective and the budgets' totals."""
+    rows = np.arange(len(problem.layers))
+    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in rows},
+                      float(problem.scores[rows, list(index)].sum()), solver, status,
+                      {k: problem.user_value(k, v) for k, v in totals(problem, index).items()})
+
+
+from onnxmpq.allocate import eagl, greedy, ilp, threshold  # noqa: E402,F401  (register the solvers)

@@ -2,19 +2,26 @@
 its most precise allowed candidate; list the steps (layer l: c -> c') that save cost, ordered by
 sensitivity added per unit of (normalised) cost saved, (S[l, c'] - S[l, c]) / saved; apply them in
 that order, cumulatively, skipping a step that no longer lowers a layer's precision, until every
-budget holds."""
+budget holds. `ladder` gives every point of that walk, for the --max-drop search of AIMET's phase 2.
+Ties and a cap on distinct widths are the integer program's job: greedy refuses a walk that breaks them."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, totals
+from onnxmpq.allocate import SOLVERS, Allocation, Problem, result, tied_ok, totals
 from onnxmpq.errors import ConstraintError
 
 
 def _cost(problem: Problem) -> np.ndarray:
-    """Every budget's cost normalised by its limit and summed: one scalar cost per (layer, candidate)."""
-    return sum(cost / max(problem.limits[kind], 1e-12) for kind, cost in problem.costs.items())
+    """Every budget's cost normalised by its limit (by the largest total when unlimited) and summed: one
+    scalar cost per (layer, candidate)."""
+    if not problem.costs:
+        raise ConstraintError("the greedy walk needs a cost to lower.", "give a --budget (e.g. avg-bits=4).")
+    def scale(kind):
+        limit = problem.limits[kind]
+        return limit if np.isfinite(limit) else problem.costs[kind].max(axis=1).sum()
+    return sum(cost / max(scale(kind), 1e-12) for kind, cost in problem.costs.items())
 
 
 def _over(problem: Problem, index) -> bool:
@@ -42,8 +49,8 @@ def _repair(problem: Problem, allowed: np.ndarray, index: list[int]) -> None:
         index[best[1]] = best[2]
 
 
-@SOLVERS.register("greedy")
-def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
+def ladder(problem: Problem) -> list[list[int]]:
+    """Every point of the walk: the most precise start, then one more step applied at each point."""
     n_layers, _ = problem.scores.shape
     allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
     cost = _cost(problem)
@@ -55,16 +62,24 @@ def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
             if saved > 0:
                 steps.append(((problem.scores[l, c] - problem.scores[l, index[l]]) / saved, l, int(c)))
     steps.sort()
+    points = [list(index)]
     for _, l, c in steps:
-        if not _over(problem, index):
-            break
         if cost[l, c] < cost[l, index[l]]:
             index[l] = c
+            points.append(list(index))
+    return points
+
+
+@SOLVERS.register("greedy")
+def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
+    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    points = ladder(problem)
+    index = next((p for p in points if not _over(problem, p)), list(points[-1]))
     _repair(problem, allowed, index)
     if _over(problem, index):
         raise ConstraintError("the greedy walk ends over a budget: lowering precision by its combined cost "
                               "cannot meet these budgets together.", "use --method ilp, which can.")
-    status = "feasible"
-    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in range(n_layers)},
-                      float(problem.scores[np.arange(n_layers), index].sum()), "greedy", status,
-                      totals(problem, index))
+    if not tied_ok(problem, index):
+        raise ConstraintError("the greedy walk breaks a hardware rule (tied activation widths or the cap on "
+                              "distinct widths).", "use --method ilp, which honours them.")
+    return result(problem, index, "greedy", "feasible")

@@ -4,7 +4,9 @@ OR-Tools' MIP solver (SCIP); `ilp-cpsat` solves the same program with CP-SAT.
     minimise   sum_l sum_c S[l, c] x[l, c]
     subject to sum_c x[l, c] = 1                      for every layer l
                sum_l sum_c cost_k[l, c] x[l, c] <= B_k for every budget k
-               x[l, c] = 0 where the hardware rules forbid c for l;  x binary.
+               x[l, c] = 0 where the hardware rules forbid c for l;  x binary;
+               sum_{c: a(c)=a} x[l, c] = sum_{c: a(c)=a} x[m, c]  for tied layers l, m and each act width a;
+               x[l, c] <= y[w(c)],  sum_w y[w] <= K (max distinct widths), y binary.
 
 CP-SAT needs integers: each layer's scores are shifted by their minimum (which changes no choice) and
 scaled so the largest entry is 10^9; costs and limits are scaled so the limit is 10^9 and rounded down,
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, totals
+from onnxmpq.allocate import SOLVERS, Allocation, Problem, result
+from onnxmpq.errors import ConstraintError
 
 SCORE_SCALE = 10 ** 9
 COST_SCALE = 10 ** 9
@@ -40,18 +43,38 @@ def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
     for kind, cost in problem.costs.items():
         solver.Add(solver.Sum([float(cost[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)])
                    <= float(problem.limits[kind]))
+    add_rules(problem, x, solver.Add, solver.Sum, solver.BoolVar)
     shifted = problem.scores - problem.scores.min(axis=1, keepdims=True)
     solver.Minimize(solver.Sum([float(shifted[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)]))
     solver.SetTimeLimit(int(time_limit * 1000))
     status = solver.Solve()
     if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        from onnxmpq.errors import ConstraintError
-        raise ConstraintError("the integer program found no allocation within the budgets and rules.",
-                              "raise a budget or relax the rules.")
+        raise ConstraintError("the integer program found no allocation within the budgets and rules "
+                              "(ties, distinct widths).", "raise a budget or relax the rules.")
     index = [int(np.argmax([x[l][c].solution_value() for c in range(n_cands)])) for l in range(n_layers)]
-    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in range(n_layers)},
-                      float(problem.scores[np.arange(n_layers), index].sum()), "ilp (OR-Tools MIP, SCIP)",
-                      "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible", totals(problem, index))
+    return result(problem, index, "ilp (OR-Tools MIP, SCIP)",
+                  "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible")
+
+
+def add_rules(problem: Problem, x, add, total, boolvar) -> None:
+    """Tie groups share activation widths; at most `max_distinct` weight widths (see the module doc)."""
+    n_cands = len(problem.candidates)
+    if problem.ties and problem.act_bits:
+        for group in problem.ties:
+            for a in set(problem.act_bits):
+                cols = [c for c in range(n_cands) if problem.act_bits[c] == a]
+                for other in group[1:]:
+                    add(total([x[group[0]][c] for c in cols]) == total([x[other][c] for c in cols]))
+    if problem.max_distinct is not None and problem.weight_bits:
+        widths = sorted({w for w in problem.weight_bits if w} | set(problem.fixed_widths))
+        y = {w: boolvar(f"y{w}") for w in widths}
+        for w in problem.fixed_widths:
+            add(y[w] == 1)
+        for l in range(len(problem.layers)):
+            for c in range(n_cands):
+                if problem.weight_bits[c]:
+                    add(x[l][c] <= y[problem.weight_bits[c]])
+        add(total(list(y.values())) <= problem.max_distinct)
 
 
 @SOLVERS.register("ilp-cpsat")
@@ -75,6 +98,7 @@ def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
         factor = COST_SCALE / max(problem.limits[kind], 1e-12)
         ints = np.floor(cost * factor).astype(np.int64).ravel().tolist()
         model.Add(cp_model.LinearExpr.WeightedSum(flat, ints) <= int(np.floor(problem.limits[kind] * factor)))
+    add_rules(problem, x, model.Add, sum, model.NewBoolVar)
     model.Minimize(cp_model.LinearExpr.WeightedSum(flat, weights.ravel().tolist()))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit
@@ -82,10 +106,7 @@ def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
     solver.parameters.relative_gap_limit = 1e-4
     status = solver.Solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        from onnxmpq.errors import ConstraintError
         raise ConstraintError("the integer program found no allocation within the budgets and rules "
                               f"({solver.StatusName(status)}).", "raise a budget or relax the rules.")
     index = [next(c for c in range(n_cands) if solver.Value(x[l][c])) for l in range(n_layers)]
-    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in range(n_layers)},
-                      float(problem.scores[np.arange(n_layers), index].sum()), "ilp (CP-SAT)",
-                      "optimal" if status == cp_model.OPTIMAL else "feasible", totals(problem, index))
+    return result(problem, index, "ilp (CP-SAT)", "optimal" if status == cp_model.OPTIMAL else "feasible")

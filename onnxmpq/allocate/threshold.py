@@ -1,0 +1,111 @@
+"""`threshold` (Qin et al. 2025): smoothed per-layer output entropy against a tuned threshold.
+
+H_l is the entropy of layer l's float output over the calibration set (the `output-entropy` metric's
+raw value), in network order. A centred sliding window of k layers smooths it,
+H~_l = mean(H_{l-h} .. H_{l+h}) with h = (k - 1) / 2 (fewer at the ends), and a dynamic threshold
+tau * mean_l(H~_l) splits the layers: H~_l >= tau * mean gets the high width, the rest the low one
+(more information, more bits). The paper leaves the levels open; here the pair (low, high) is tuned
+with tau and k. Optuna's TPE sampler (seeded, so runs repeat) searches tau in [0.5, 1.5], k in
+{1, 3, 5, 7, 9} and the two widths:
+
+- with a drop limit (`--max-drop`): the most compression (smallest normalised budget cost, or average
+  bits without a budget) whose measured fidelity drop stays within it and whose costs meet every budget;
+- without one: the smallest measured drop among the splits that meet every budget.
+
+Each trial builds the model and measures its drop on held-out calibration samples (`Problem.fidelity`),
+the float model's soft outputs standing in for the paper's teacher. Its knowledge-distillation
+retraining is out of scope for a post-training tool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxmpq.allocate import SOLVERS, Allocation, Problem, result, tied_ok, totals
+from onnxmpq.errors import ConstraintError
+
+TRIALS = 40
+WINDOWS = (1, 3, 5, 7, 9)
+
+
+def smooth(entropy: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over `window` layers (fewer at the ends)."""
+    half = window // 2
+    n = len(entropy)
+    return np.array([entropy[max(0, i - half):min(n, i + half + 1)].mean() for i in range(n)])
+
+
+def split(problem: Problem, tau: float, window: int, low: int, high: int) -> list[int]:
+    """Candidate index per layer: the high or low weight width by the threshold rule (see module doc);
+    each layer takes its allowed candidate of that width with the fewest activation bits, or the allowed
+    candidate nearest in weight width."""
+    smoothed = smooth(np.asarray(problem.entropy, float), window)
+    cut = tau * smoothed.mean()
+    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    index = []
+    for l, value in enumerate(smoothed):
+        want = high if value >= cut else low
+        cols = [int(c) for c in np.flatnonzero(allowed[l])]
+        index.append(min(cols, key=lambda c: (abs((problem.weight_bits[c] or 32) - want), problem.act_bits[c] or 32)))
+    return index
+
+
+def _compression_cost(problem: Problem, index) -> float:
+    """Budget costs normalised by their limits and summed; average weight bits without a budget."""
+    if problem.costs:
+        return sum(v / max(problem.limits[k], 1e-12) for k, v in totals(problem, index).items())
+    return float(np.mean([problem.weight_bits[c] or 32 for c in index]))
+
+
+def _within(problem: Problem, index) -> bool:
+    return tied_ok(problem, index) and all(v <= problem.limits[k] * (1 + 1e-9) for k, v in totals(problem, index).items())
+
+
+@SOLVERS.register("threshold")
+def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float | None = None,
+                    trials: int = TRIALS, seed: int = 0) -> Allocation:
+    import optuna
+
+    if problem.entropy is None or problem.fidelity is None:
+        raise ConstraintError("the threshold method needs each layer's output entropy and a fidelity judge.",
+                              "run it through `onnxmpq quantize --method threshold` with --calib.")
+    widths = sorted({w for w in problem.weight_bits if w})
+    if len(widths) < 2:
+        raise ConstraintError("the threshold method needs at least two weight widths.", "pass e.g. --bits 2,3,4,5,6,8.")
+    seen: dict[tuple, float] = {}
+
+    def drop_of(index) -> float:
+        key = tuple(index)
+        if key not in seen:
+            seen[key] = problem.fidelity(index)
+        return seen[key]
+
+    def objective(trial) -> float:
+        tau = trial.suggest_float("tau", 0.5, 1.5)
+        window = trial.suggest_categorical("window", list(WINDOWS))
+        low = trial.suggest_categorical("low", widths[:-1])
+        high = trial.suggest_categorical("high", widths[1:])
+        if high <= low:
+            return 1e9
+        index = split(problem, tau, window, low, high)
+        if not _within(problem, index):
+            return 1e6 + _compression_cost(problem, index)
+        drop = drop_of(index)
+        trial.set_user_attr("index", index)
+        trial.set_user_attr("drop", drop)
+        if max_drop is None:
+            return drop
+        return _compression_cost(problem, index) if drop <= max_drop else 1e3 + drop
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=trials, timeout=None)
+    good = [t for t in study.trials if t.value is not None and t.value < 1e3 and "index" in t.user_attrs]
+    if not good:
+        raise ConstraintError(f"no threshold split in {trials} trials meets the budgets"
+                              f"{' and the drop limit' if max_drop is not None else ''}.",
+                              "raise the budget or --max-drop, or use --method ilp.")
+    best = min(good, key=lambda t: t.value)
+    alloc = result(problem, best.user_attrs["index"], "threshold (entropy, Optuna TPE)", "feasible")
+    params = {**best.params, "trials": trials, "drop": best.user_attrs["drop"]}
+    return Allocation(alloc.choice, alloc.objective, alloc.solver, alloc.status, alloc.costs, params)
