@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -100,33 +101,65 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
              batch_size: int = 32, limit: int | None = None, preprocess=None, budgets=(),
-             allocation_options: Mapping | None = None) -> Report:
+             allocation: "plan.Settings | Mapping | None" = None, verify: bool = True) -> Report:
     """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
 
-    `rounding="gptq"` rounds each layer against the inputs the quantized network gives it, after a
-    least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`); it needs `calib`. `auto`
-    (the default) uses gptq when a layer has fewer than 8 weight bits and `calib` is given.
+    With `budgets` (or `allocation.max_drop`) every layer's precision is chosen by `plan.choose` under
+    `allocation` (a `plan.Settings`: metric, method, candidates, profile, kept layers); `layer_bits`
+    then override single layers. `rounding="gptq"` rounds each layer against the inputs the quantized
+    network gives it, after a least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`);
+    `auto` (the default) uses gptq when a layer has fewer than 8 weight bits and `calib` is given.
+    With `calib` and `verify`, the written file is scored against the float model on held-out samples
+    and timed (report `verification`).
     """
-    rounding = Rounding(rounding)
-    if budgets:
-        alloc_bits = (allocation_options or {}).get("weight_bits", (2, 3, 4, 5, 6, 7, 8))
-        rounding = rounding.resolve(alloc_bits, calib is not None)
-    allocation = None
+    from onnxmpq import plan
+
     start = time.perf_counter()
+    rounding = Rounding(rounding)
+    settings = allocation if isinstance(allocation, plan.Settings) else plan.Settings(**(allocation or {}))
+    if limit is not None:
+        settings = dataclasses.replace(settings, limit=limit)
+    choosing = bool(budgets) or (allocation is not None and settings.max_drop is not None)
     model = load(model)
     output = Path(output)
     check_new_file(output, [model.path, calib])
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
-    assignment = assign(model, weight_bits, act_bits, layer_bits)
-    if budgets:
+    chosen = None
+    if choosing:
         if calib is None:
             raise OnnxmpqError("choosing bits under a budget needs calibration data.", "pass --calib PATH.")
-        settings = {"limit": limit or 256, **(allocation_options or {})}
-        chosen, allocation, _ = allocate(model, calib, budgets, rounding=rounding, options=options,
-                                         preprocess=preprocess, **settings)
-        assignment = {**chosen, **{k: v for k, v in (layer_bits or {}).items()}}
+        rounding = rounding.resolve(settings.weight_bits, True)
+        chosen = plan.choose(model, calib, budgets, settings, options, rounding, preprocess=preprocess,
+                             sensitivity=lambda metric, wb, ab: sensitivity(
+                                 model, calib, metrics=[metric], weight_bits=wb, act_bits=ab, rounding=rounding,
+                                 options=options, limit=settings.limit, cache_dir=settings.cache_dir,
+                                 preprocess=preprocess)[0])
+        assignment = {**chosen.assignment, **(layer_bits or {})}
+    else:
+        assignment = assign(model, weight_bits, act_bits, layer_bits)
+    proto, results, notes, model = materialize(model, assignment, calib, options, rounding, batch_size, limit,
+                                               preprocess)
+    file_bytes = save_model(proto, output)
+    checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen) \
+        if calib is not None and verify else None
+    return Report(
+        model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
+        file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
+        opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
+        notes=storage_notes(results) + notes, allocation=_allocation_dict(chosen, budgets, settings),
+        verification=checked,
+        settings={"rounding": str(rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)),
+                  "weight_range": str(options.weight_range), "act_range": str(options.act_range),
+                  "percentile": options.percentile, "int2_container": options.int2_container, "bias": options.bias,
+                  "weight_layout": options.weight_layout},
+        **summarize(results))
+
+
+def materialize(model: Model, assignment, calib, options: QuantOptions, rounding: Rounding, batch_size: int = 32,
+                limit: int | None = None, preprocess=None):
+    """Statistics, rounding and the QDQ writer for one assignment: (proto, results, notes, model)."""
     rounding = rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)
     stats, weights, notes = {}, None, []
     if calib is not None:
@@ -141,21 +174,34 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         weights = result.weights
         notes += [f"{name}: {reason}" for name, reason in result.fallbacks]
     proto, results = build(model, assignment, stats, options, weights=weights)
-    file_bytes = save_model(proto, output)
-    return Report(
-        model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
-        file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
-        opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
-        notes=storage_notes(results) + notes,
-        allocation=None if allocation is None else {
-            "solver": allocation.solver, "status": allocation.status, "objective": allocation.objective,
+    return proto, results, notes, model
+
+
+def verification(model: Model, output: Path, calib, used: int, preprocess=None, chosen=None) -> dict:
+    """The written file against the float model on held-out calibration samples, and its latency."""
+    from onnxmpq import latency
+    from onnxmpq.verify import Judge, held_out_batches
+
+    source = calibrate.read(calib, model, preprocess=preprocess)
+    feeds, held_out = held_out_batches(source, used, 256)
+    fidelity = Judge(model.proto, feeds, held_out).score(str(output))
+    first = {k: v[:1] for k, v in feeds[0].items()}
+    out = {**fidelity.to_dict(), "latency_ms": latency.time_model(str(output), first),
+           "float_latency_ms": latency.time_model(model.proto, first), "latency_batch": 1}
+    if chosen is not None and chosen.latency is not None:
+        out["predicted_latency_ms"] = chosen.latency.predict(chosen.assignment)
+    return out
+
+
+def _allocation_dict(chosen, budgets, settings) -> dict | None:
+    if chosen is None:
+        return None
+    alloc = chosen.allocation
+    return {"solver": alloc.solver, "status": alloc.status, "objective": alloc.objective,
             "budgets": [{"kind": b.kind, "value": b.value, "relative": b.relative} for b in budgets],
-            "costs": dict(allocation.costs),
-            **{k: v for k, v in (allocation_options or {}).items() if k != "cache_dir"}},
-        settings={"rounding": str(rounding), "weight_range": str(options.weight_range),
-                  "act_range": str(options.act_range), "percentile": options.percentile,
-                  "int2_container": options.int2_container, "bias": options.bias},
-        **summarize(results))
+            "costs": dict(alloc.costs), "details": dict(alloc.details),
+            "fixed": {name: c.key for name, c in chosen.fixed.items()}, "search": list(chosen.search),
+            **settings.to_dict()}
 
 
 def evaluate(model, data, reference=None, *, limit: int | None = None, batch_size: int = 100,
@@ -248,59 +294,37 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     return tables
 
 
-def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets,
-                       options: QuantOptions = QuantOptions()) -> "allocate.Problem":
-    """Scores from a sensitivity table and the cost of every (layer, candidate) under each budget."""
-    from onnxmpq.allocate import Problem
-    from onnxmpq.quantize import cast_to_int8, layer_formats, stored_weight_bytes
+def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets, options: QuantOptions = QuantOptions(),
+                       profile=None, keep=None, latency=None):
+    """The solver's view of `model` (see `onnxmpq.allocate.problem`); layers the rules fix are left out."""
+    from onnxmpq import profiles
+    from onnxmpq.allocate.problem import build_problem
 
-    consts = {t.name: t for t in model.proto.graph.initializer}
-    rows = {row.name: row for row in table.layers}
-    scores, costs = [], {b.kind: [] for b in budgets}
-    for spec in model.layers:
-        channels = consts[spec.weight].dims[spec.channel_axis]
-        scores.append([rows[spec.name].scores[c.key] for c in candidates])
-        for budget in budgets:
-            line = []
-            for c in candidates:
-                w, a = c.weight_bits or FLOAT_BITS, c.act_bits or FLOAT_BITS
-                if budget.kind == "weight-bytes":
-                    wfmt, afmt = layer_formats(spec, c, options)
-                    line.append(stored_weight_bytes(wfmt, spec.params, channels, cast_to_int8(wfmt, afmt, options))
-                                if wfmt else 4 * spec.params)
-                elif budget.kind == "avg-bits":
-                    line.append(spec.params * w)
-                else:
-                    line.append(spec.macs * w * a)
-            costs[budget.kind].append(line)
-    total_params = sum(spec.params for spec in model.layers)
-    w8a8 = sum(spec.macs * 64 for spec in model.layers)
-    limits, units = {}, {}
-    for budget in budgets:
-        if budget.kind == "avg-bits":
-            units[budget.kind] = total_params
-        elif budget.relative:
-            units[budget.kind] = w8a8 if budget.kind == "bitops" else sum(4 * spec.params for spec in model.layers)
-        else:
-            units[budget.kind] = 1.0
-        limits[budget.kind] = budget.value * units[budget.kind]
-    return Problem(tuple(s.name for s in model.layers), tuple(c.key for c in candidates), np.array(scores, float),
-                   {k: np.array(v, float) for k, v in costs.items()}, limits, units=units)
+    return build_problem(model, table, candidates, budgets, profiles.load(profile), options, keep, latency)[0]
 
 
-def allocate(model, calib, budgets, *, metric: str = "kl", method: str = "ilp", weight_bits=(2, 3, 4, 5, 6, 7, 8),
-             act_bits=(8,), rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
-             limit: int = 256, time_limit: float = 10.0, cache_dir=None, preprocess=None):
-    """Chooses every layer's precision under `budgets` (see `onnxmpq.allocate`); returns
-    (assignment, Allocation, SensitivityTable)."""
-    from onnxmpq.allocate import solve
-    from onnxmpq.sensitivity import parse_candidates
+def allocate(model, calib, budgets, *, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
+             preprocess=None, **settings):
+    """Chooses every layer's precision under `budgets` (keyword settings: those of `plan.Settings`);
+    returns (assignment, Allocation, SensitivityTable)."""
+    from onnxmpq import plan
 
     model = load(model)
-    candidates = parse_candidates(weight_bits, act_bits)
-    table = sensitivity(model, calib, metrics=[metric], weight_bits=weight_bits, act_bits=act_bits,
-                        rounding=rounding, options=options, limit=limit, cache_dir=cache_dir,
-                        preprocess=preprocess)[0]
-    result = solve(allocation_problem(model, table, candidates, budgets, options), method, time_limit)
-    by_key = {c.key: c for c in candidates}
-    return {name: by_key[key] for name, key in result.choice.items()}, result, table
+    config = plan.Settings(**settings)
+    rounding = Rounding(rounding).resolve(config.weight_bits, True)
+    chosen = plan.choose(model, calib, budgets, config, options, rounding, preprocess=preprocess,
+                         sensitivity=lambda metric, wb, ab: sensitivity(
+                             model, calib, metrics=[metric], weight_bits=wb, act_bits=ab, rounding=rounding,
+                             options=options, limit=config.limit, cache_dir=config.cache_dir,
+                             preprocess=preprocess)[0])
+    return chosen.assignment, chosen.allocation, chosen.table
+
+
+def sweep(model, output, calib, spec: str, settings, *, options: QuantOptions = QuantOptions(),
+          rounding: Rounding | str = Rounding.AUTO, batch_size: int = 32, preprocess=None,
+          write_models: bool = False) -> dict:
+    """Pareto sweep of one budget (see `onnxmpq.sweep`); returns the frontier dict it also writes."""
+    from onnxmpq import sweep as _sweep
+
+    return _sweep.run(model, output, calib, spec, settings, options=options, rounding=rounding,
+                      batch_size=batch_size, preprocess=preprocess, write_models=write_models)

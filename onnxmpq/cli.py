@@ -82,13 +82,13 @@ def _parse_floats(text: str, option: str) -> list[float]:
                            "write e.g. 0.485,0.456,0.406.") from None
 
 
-def parse_layer_bits(items) -> dict[str, Candidate]:
+def parse_layer_bits(items, option: str = "--layer-bits") -> dict[str, Candidate]:
     """NAME=W[:A] items; W or A may be 'float' (or 0) for an unquantized side."""
     out = {}
     for item in items:
         name, sep, bits = item.rpartition("=")
         if not sep or not name:
-            raise OnnxmpqError(f"--layer-bits {item!r} is not NAME=W[:A].", "write e.g. /conv1/Conv=8:8.")
+            raise OnnxmpqError(f"{option} {item!r} is not NAME=W[:A].", "write e.g. /conv1/Conv=8:8.")
         w, _, a = bits.partition(":")
         out[name] = Candidate(_bits(w, item), _bits(a, item) if a else None)
     return out
@@ -148,42 +148,85 @@ def cli(quiet: bool):
 @click.option("--limit", type=int, help="Use at most this many calibration samples.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--budget", "budgets", multiple=True,
-              help="Choose every layer's bits under KIND=VALUE: weight-bytes=150KB, avg-bits=3, bitops=0.5x; repeatable.")
+              help="Choose every layer's bits under KIND=VALUE: weight-bytes=150KB, avg-bits=3, bitops=0.5x, "
+                   "latency-ms=1.5; repeatable (all are honoured).")
 @click.option("--metric", default="kl", show_default=True, help="Sensitivity metric the allocation minimises.")
-@click.option("--method", type=click.Choice(["ilp", "ilp-cpsat", "greedy"]), default="ilp", show_default=True,
-              help="Allocation method under --budget.")
+@click.option("--method", type=click.Choice(["ilp", "ilp-cpsat", "greedy", "threshold", "eagl"]), default="ilp",
+              show_default=True, help="Allocation method under --budget / --max-drop.")
 @click.option("--bits", "bit_choices", default="2,3,4,5,6,7,8", show_default=True,
               help="Candidate weight bits under --budget (activation candidates: --act-bits, comma-separated).")
+@click.option("--profile", help="Hardware profile: a built-in name (see `onnxmpq profiles`) or a YAML file.")
+@click.option("--keep", multiple=True, help="Fix a layer at NAME=W[:A] (float allowed) while the rest are chosen.")
+@click.option("--max-drop", type=float,
+              help="Largest allowed drop in top-1 agreement with the float model on held-out calibration "
+                   "samples (0.01 = 1 point). Alone: the smallest model within it; with --budget: a check.")
+@click.option("--latency", "latency_file", type=click.Path(dir_okay=False),
+              help="Latency table from `onnxmpq profile-latency` (else measured when latency-ms needs it).")
+@click.option("--trials", type=int, default=40, show_default=True, help="Optuna trials of --method threshold.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the searches that sample.")
+@click.option("--sweep", help="Pareto sweep KIND=START:STOP:STEP (e.g. avg-bits=2.5:8:0.5): writes the frontier "
+                              "JSON and plot next to --output instead of one model.")
+@click.option("--sweep-models", is_flag=True, help="With --sweep, also write the model at every point.")
 @click.option("--time-limit", type=float, default=10.0, show_default=True, help="Solver time limit, seconds.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Sensitivity cache folder.")
+@click.option("--weight-layout", type=click.Choice(["auto", "native", "int8-cast"]), default="auto", show_default=True,
+              help="INT4/INT2 weights: DQ on the packed codes (native), or a Cast to INT8 in front so onnxruntime "
+                   "runs its INT8 kernels (int8-cast); auto = int8-cast where activations are 8-bit.")
+@click.option("--no-verify", is_flag=True, help="Skip scoring and timing the written model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @preprocess_options
 @quiet_option
 def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
              percentile, rounding, bias, int2_container, limit, batch_size, budgets, metric, method, bit_choices,
-             time_limit, cache_dir, report_path, as_json, **kw):
-    """Quantize MODEL: uniform bits, or per-layer bits by hand, into a QDQ model at OUTPUT."""
+             profile, keep, max_drop, latency_file, trials, seed, sweep, sweep_models, time_limit, cache_dir,
+             weight_layout, no_verify, report_path, as_json, **kw):
+    """Quantize MODEL: uniform bits, per-layer bits by hand, or bits chosen under budgets and hardware rules."""
+    from onnxmpq import plan
+    from onnxmpq.allocate import parse_budget
+
     overrides = api.read_allocation(allocation) if allocation else {}
     overrides.update(parse_layer_bits(layer_bits))
-    options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias)
+    options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias,
+                           weight_layout)
     acts = [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")]
-    alloc = None
-    if budgets:
-        from onnxmpq.allocate import parse_budget
-        budgets = [parse_budget(b) for b in budgets]
-        alloc = {"metric": metric, "method": method, "time_limit": time_limit, "cache_dir": cache_dir,
-                 "weight_bits": tuple(b for b in (_bits(v.strip(), "--bits") for v in bit_choices.split(",")) if b),
-                 "act_bits": tuple(acts)}
-    elif len(acts) > 1:
+    budgets = [parse_budget(b) for b in budgets]
+    settings = plan.Settings(
+        metric=metric, method=method, time_limit=time_limit, cache_dir=cache_dir, profile=profile,
+        weight_bits=tuple(b for b in (_bits(v.strip(), "--bits") for v in bit_choices.split(",")) if b),
+        act_bits=tuple(acts), keep=parse_layer_bits(keep, "--keep"), max_drop=max_drop, latency=latency_file,
+        trials=trials, seed=seed, limit=limit or 256)
+    if max_drop is not None and not 0 <= max_drop < 1:
+        raise OnnxmpqError(f"--max-drop {max_drop} is not a fraction in [0, 1).", "write e.g. --max-drop 0.01.")
+    if len(acts) > 1 and not (budgets or max_drop is not None):
         raise OnnxmpqError("several --act-bits values need --budget to choose among them.", "give one value.")
+    pre = parse_preprocess(model, kw)
+    if sweep:
+        frontier = api.sweep(model, output, calib, sweep, settings, options=options, rounding=rounding,
+                             batch_size=batch_size, preprocess=pre, write_models=sweep_models)
+        emit(as_json, frontier, _sweep_summary(frontier))
+        return
+    choose = bool(budgets) or max_drop is not None
     report = api.quantize(model, output, calib, weight_bits=_bits(weight_bits, "--weight-bits"),
                           act_bits=acts[0], layer_bits=overrides, options=options, budgets=budgets,
-                          allocation_options=alloc, rounding=rounding,
-                          batch_size=batch_size, limit=limit, preprocess=parse_preprocess(model, kw))
+                          allocation=settings if choose else None, rounding=rounding,
+                          batch_size=batch_size, limit=limit, preprocess=pre, verify=not no_verify)
     if report_path:
         api.write_report(report, report_path)
     emit(as_json, report.to_dict(), _quantize_summary(report))
+
+
+def _sweep_summary(frontier: dict) -> str:
+    lines = [f"Pareto sweep of {frontier['kind']}: {len(frontier['points'])} points -> {frontier['json']}, "
+             f"{frontier['plot']}",
+             f"{'value':>8} {'avg W':>6} {'weight B':>10} {'BitOps':>10} {'drop':>7} {'KL':>8}  status"]
+    for p in frontier["points"]:
+        if "error" in p:
+            lines.append(f"{p['value']:>8g} {'':>6} {'':>10} {'':>10} {'':>7} {'':>8}  {p['error']}")
+        else:
+            lines.append(f"{p['value']:>8g} {p['avg_weight_bits']:>6.2f} {p['weight_bytes']:>10,d} {p['bitops']:>10.3g} "
+                         f"{p['drop']:>7.4f} {p['kl']:>8.4f}  {p['status']}")
+    return "\n".join(lines)
 
 
 def _quantize_summary(report) -> str:
@@ -194,6 +237,16 @@ def _quantize_summary(report) -> str:
              f"  file      {report.float_file_bytes:>12,d} B float -> {report.file_bytes:>10,d} B "
              f"({report.file_bytes / max(report.float_file_bytes, 1):.3f}x)",
              f"  BitOps    {report.bitops:.4g} per sample; {report.time_s:.1f} s"]
+    if report.allocation:
+        a = report.allocation
+        lines.append(f"  chosen by {a['solver']} ({a['status']}), metric {a['metric']}, profile {a['profile']}: "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in a["costs"].items()))
+    if report.verification:
+        v = report.verification
+        lines.append(f"  verified on {v['samples']} {'held-out' if v['held_out'] else 'calibration'} samples: "
+                     f"agreement {v['agreement']:.4f} (drop {v['drop']:.4f}), SQNR {v['sqnr_db']:.1f} dB; "
+                     f"latency {v['latency_ms']:.2f} ms (float {v['float_latency_ms']:.2f})"
+                     + (f", predicted {v['predicted_latency_ms']:.2f}" if "predicted_latency_ms" in v else ""))
     lines += [f"  note: {n}" for n in report.notes]
     lines += [f"  float: {n} ({r})" for n, r in report.skipped]
     return "\n".join(lines)

@@ -41,7 +41,9 @@ class Evaluation:
         return {k: v for k, v in out.items() if v is not None or k in ("samples",)}
 
 
-class _Sums:
+class Sums:
+    """Streamed sums behind the metrics of the module docstring (shared with `verify`)."""
+
     def __init__(self):
         self.samples = self.correct = self.labelled = 0
         self.rows = self.agree = 0
@@ -80,7 +82,7 @@ def evaluate(model, source, reference=None, *, batch_size: int = 100, threads: i
     start = time.perf_counter()
     sess = runtime.session(model, threads)
     ref_sess = runtime.session(reference, threads) if reference is not None else None
-    sums = _Sums()
+    sums = Sums()
     for batch in source.batches(batch_size):
         feed = dict(batch.inputs)
         y = runtime.run(sess, feed)[0]

@@ -100,6 +100,7 @@ class Report:
     notes: Sequence[str] = ()
     settings: dict = field(default_factory=dict)
     allocation: dict | None = None
+    verification: dict | None = None  # the written file against the float model (held-out samples)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -121,7 +122,11 @@ def summarize(results: Sequence[LayerResult]) -> dict:
 def storage_notes(results: Sequence[LayerResult]) -> list[str]:
     """Plain-language notes on how unusual widths are stored."""
     notes = []
-    if any(r.weight_type.startswith("INT2") for r in results):
+    if any(r.weight_type.startswith(("INT4", "INT2")) and r.weight_type.endswith("INT8 kernels") for r in results):
+        notes.append("INT4/INT2 weights beside 8-bit activations are stored packed and reach their DQ through a "
+                     "Cast to INT8, which onnxruntime folds at load so the layer runs on its INT8 kernels "
+                     "(the file of the narrow type, the speed of W8A8; --weight-layout native to drop it).")
+    if any(r.weight_type.startswith("INT2") and "Reshape guard" in r.weight_type for r in results):
         notes.append("2-bit weights are stored as INT2 (4 per byte) and reach their layer through a "
                      "shape-preserving Reshape: onnxruntime 1.32 would otherwise fuse DQ(INT2)+Conv into a "
                      "QLinearConv it cannot build. Use --int2-container int4 for a plain DQ (2 per byte).")

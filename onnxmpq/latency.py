@@ -1,0 +1,115 @@
+"""Measured latency per layer and candidate, in onnxruntime on this machine, for `latency-ms` budgets.
+
+A reference model has every layer at the reference candidate (the most precise one probed). For layer
+l and candidate c the whole model is timed with only l switched to c; the additive model predicts
+
+    T(assignment) = T_ref + sum_l d[l, c_l],   d[l, c] = T(ref with l at c) - T_ref   (d[l, ref] = 0)
+
+Timing is the median over `runs` single-batch runs after a warm-up, with onnxruntime's default
+optimisations and `threads` intra-op threads. Candidates that give a layer the same ONNX types (weight
+container, Cast layout, activation type; e.g. W3 and W4 both in INT4) run the same kernels, so one
+measurement serves them all. BitOps miss what this sees: an INT4 Conv without the INT8 Cast runs as
+dequantize + float Conv, slower than its W8A8 kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from onnxmpq import runtime
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.quantize import build, cast_to_int8, layer_formats
+from onnxmpq.types import Candidate, QuantOptions
+
+RUNS = 30
+WARMUP = 5
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    reference: str                        # candidate key every other layer is at
+    reference_ms: float
+    float_ms: float
+    layers: Mapping[str, Mapping[str, float]]  # layer -> candidate key -> d[l, c] in ms
+    batch: int
+    threads: int
+    runs: int
+
+    def predict(self, assignment: Mapping[str, Candidate]) -> float:
+        """T_ref + sum of the chosen candidates' changes (layers not in the table count 0)."""
+        return self.reference_ms + sum(self.layers.get(name, {}).get(c.key, 0.0) for name, c in assignment.items())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatencyTable":
+        try:
+            return cls(**{**data, "layers": {k: dict(v) for k, v in data["layers"].items()}})
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise OnnxmpqError(f"not a latency table ({exc}).", "write one with `onnxmpq profile-latency`.") from None
+
+    def save(self, path) -> None:
+        from onnxmpq.export import write_json
+        write_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path) -> "LatencyTable":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise OnnxmpqError(f"cannot read latency table {str(path)!r}: {exc}.",
+                               "write one with `onnxmpq profile-latency`.") from None
+
+
+def time_model(proto, feed: Mapping[str, np.ndarray], runs: int = RUNS, threads: int = 2) -> float:
+    """Median wall time of one run in ms (after WARMUP runs)."""
+    sess = runtime.session(proto, threads)
+    for _ in range(WARMUP):
+        sess.run(None, dict(feed))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, dict(feed))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def kernel_class(spec, cand: Candidate, options: QuantOptions) -> tuple:
+    """What decides a layer's kernels: the ONNX types and layout a candidate gives it."""
+    wfmt, afmt = layer_formats(spec, cand, options)
+    cast = bool(wfmt and cast_to_int8(wfmt, afmt, options))
+    return (8 if cast else (wfmt.onnx_type if wfmt else None), afmt.onnx_type if afmt else None)
+
+
+def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np.ndarray],
+            options: QuantOptions = QuantOptions(), runs: int = RUNS, threads: int = 2,
+            on_layer: Callable[[str], None] | None = None) -> LatencyTable:
+    """Times the reference and every (layer, kernel class) switch; see the module docstring."""
+    if not model.layers:
+        raise OnnxmpqError("the model has no quantizable layer to time.", "run `onnxmpq inspect MODEL`.")
+    ref = max(candidates, key=lambda c: ((c.weight_bits or 32), (c.act_bits or 32)))
+    base = {spec.name: ref for spec in model.layers}
+    t_ref = time_model(build(model, base, stats, options)[0], feed, runs, threads)
+    t_float = time_model(model.proto, feed, runs, threads)
+    layers = {}
+    for spec in model.layers:
+        measured: dict[tuple, float] = {kernel_class(spec, ref, options): 0.0}
+        row = {}
+        for cand in candidates:
+            key = kernel_class(spec, cand, options)
+            if key not in measured:
+                proto, _ = build(model, {**base, spec.name: cand}, stats, options)
+                measured[key] = time_model(proto, feed, runs, threads) - t_ref
+            row[cand.key] = measured[key]
+        layers[spec.name] = row
+        if on_layer:
+            on_layer(spec.name)
+    batch = len(next(iter(feed.values())))
+    return LatencyTable(ref.key, t_ref, t_float, layers, batch, threads, runs)

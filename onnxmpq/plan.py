@@ -1,0 +1,197 @@
+"""Choosing every layer's precision: sensitivity -> problem -> solver, with the drop-limited searches.
+
+`choose` is the allocation stage of `quantize`:
+
+- budgets only: the solver's answer under them;
+- `max_drop` only: the most compressed point whose measured drop (see `verify`) stays within it. For
+  `greedy` the points are its walk (AIMET phase 2: binary search along the list); for `ilp` and `eagl`
+  the solutions at average weight bits from the largest candidate width down in steps of 0.25; for
+  `threshold` its Optuna search. The search assumes the drop grows along the list, as AIMET does.
+- both: the budgets' answer, checked against the drop (exit 2 when it does not hold).
+
+Probes inside a search use nearest rounding (fast); the written model uses the requested rounding and
+is verified again after writing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from onnxmpq import calibrate, profiles
+from onnxmpq.allocate import Allocation, Budget, Problem, result, solve
+from onnxmpq.allocate.greedy import ladder
+from onnxmpq.allocate.problem import build_problem
+from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.quantize import build
+from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.verify import Judge, held_out_batches
+
+HELD_OUT = 256
+STEP_BITS = 0.25
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to choose: metric, method, candidate widths, rules and search limits."""
+
+    metric: str = "kl"
+    method: str = "ilp"
+    weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    act_bits: tuple[int | None, ...] = (8,)
+    time_limit: float = 10.0
+    cache_dir: str | None = None
+    profile: str | None = None
+    keep: Mapping[str, Candidate] = field(default_factory=dict)
+    max_drop: float | None = None
+    latency: str | None = None     # a latency table file; measured when a latency-ms budget needs one
+    trials: int = 40
+    limit: int = 256
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"metric": self.effective_metric, "method": self.method, "weight_bits": list(self.weight_bits),
+                "act_bits": list(self.act_bits), "time_limit": self.time_limit,
+                "profile": self.profile or "any", "keep": {k: v.key for k, v in self.keep.items()},
+                "max_drop": self.max_drop, "trials": self.trials, "samples": self.limit, "seed": self.seed}
+
+    @property
+    def effective_metric(self) -> str:
+        """eagl values weight entropy; threshold needs the output entropy; the rest use `metric`."""
+        return {"eagl": "weight-entropy", "threshold": "output-entropy"}.get(self.method, self.metric)
+
+
+@dataclass(frozen=True)
+class Plan:
+    assignment: dict[str, Candidate]
+    allocation: Allocation
+    problem: Problem
+    fixed: dict[str, Candidate]
+    table: object = None
+    latency: object = None
+    search: tuple[dict, ...] = ()   # the points a drop-limited search measured
+
+
+class Context:
+    """Calibration data, statistics and the fidelity judge, made once and shared by the searches."""
+
+    def __init__(self, model, calib, settings: Settings, preprocess=None):
+        self.model, self.settings = model, settings
+        source = calibrate.read(calib, model, preprocess=preprocess)
+        feeds, held_out = held_out_batches(source, settings.limit, HELD_OUT)
+        self.judge = Judge(model.proto, feeds, held_out)
+        self.first = {k: v[:1] for k, v in feeds[0].items()} if feeds else {}
+        calib_source = calibrate.read(calib, model, limit=settings.limit, preprocess=preprocess)
+        self.stats = calibrate.collect(model, calib_source, [s.activation for s in model.layers])
+
+    def drop(self, assignment: Mapping[str, Candidate], options: QuantOptions) -> float:
+        proto, _ = build(self.model, assignment, self.stats, options)
+        return self.judge.score(proto).drop
+
+
+def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options: QuantOptions,
+           rounding: Rounding, sensitivity: Callable, preprocess=None) -> Plan:
+    """The allocation stage (see the module docstring). `sensitivity(metric, candidates)` gives the table."""
+    from onnxmpq.sensitivity import parse_candidates
+
+    if not budgets and settings.max_drop is None:
+        raise OnnxmpqError("choosing bits needs a --budget or a --max-drop.", "add e.g. --budget avg-bits=4.")
+    profile = profiles.load(settings.profile)
+    candidates = parse_candidates(settings.weight_bits, settings.act_bits)
+    table = sensitivity(settings.effective_metric, settings.weight_bits, settings.act_bits)
+    ctx = Context(model, calib, settings, preprocess) if (
+        settings.max_drop is not None or settings.method == "threshold"
+        or any(b.kind == "latency-ms" for b in budgets)) else None
+    latency = _latency(model, candidates, budgets, settings, options, ctx)
+    search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
+    problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
+    if ctx is not None:
+        problem = _with_fidelity(problem, fixed, candidates, ctx, options)
+    allocation, search = _solve(problem, budgets, settings)
+    by_key = {c.key: c for c in candidates}
+    assignment = {**{n: by_key[k] for n, k in allocation.choice.items()}, **fixed}
+    assignment = {spec.name: assignment[spec.name] for spec in model.layers if spec.name in assignment}
+    return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search))
+
+
+def _latency(model, candidates, budgets, settings: Settings, options, ctx):
+    if not any(b.kind == "latency-ms" for b in budgets):
+        return None
+    from onnxmpq import latency, progress
+
+    if settings.latency:
+        return latency.LatencyTable.load(settings.latency)
+    with progress.bar("latency", len(model.layers), unit="layer") as advance:
+        return latency.profile(model, candidates, ctx.stats, ctx.first, options, on_layer=lambda n: advance(1))
+
+
+def _with_fidelity(problem: Problem, fixed, candidates, ctx: Context, options: QuantOptions) -> Problem:
+    def fidelity(index: Sequence[int]) -> float:
+        chosen = {problem.layers[l]: candidates[c] for l, c in enumerate(index)}
+        return ctx.drop({**chosen, **fixed}, options)
+    return replace(problem, fidelity=fidelity)
+
+
+def _solve(problem: Problem, budgets, settings: Settings) -> tuple[Allocation, list[dict]]:
+    if settings.method == "threshold":
+        alloc = solve(problem, "threshold", settings.time_limit, max_drop=settings.max_drop,
+                      trials=settings.trials, seed=settings.seed)
+        return alloc, []
+    if settings.max_drop is None:
+        return solve(problem, settings.method, settings.time_limit), []
+    if budgets:
+        alloc = solve(problem, settings.method, settings.time_limit)
+        index = [problem.candidates.index(alloc.choice[n]) for n in problem.layers]
+        drop = problem.fidelity(index)
+        if drop > settings.max_drop:
+            raise ConstraintError(f"at the budget the measured drop is {drop:.4f}, over --max-drop "
+                                  f"{settings.max_drop:g}.", "raise the budget, or drop --budget to let "
+                                  "--max-drop find the smallest model within it.")
+        return alloc, [{"drop": drop, **alloc.costs}]
+    return _drop_search(problem, settings)
+
+
+def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list[dict]]:
+    """Binary search along the method's list of points for the last one within the drop."""
+    if settings.method == "greedy":
+        points = ladder(problem)
+        at = lambda i: points[i]  # noqa: E731
+        count = len(points)
+    else:
+        widths = [w for w in problem.weight_bits if w]
+        grid = np.arange(max(widths), min(widths) - 1e-9, -STEP_BITS)
+        cache: dict[int, list[int]] = {}
+
+        def at(i: int) -> list[int]:
+            if i not in cache:
+                budget = replace(problem, limits={
+                    **problem.limits, "avg-bits": grid[i] * problem.units["avg-bits"] - problem.offsets["avg-bits"]})
+                alloc = solve(budget, settings.method, settings.time_limit)
+                cache[i] = [problem.candidates.index(alloc.choice[n]) for n in problem.layers]
+            return cache[i]
+        count = len(grid)
+    search, drops = [], {}
+
+    def drop(i: int) -> float:
+        if i not in drops:
+            drops[i] = problem.fidelity(at(i))
+            row = result(problem, at(i), settings.method, "feasible")
+            search.append({"point": i, "drop": drops[i], **row.costs})
+        return drops[i]
+
+    if drop(0) > settings.max_drop:
+        raise ConstraintError(f"even the most precise choice drops {drops[0]:.4f}, over --max-drop "
+                              f"{settings.max_drop:g}.", "raise --max-drop or add wider candidates (--bits).")
+    lo, hi = 0, count - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if drop(mid) <= settings.max_drop:
+            lo = mid
+        else:
+            hi = mid - 1
+    alloc = result(problem, at(lo), f"{settings.method} + max-drop search", "feasible")
+    return Allocation(alloc.choice, alloc.objective, alloc.solver, alloc.status, alloc.costs,
+                      {"drop": drops[lo], "points": count, "measured": len(drops)}), search

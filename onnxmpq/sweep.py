@@ -1,0 +1,105 @@
+"""Pareto sweep: the allocation at every value of one budget, each model built and measured.
+
+`--sweep avg-bits=2.5:8:0.5` solves at 2.5, 3.0, ..., 8.0 average weight bits (any budget kind; values
+in its unit), builds each model with the requested rounding, and scores it against the float model on
+held-out calibration samples (`verify`). The sensitivity table is measured once. Output, next to
+OUTPUT: `<stem>.sweep.json` ({"kind", "points": [{value, avg_weight_bits, weight_bytes, bitops, drop,
+agreement, kl, sqnr_db, status, model?}], "frontier": [indices of the non-dominated points]}) and
+`<stem>.sweep.png` (size against drop, frontier joined); with `write_models`, `<stem>.<value>.onnx`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from onnxmpq.allocate import Budget, parse_budget
+from onnxmpq.errors import ConstraintError, OnnxmpqError
+
+
+def parse_range(spec: str) -> tuple[str, list[float], bool]:
+    """KIND=START:STOP:STEP -> (kind, values, relative)."""
+    kind, sep, span = spec.partition("=")
+    parts = span.split(":")
+    if not sep or len(parts) != 3:
+        raise OnnxmpqError(f"--sweep {spec!r} is not KIND=START:STOP:STEP.", "write e.g. --sweep avg-bits=2.5:8:0.5.")
+    relative = parts[0].strip().lower().endswith("x")
+    try:
+        start, stop, step = (float(p.strip().rstrip("xX")) for p in parts)
+    except ValueError:
+        raise OnnxmpqError(f"--sweep {spec!r} has a value that is not a number.", "write e.g. avg-bits=2.5:8:0.5.") from None
+    if step <= 0 or stop < start:
+        raise OnnxmpqError(f"--sweep {spec!r} needs START <= STOP and STEP > 0.", "write e.g. avg-bits=2.5:8:0.5.")
+    parse_budget(f"{kind}={start}{'x' if relative else ''}")  # validates the kind
+    values = [round(v, 10) for v in np.arange(start, stop + step / 2, step)]
+    if len(values) > 200:
+        raise OnnxmpqError(f"--sweep {spec!r} has {len(values)} points.", "use a larger STEP (at most 200 points).")
+    return kind.strip().lower(), values, relative
+
+
+def frontier(points: list[dict]) -> list[int]:
+    """Indices of points no other point beats on both weight bytes and drop (ties kept)."""
+    ok = [i for i, p in enumerate(points) if "error" not in p]
+    return [i for i in ok if not any(points[j]["weight_bytes"] <= points[i]["weight_bytes"]
+                                     and points[j]["drop"] <= points[i]["drop"]
+                                     and (points[j]["weight_bytes"], points[j]["drop"]) !=
+                                     (points[i]["weight_bytes"], points[i]["drop"]) for j in ok)]
+
+
+def run(model, output, calib, spec: str, settings, *, options, rounding, batch_size: int = 32, preprocess=None,
+        write_models: bool = False) -> dict:
+    from onnxmpq import api, plan, progress
+    from onnxmpq.export import save_model, summarize, write_json
+    from onnxmpq.types import Rounding
+    from onnxmpq.verify import Judge, held_out_batches
+    from onnxmpq import calibrate
+
+    kind, values, relative = parse_range(spec)
+    model = api.load(model)
+    if calib is None:
+        raise OnnxmpqError("a sweep needs calibration data.", "pass --calib PATH.")
+    output = Path(output)
+    api.check_new_file(output, [model.path, calib])
+    rounding = Rounding(rounding).resolve(settings.weight_bits, True)
+    tables: dict = {}
+
+    def table(metric, wb, ab):
+        if metric not in tables:
+            tables[metric] = api.sensitivity(model, calib, metrics=[metric], weight_bits=wb, act_bits=ab,
+                                             rounding=rounding, options=options, limit=settings.limit,
+                                             cache_dir=settings.cache_dir, preprocess=preprocess)[0]
+        return tables[metric]
+
+    source = calibrate.read(calib, model, preprocess=preprocess)
+    judge = Judge(model.proto, *held_out_batches(source, settings.limit, 256))
+    points = []
+    with progress.bar("sweep", len(values), unit="point") as advance:
+        for value in values:
+            budget = Budget(kind, value * (1 if relative else 1), relative)
+            try:
+                chosen = plan.choose(model, calib, [budget], dataclasses.replace(settings, max_drop=None), options,
+                                     rounding, table, preprocess)
+            except ConstraintError as exc:
+                points.append({"value": value, "error": str(exc).split(". Hint")[0]})
+                advance(1)
+                continue
+            proto, results, _, _ = api.materialize(model, chosen.assignment, calib, options, rounding, batch_size,
+                                                   settings.limit, preprocess)
+            point = {"value": value, **summarize(results), **judge.score(proto).to_dict(),
+                     "status": chosen.allocation.status, "bits": {n: c.key for n, c in chosen.assignment.items()}}
+            if write_models:
+                path = output.with_name(f"{output.stem}.{value:g}.onnx")
+                save_model(proto, path)
+                point["model"] = str(path)
+            points.append(point)
+            advance(1)
+    out = {"kind": kind, "relative": relative, "metric": settings.effective_metric, "method": settings.method,
+           "rounding": str(rounding), "points": points, "frontier": frontier(points),
+           "json": str(output.with_name(f"{output.stem}.sweep.json")),
+           "plot": str(output.with_name(f"{output.stem}.sweep.png"))}
+    write_json(out, out["json"])
+    from onnxmpq.plots import pareto_plot
+    pareto_plot(points, out["frontier"], out["plot"], f"{model.path.name if model.path else 'model'}: {kind} sweep")
+    return out
