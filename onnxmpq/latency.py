@@ -6,7 +6,8 @@ l and candidate c the whole model is timed with only l switched to c; the additi
     T(assignment) = T_ref + sum_l d[l, c_l],   d[l, c] = T(ref with l at c) - T_ref   (d[l, ref] = 0)
 
 Timing is the median over `runs` single-batch runs after a warm-up, with onnxruntime's default
-optimisations and `threads` intra-op threads. Candidates that give a layer the same ONNX types (weight
+optimisations and `threads` intra-op threads; each d[l, c] is measured paired, the variant's and the
+reference's runs alternating, so a machine that slows down mid-way shifts both alike. Candidates that give a layer the same ONNX types (weight
 container, Cast layout, activation type; e.g. W3 and W4 both in INT4) run the same kernels, so one
 measurement serves them all. BitOps miss what this sees: an INT4 Conv without the INT8 Cast runs as
 dequantize + float Conv, slower than its W8A8 kernel.
@@ -70,15 +71,37 @@ class LatencyTable:
 
 def time_model(proto, feed: Mapping[str, np.ndarray], runs: int = RUNS, threads: int = 2) -> float:
     """Median wall time of one run in ms (after WARMUP runs)."""
-    sess = runtime.session(proto, threads)
-    for _ in range(WARMUP):
-        sess.run(None, dict(feed))
+    sess = _warm(proto, feed, threads)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         sess.run(None, dict(feed))
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1e3)
+
+
+def _warm(proto, feed, threads: int):
+    """A warmed-up session whose idle threads do not spin (sessions are timed in turn)."""
+    sess = runtime.session(proto, threads, spin=False)
+    for _ in range(WARMUP):
+        sess.run(None, dict(feed))
+    return sess
+
+
+def _once(sess, feed) -> float:
+    start = time.perf_counter()
+    sess.run(None, dict(feed))
+    return time.perf_counter() - start
+
+
+def paired_delta(ref_sess, proto, feed, runs: int = RUNS, threads: int = 2) -> float:
+    """median(T_variant) - median(T_ref) in ms over alternating runs of the two sessions."""
+    sess = _warm(proto, feed, threads)
+    ref, var = [], []
+    for _ in range(runs):
+        ref.append(_once(ref_sess, feed))
+        var.append(_once(sess, feed))
+    return float((np.median(var) - np.median(ref)) * 1e3)
 
 
 def kernel_class(spec, cand: Candidate, options: QuantOptions) -> tuple:
@@ -96,8 +119,10 @@ def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np
         raise OnnxmpqError("the model has no quantizable layer to time.", "run `onnxmpq inspect MODEL`.")
     ref = max(candidates, key=lambda c: ((c.weight_bits or 32), (c.act_bits or 32)))
     base = {spec.name: ref for spec in model.layers}
-    t_ref = time_model(build(model, base, stats, options)[0], feed, runs, threads)
+    ref_proto = build(model, base, stats, options)[0]
+    t_ref = time_model(ref_proto, feed, runs, threads)
     t_float = time_model(model.proto, feed, runs, threads)
+    ref_sess = _warm(ref_proto, feed, threads)
     layers = {}
     for spec in model.layers:
         measured: dict[tuple, float] = {kernel_class(spec, ref, options): 0.0}
@@ -106,7 +131,7 @@ def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np
             key = kernel_class(spec, cand, options)
             if key not in measured:
                 proto, _ = build(model, {**base, spec.name: cand}, stats, options)
-                measured[key] = time_model(proto, feed, runs, threads) - t_ref
+                measured[key] = paired_delta(ref_sess, proto, feed, runs, threads)
             row[cand.key] = measured[key]
         layers[spec.name] = row
         if on_layer:

@@ -93,13 +93,15 @@ def _rule(weights, activations) -> OpRule:
 
 
 BUILTINS: dict[str, Profile] = {p.name: p for p in [
-    Profile("any", {"default": _rule(ALL_WEIGHTS + (16,), (8, 16, None))},
-            "No hardware rule: every width onnxmpq writes, weight-only layers and float layers allowed."),
+    Profile("any", {"default": _rule(tuple(range(2, 17)), tuple(range(2, 17)) + (None,))},
+            "No hardware rule: every width from 2 to 16 bits, weight-only and float layers, asymmetric "
+            "weights allowed.", symmetric_weights=False),
     Profile("cpu-ort", {"default": _rule(ALL_WEIGHTS, (8, 16))},
             "onnxruntime's CPU provider. Assumptions: integer kernels (QLinearConv, MatMulInteger) exist for "
             "8-bit weights with 8-bit activations; onnxmpq feeds 2-7-bit weights beside 8-bit activations "
             "through a Cast to INT8 so they run on those kernels too; 16-bit activations run as dequantize "
-            "+ float; layers may stay float.", tie=("Concat",)),
+            "+ float; layers may stay float; asymmetric (uint8) weights run too.", symmetric_weights=False,
+            tie=("Concat",)),
     Profile("int8-only", {"default": _rule((8,), (8,))},
             "An int8-only accelerator (the common NPU/DSP case): W8A8 everywhere, per-channel symmetric "
             "weights, no float layer, inputs of a Concat share one scale.",

@@ -17,10 +17,13 @@ THREADS: int | None = None  # intra-op threads of every session; None = onnxrunt
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None,
-            optimize: bool = True) -> ort.InferenceSession:
-    """A CPU InferenceSession at the default optimisation level (all optimisations) unless `optimize=False`."""
+            optimize: bool = True, spin: bool = True) -> ort.InferenceSession:
+    """A CPU InferenceSession at the default optimisation level (all optimisations) unless `optimize=False`;
+    `spin=False` stops idle worker threads from spin-waiting (timing several sessions in turn)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     threads = threads or THREADS
     if threads:
         options.intra_op_num_threads = threads
