@@ -101,7 +101,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
              batch_size: int = 32, limit: int | None = None, preprocess=None, budgets=(),
-             allocation: "plan.Settings | Mapping | None" = None, verify: bool = True) -> Report:
+             allocation: "plan.Settings | Mapping | None" = None, verify: bool = True,
+             report_dir: str | os.PathLike | None = None, stable: bool = False) -> Report:
     """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
 
     With `budgets` (or `allocation.max_drop`) every layer's precision is chosen by `plan.choose` under
@@ -110,7 +111,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     network gives it, after a least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`);
     `auto` (the default) uses gptq when a layer has fewer than 8 weight bits and `calib` is given.
     With `calib` and `verify`, the written file is scored against the float model on held-out samples
-    and timed (report `verification`).
+    and timed (report `verification`). `report_dir` also writes report.json and report.html with plots
+    (see `onnxmpq.report`); `stable` leaves the run-dependent timings out of that report.json.
     """
     from onnxmpq import plan
 
@@ -144,7 +146,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     file_bytes = save_model(proto, output)
     checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen) \
         if calib is not None and verify else None
-    return Report(
+    report = Report(
         model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
         file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
@@ -155,6 +157,13 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
                   "percentile": options.percentile, "int2_container": options.int2_container, "bias": options.bias,
                   "weight_layout": options.weight_layout},
         **summarize(results))
+    if report_dir is not None:
+        from onnxmpq import report as pages
+        with progress.bar("report", 1, unit="page") as advance:
+            figs = pages.figures(report.to_dict(), chosen, model, calib, options, preprocess)
+            pages.write(report.to_dict(stable=stable), report_dir, figs)
+            advance(1)
+    return report
 
 
 def materialize(model: Model, assignment, calib, options: QuantOptions, rounding: Rounding, batch_size: int = 32,

@@ -1,4 +1,5 @@
-"""onnxmpq's command line: quantize, evaluate, inspect, compare.
+"""onnxmpq's command line: quantize, evaluate, inspect, compare, sensitivity (and, from `cli_deploy`,
+check, profiles, profile-latency, run).
 
 Exit codes: 0 success, 1 user error (one line on stderr with a hint, no traceback), 2 a rule or budget
 violated. Every command takes `--json` for one machine-readable object on stdout; logs and progress
@@ -174,13 +175,17 @@ def cli(quiet: bool):
                    "runs its INT8 kernels (int8-cast); auto = int8-cast where activations are 8-bit.")
 @click.option("--no-verify", is_flag=True, help="Skip scoring and timing the written model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report JSON here.")
+@click.option("--report-dir", type=click.Path(file_okay=False),
+              help="Write report.json and a self-contained report.html with plots into this folder.")
+@click.option("--stable-report", is_flag=True, help="Leave wall times and latencies out of the report files "
+                                                   "(the same inputs and seed then give identical bytes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @preprocess_options
 @quiet_option
 def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
              percentile, rounding, bias, int2_container, limit, batch_size, budgets, metric, method, bit_choices,
              profile, keep, max_drop, latency_file, trials, seed, sweep, sweep_models, time_limit, cache_dir,
-             weight_layout, no_verify, report_path, as_json, **kw):
+             weight_layout, no_verify, report_path, report_dir, stable_report, as_json, **kw):
     """Quantize MODEL: uniform bits, per-layer bits by hand, or bits chosen under budgets and hardware rules."""
     from onnxmpq import plan
     from onnxmpq.allocate import parse_budget
@@ -210,9 +215,10 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
     report = api.quantize(model, output, calib, weight_bits=_bits(weight_bits, "--weight-bits"),
                           act_bits=acts[0], layer_bits=overrides, options=options, budgets=budgets,
                           allocation=settings if choose else None, rounding=rounding,
-                          batch_size=batch_size, limit=limit, preprocess=pre, verify=not no_verify)
+                          batch_size=batch_size, limit=limit, preprocess=pre, verify=not no_verify,
+                          report_dir=report_dir, stable=stable_report)
     if report_path:
-        api.write_report(report, report_path)
+        write_json(report.to_dict(stable=stable_report), report_path)
     emit(as_json, report.to_dict(), _quantize_summary(report))
 
 
@@ -369,8 +375,8 @@ def _table_text(table) -> str:
 def main(argv=None) -> int:
     """Runs the CLI; user errors print one line and exit 1 (2 for violated rules), never a traceback."""
     try:
-        cli.main(args=argv, prog_name="onnxmpq", standalone_mode=False)
-        return 0
+        code = cli.main(args=argv, prog_name="onnxmpq", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # ctx.exit(2) (check's verdict) arrives as a return value
     except OnnxmpqError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
@@ -386,3 +392,6 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+from onnxmpq import cli_deploy  # noqa: E402,F401  (registers check, profiles, profile-latency, run)

@@ -102,9 +102,15 @@ class Report:
     allocation: dict | None = None
     verification: dict | None = None  # the written file against the float model (held-out samples)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, stable: bool = False) -> dict:
+        """The report as JSON data; `stable` drops what changes from run to run (wall times, latencies),
+        so the same inputs and seed give the same bytes."""
         out = asdict(self)
         out["skipped"] = [{"name": n, "reason": r} for n, r in self.skipped]
+        if stable:
+            out.pop("time_s")
+            if out.get("verification"):
+                out["verification"] = {k: v for k, v in out["verification"].items() if "latency" not in k}
         return out
 
 

@@ -126,7 +126,8 @@ def _nearest_fix(layer: qdq.QLayer, profile: Profile) -> str:
     allowed = [Candidate(wb, ab) for wb in rule.weights for ab in rule.activations
                if profile.allows(layer.op_type, Candidate(wb, ab))]
     if not allowed:
-        return f"choose a profile that allows {layer.op_type} at {_label(Candidate(layer.weight_bits, layer.act_bits))}."
+        current = Candidate(layer.weight_bits, layer.act_bits)
+        return f"choose a profile that allows {layer.op_type} at {_label(current)}."
     best = min(allowed, key=lambda c: (abs(c.weight_bits - w), c.weight_bits < w,
                                        abs((c.act_bits or 16) - a), (c.act_bits or 16) < a))
     return f"requantize this layer at {_label(best)} ({_flag(layer.name, best)})."

@@ -73,6 +73,8 @@ class Plan:
     table: object = None
     latency: object = None
     search: tuple[dict, ...] = ()   # the points a drop-limited search measured
+    settings: Settings = Settings()
+    profile: object = None
 
 
 class Context:
@@ -114,7 +116,7 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     by_key = {c.key: c for c in candidates}
     assignment = {**{n: by_key[k] for n, k in allocation.choice.items()}, **fixed}
     assignment = {spec.name: assignment[spec.name] for spec in model.layers if spec.name in assignment}
-    return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search))
+    return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, profile)
 
 
 def _latency(model, candidates, budgets, settings: Settings, options, ctx):

@@ -28,7 +28,7 @@ def sensitivity_plot(tables: Sequence[SensitivityTable], path: str | Path) -> No
         ax.legend(fontsize=7, ncol=min(6, len(table.candidates)))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110, format="png")
+    fig.savefig(path if hasattr(path, "write") else str(path), dpi=110, format="png")
     plt.close(fig)
 
 
@@ -62,7 +62,7 @@ def pareto_plot(points: Sequence[dict], front: Sequence[int], path: str | Path, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110, format="png")
+    fig.savefig(path if hasattr(path, "write") else str(path), dpi=110, format="png")
     plt.close(fig)
 
 
@@ -82,5 +82,5 @@ def bits_plot(layers: Sequence[dict], path: str | Path, title: str = "bits per l
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110, format="png")
+    fig.savefig(path if hasattr(path, "write") else str(path), dpi=110, format="png")
     plt.close(fig)

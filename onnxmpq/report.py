@@ -1,0 +1,139 @@
+"""Report folders a person would rather look at than read: `report.json` plus a self-contained
+`report.html` (plots embedded as base64 PNG, no external file or script):
+
+- bits per layer along the network (weights and activations);
+- sensitivity per layer and candidate, when the precision was chosen from a sensitivity table;
+- the Pareto curve of weight bytes against the drop in agreement with the float model, the chosen
+  point marked (a nearest-rounding sweep of average bits over the candidate widths, same table);
+- a table of the layers: op, bits, parameters, MACs, stored bytes, types.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from onnxmpq.export import write_json
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0}td.l{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+.kv td{text-align:left}h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}"""
+
+
+def write(report_dict: dict, folder: str | Path, figures: dict[str, bytes], stable: bool = False) -> Path:
+    """Writes report.json and report.html into `folder` (created); `figures` maps titles to PNG bytes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(report_dict, folder / "report.json")
+    page = render(report_dict, figures)
+    tmp = folder / ".report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(folder / "report.html")
+    return folder / "report.html"
+
+
+def render(r: dict, figures: dict[str, bytes]) -> str:
+    esc = html.escape
+    summary = [("model", r["model"]), ("output", r["output"]),
+               ("weights", f"{r['float_weight_bytes']:,} B float -> {r['weight_bytes']:,} B "
+                           f"({r['weight_bytes'] / max(r['float_weight_bytes'], 1):.3f}x), avg {r['avg_weight_bits']:.2f} bits"),
+               ("file", f"{r['float_file_bytes']:,} B -> {r['file_bytes']:,} B"), ("BitOps", f"{r['bitops']:.4g} per sample"),
+               ("opset", r["opset"]), ("settings", json.dumps(r.get("settings", {})))]
+    if r.get("allocation"):
+        a = r["allocation"]
+        summary += [("allocation", f"{a['solver']} ({a['status']}), metric {a['metric']}, profile {a['profile']}"),
+                    ("budgets", ", ".join(f"{b['kind']}={b['value']:g}{'x' if b['relative'] else ''}"
+                                          for b in a["budgets"]) or "none (max-drop search)"),
+                    ("achieved", ", ".join(f"{k} {v:.4g}" for k, v in a["costs"].items()))]
+    if r.get("verification"):
+        v = r["verification"]
+        summary.append(("verified", f"{v['samples']} {'held-out' if v['held_out'] else 'calibration'} samples: "
+                                    f"agreement {v['agreement']:.4f} (drop {v['drop']:.4f}), KL {v['kl']:.4g}, "
+                                    f"SQNR {v['sqnr_db']:.1f} dB" +
+                                    (f"; latency {v['latency_ms']:.2f} ms (float {v['float_latency_ms']:.2f})"
+                                     if "latency_ms" in v else "")))
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>onnxmpq report</title>"
+             f"<style>{STYLE}</style></head><body><h1>onnxmpq report: {esc(Path(r['model']).name)}</h1>",
+             "<table class='kv'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary)
+             + "</table>"]
+    for title, png in figures.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Layers</h2><table><tr><th>#</th><th>layer</th><th>op</th><th>W</th><th>A</th><th>params</th>"
+                 "<th>MACs</th><th>bytes</th><th>weight type</th><th>act type</th></tr>")
+    for i, l in enumerate(r["layers"]):
+        parts.append(f"<tr><td>{i}</td><td class='l'>{esc(l['name'])}</td><td class='l'>{esc(l['op_type'])}</td>"
+                     f"<td>{l['weight_bits'] or 'float'}</td><td>{l['act_bits'] or 'float'}</td><td>{l['params']:,}</td>"
+                     f"<td>{l['macs']:,}</td><td>{l['weight_bytes']:,}</td><td class='l'>{esc(l['weight_type'])}</td>"
+                     f"<td class='l'>{esc(l['act_type'])}</td></tr>")
+    parts.append("</table>")
+    if r.get("notes"):
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in r["notes"]) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def png_of(draw, *args, **kwargs) -> bytes:
+    """Runs a `plots` function that writes a PNG to a path, returning the bytes instead."""
+    buffer = io.BytesIO()
+    draw(*args, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def figures(report_dict: dict, chosen=None, model=None, calib=None, options=None, preprocess=None) -> dict[str, bytes]:
+    """The report's plots: bits per layer; with a chosen allocation, its sensitivity table and a Pareto
+    curve (nearest rounding, average bits from the smallest to the largest candidate in 0.5 steps)."""
+    from onnxmpq import plots
+
+    out = {"Bits per layer along the network": png_of(plots.bits_plot, report_dict["layers"])}
+    if chosen is None:
+        return out
+    if chosen.table is not None:
+        out[f"Sensitivity per layer and candidate ({chosen.table.metric})"] = png_of(plots.sensitivity_plot, [chosen.table])
+    points = pareto_points(chosen, model, calib, options, preprocess)
+    if points:
+        from onnxmpq.sweep import frontier
+        verified = report_dict.get("verification") or {}
+        mark = {"weight_bytes": report_dict["weight_bytes"], "drop": verified["drop"]} if "drop" in verified else None
+        out["Pareto curve: weight bytes against drop in agreement with float"] = png_of(
+            plots.pareto_plot, points, frontier(points), title="nearest rounding; the star is the written model",
+            chosen=mark)
+    return out
+
+
+def pareto_points(chosen, model, calib, options, preprocess=None) -> list[dict]:
+    """Solve at each average width on the chosen problem, build with nearest rounding and score."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from onnxmpq import plan
+    from onnxmpq.allocate import Budget, solve
+    from onnxmpq.allocate.problem import build_problem
+    from onnxmpq.errors import ConstraintError
+    from onnxmpq.export import summarize
+    from onnxmpq.quantize import build
+    from onnxmpq.sensitivity import parse_candidates
+
+    settings = replace(chosen.settings, max_drop=None)
+    ctx = plan.Context(model, calib, settings, preprocess)
+    candidates = parse_candidates(settings.weight_bits, settings.act_bits)
+    widths = [w for w in settings.weight_bits if w]
+    points = []
+    for value in np.arange(min(widths), max(widths) + 0.25, 0.5):
+        budgets = [Budget("avg-bits", float(value))]
+        problem, fixed = build_problem(model, chosen.table, candidates, budgets, chosen.profile, options,
+                                       settings.keep, None)
+        try:
+            alloc = solve(problem, "ilp", settings.time_limit)
+        except ConstraintError:
+            continue
+        by_key = {c.key: c for c in candidates}
+        assignment = {**{n: by_key[k] for n, k in alloc.choice.items()}, **fixed}
+        proto, results = build(model, assignment, ctx.stats, options)
+        points.append({"value": float(value), **summarize(results), **ctx.judge.score(proto).to_dict()})
+    return points
