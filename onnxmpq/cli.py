@@ -372,8 +372,28 @@ def _table_text(table) -> str:
 # ---------------------------------------------------------------- entry point
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so `finally` blocks remove temporary files as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
-    """Runs the CLI; user errors print one line and exit 1 (2 for violated rules), never a traceback."""
+    """Runs the CLI; user errors print one line and exit 1 (2 for violated rules), never a traceback.
+    SIGINT and SIGTERM stop the run with exit 130 / 143: outputs are renamed into place only when
+    complete, so nothing partial or temporary is left."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     try:
         code = cli.main(args=argv, prog_name="onnxmpq", standalone_mode=False)
         return code if isinstance(code, int) else 0  # ctx.exit(2) (check's verdict) arrives as a return value
@@ -385,9 +405,11 @@ def main(argv=None) -> int:
     except click.ClickException as exc:
         exc.show()
         return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        cause = exc if isinstance(exc, Interrupted) else exc.__cause__  # click wraps Ctrl-C in Abort
+        signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
+        click.echo(f"interrupted ({signal.Signals(signum).name}): no output was written", err=True)
+        return 128 + signum
 
 
 def entry() -> None:

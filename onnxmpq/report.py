@@ -31,8 +31,11 @@ def write(report_dict: dict, folder: str | Path, figures: dict[str, bytes], stab
     write_json(report_dict, folder / "report.json")
     page = render(report_dict, figures)
     tmp = folder / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(folder / "report.html")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(folder / "report.html")
+    finally:
+        tmp.unlink(missing_ok=True)
     return folder / "report.html"
 
 
