@@ -6,7 +6,8 @@ BENCHMARKS.md is the concatenation of every section file.
     .venv/bin/python benchmarks/run.py --quick         # 2,000 test images / 100 OCR lines (smoke run)
 
 Sections: uniform (issue 2: float vs onnxruntime quantize_static vs onnxmpq uniform widths, sizes,
-time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, rank correlation). Each section states its data and when it was measured.
+time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, rank correlation);
+allocation (issue 5: metric x allocator vs uniform, Pareto, solver time). Each section states its data and when it was measured.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks import rounding, sensitivity, uniform  # noqa: E402
+from benchmarks import allocation, rounding, sensitivity, uniform  # noqa: E402
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
-            "sensitivity": sensitivity.run}
+            "sensitivity": sensitivity.run, "allocation": allocation.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 

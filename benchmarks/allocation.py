@@ -1,0 +1,165 @@
+"""Issue 5: mixed precision chosen under budgets against uniform precision.
+
+For ResNet-20 and ResNet-56 (CIFAR-10 test) and PP-OCRv4 recognition (rendered lines): metric x
+allocator at 3, 4 and 5 average weight bits (activations 8), uniform widths beside them, accuracy,
+size, BitOps and search time; GPTQ rows at 2.5 and 3 bits; the OCR mixed A8/A16 target; a Pareto
+frontier plot; the ILP's time on 500 layers x 6 candidates with two budgets. Sensitivity tables are
+measured once per (model, metric) through `--cache` and reused by every allocator.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common
+
+RESULTS = common.ROOT / "benchmarks" / "results"
+BITS = (3, 4, 5)
+
+
+def _quantize(model, out, calib, cache, **kw) -> tuple[object, float]:
+    import onnxmpq
+
+    start = time.perf_counter()
+    report = onnxmpq.quantize(model, out, calib, verify=False, **kw)
+    return report, time.perf_counter() - start
+
+
+def _settings(metric, method, cache, **extra):
+    from onnxmpq import plan
+    return plan.Settings(metric=metric, method=method, cache_dir=str(cache), **extra)
+
+
+def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3)) -> tuple[list, float]:
+    from onnxmpq.allocate import parse_budget
+
+    x, labels = ctx.cifar_test()
+    model, calib, cache = common.MODELS[name], common.CALIB, tmp / f"cache_{name}"
+    score = lambda p: common.classify(p, x, labels)["top1"]  # noqa: E731
+    base = score(model)
+    rows = [[name, "float", "-", "-", 32.0, round(base, 4), "-", "-", "-"]]
+    for wb in (3, 4, 5):
+        report, secs = _quantize(model, tmp / "u.onnx", calib, cache, weight_bits=wb, act_bits=8, rounding="nearest")
+        rows.append([name, f"uniform W{wb}A8", "-", "nearest", wb, round(score(tmp / "u.onnx"), 4),
+                     report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
+    for bits in BITS:
+        for metric in metrics:
+            for method in methods:
+                settings = _settings(metric, method, cache, **({"trials": 30} if method == "threshold" else {}))
+                report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget(f"avg-bits={bits}")],
+                                         allocation=settings, rounding="nearest")
+                rows.append([name, f"{method} avg {bits}", settings.effective_metric, "nearest",
+                             round(report.avg_weight_bits, 3), round(score(tmp / "m.onnx"), 4), report.weight_bytes,
+                             f"{report.bitops:.3g}", f"{secs:.1f}"])
+        if "eagl" in methods and bits == 3:
+            settings = _settings("weight-entropy", "eagl", cache, weight_bits=(2, 4))
+            report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget("avg-bits=3")],
+                                     allocation=settings, rounding="nearest")
+            rows.append([name, "eagl {2,4} avg 3", "weight-entropy", "nearest", round(report.avg_weight_bits, 3),
+                         round(score(tmp / "m.onnx"), 4), report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
+    for wb in (2, 3):
+        report, secs = _quantize(model, tmp / "u.onnx", calib, cache, weight_bits=wb, act_bits=8, rounding="gptq")
+        rows.append([name, f"uniform W{wb}A8", "-", "gptq", wb, round(score(tmp / "u.onnx"), 4), report.weight_bytes,
+                     f"{report.bitops:.3g}", f"{secs:.1f}"])
+    for bits in gptq_bits:
+        settings = _settings("kl", "ilp", cache)
+        report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget(f"avg-bits={bits}")],
+                                 allocation=settings, rounding="gptq")
+        rows.append([name, f"ilp avg {bits}", "kl (gptq probes)", "gptq", round(report.avg_weight_bits, 3),
+                     round(score(tmp / "m.onnx"), 4), report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
+    return rows, base
+
+
+def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
+    from benchmarks import ocr
+    from onnxmpq.allocate import parse_budget
+
+    ox, texts, calib_x = ctx.ocr_sets()
+    calib = tmp / "ocr_calib.npz"
+    np.savez(calib, x=calib_x[:32])
+    model, cache = ocr.model_path(), tmp / "cache_ocr"
+    base = ocr.score(model, ox, texts)
+    rows = [["float", "-", "-", "-", round(100 * base["cer"], 2), round(100 * base["exact"], 1), "-", "-", "-"]]
+    for wb, ab in ((8, 8), (8, 16), (5, 8), (4, 8)):
+        report, secs = _quantize(model, tmp / "u.onnx", calib, cache, weight_bits=wb, act_bits=ab, rounding="auto")
+        s = ocr.score(tmp / "u.onnx", ox, texts)
+        rows.append([f"uniform W{wb}A{ab}", "-", "auto", wb, round(100 * s["cer"], 2), round(100 * s["exact"], 1),
+                     report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
+    for metric in ("kl", "sqnr"):
+        settings = _settings(metric, "ilp", cache, weight_bits=(4, 5, 6, 8), act_bits=(8, 16), limit=32)
+        report, secs = _quantize(model, tmp / "m.onnx", calib, cache, rounding="auto", allocation=settings,
+                                 budgets=[parse_budget("avg-bits=5"), parse_budget("bitops=1.5x")])
+        s = ocr.score(tmp / "m.onnx", ox, texts)
+        a16 = sum(1 for l in report.layers if l.act_bits == 16)
+        rows.append([f"ilp avg 5, bitops 1.5x W8A8 ({a16} layers A16)", metric, "auto",
+                     round(report.avg_weight_bits, 3), round(100 * s["cer"], 2), round(100 * s["exact"], 1),
+                     report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
+    return rows, base["cer"]
+
+
+def ilp_timing() -> list[list]:
+    from onnxmpq.allocate import Problem, solve
+
+    rng = np.random.default_rng(0)
+    n, bits = 500, np.array([2, 3, 4, 5, 6, 8])
+    params, macs = rng.integers(100, 100_000, n), rng.integers(1000, 10 ** 7, n)
+    scores = np.exp(-0.7 * bits)[None, :] * rng.uniform(0.1, 10, (n, 1))
+    problem = Problem(tuple(f"l{i}" for i in range(n)), tuple(f"w{b}a8" for b in bits), scores,
+                      {"avg-bits": (params[:, None] * bits).astype(float),
+                       "bitops": (macs[:, None] * bits * 8).astype(float)},
+                      {"avg-bits": 4.3 * params.sum(), "bitops": 0.5 * (macs * 64).sum()})
+    rows = []
+    for method in ("ilp", "ilp-cpsat", "greedy"):
+        times, status = [], ""
+        for _ in range(3):
+            start = time.perf_counter()
+            status = solve(problem, method, 10.0).status
+            times.append(time.perf_counter() - start)
+        rows.append([method, f"{statistics.median(times):.2f}", status])
+    return rows
+
+
+def pareto(tmp: Path) -> str:
+    from onnxmpq import api, plan
+
+    out = tmp / "sweep.onnx"
+    frontier = api.sweep(common.MODELS["resnet20"], out, common.CALIB, "avg-bits=2:8:0.5",
+                         plan.Settings(cache_dir=str(tmp / "cache_resnet20")), rounding="nearest")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / "pareto_resnet20.png"
+    target.write_bytes(Path(frontier["plot"]).read_bytes())
+    rows = [[p["value"], round(p["avg_weight_bits"], 3), p["weight_bytes"], round(p["drop"], 4), round(p["kl"], 4),
+             "yes" if i in frontier["frontier"] else ""] for i, p in enumerate(frontier["points"]) if "error" not in p]
+    return common.table(["avg-bits budget", "achieved", "weight bytes", "drop (held-out agreement)", "KL", "frontier"],
+                        rows)
+
+
+def run(ctx: common.Context) -> str:
+    parts = ["## Allocation (issue 5)\n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        head = ["model", "allocation", "metric", "rounding", "avg W bits", "top-1", "weight bytes", "BitOps", "s"]
+        rows20, base20 = cifar_rows(ctx, "resnet20", ("kl", "sqnr", "mutual-info"),
+                                    ("ilp", "greedy", "threshold", "eagl"), tmp)
+        x, _ = ctx.cifar_test()
+        parts += [f"### ResNet-20, {len(x):,d} CIFAR-10 test images (float top-1 {base20:.4f}); activations 8 bits; "
+                  "calibration 256 images, no labels; search time includes the sensitivity sweep when not cached\n",
+                  common.table(head, rows20), ""]
+        rows56, base56 = cifar_rows(ctx, "resnet56", ("kl", "sqnr"), ("ilp", "greedy"), tmp, gptq_bits=(2.5,))
+        parts += [f"### ResNet-56 (float top-1 {base56:.4f})\n", common.table(head, rows56), ""]
+        rows_ocr, cer = ocr_rows(ctx, tmp)
+        parts += [f"### PP-OCRv4 recognition, {len(ctx.ocr_sets()[1])} rendered lines (float CER {100 * cer:.2f}%); "
+                  "calibration 32 lines; candidates W4/5/6/8 x A8/A16\n",
+                  common.table(["allocation", "metric", "rounding", "avg W bits", "CER %", "exact %", "weight bytes",
+                                "BitOps", "s"], rows_ocr), ""]
+        parts += ["### Pareto frontier, ResNet-20 (nearest rounding, kl, ilp; drop = 1 - top-1 agreement with float "
+                  "on the 256 calibration samples, the set holding no more)\n", pareto(tmp), "",
+                  "![ResNet-20 Pareto frontier](benchmarks/results/pareto_resnet20.png)\n"]
+    parts += ["### Solver time: 500 layers x 6 candidates, avg-bits and BitOps budgets (median of 3)\n",
+              common.table(["method", "seconds", "status"], ilp_timing()), ""]
+    return "\n".join(parts)
