@@ -7,7 +7,8 @@ BENCHMARKS.md is the concatenation of every section file.
 
 Sections: uniform (issue 2: float vs onnxruntime quantize_static vs onnxmpq uniform widths, sizes,
 time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, rank correlation);
-allocation (issue 5: metric x allocator vs uniform, Pareto, solver time). Each section states its data and when it was measured.
+allocation (issue 5: metric x allocator vs uniform, Pareto, solver time); memory (issue 7: peak RSS
+against calibration size). Each section states its data and when it was measured.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks import allocation, rounding, sensitivity, uniform  # noqa: E402
+from benchmarks import allocation, memory, rounding, sensitivity, uniform  # noqa: E402
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
-            "sensitivity": sensitivity.run, "allocation": allocation.run}
+            "sensitivity": sensitivity.run, "allocation": allocation.run, "memory": memory.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 

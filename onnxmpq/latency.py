@@ -52,8 +52,12 @@ class LatencyTable:
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyTable":
         try:
-            return cls(**{**data, "layers": {k: dict(v) for k, v in data["layers"].items()}})
-        except (TypeError, KeyError, AttributeError) as exc:
+            table = cls(**{**data, "layers": {k: dict(v) for k, v in data["layers"].items()}})
+            for value in [table.reference_ms, table.float_ms] + [v for row in table.layers.values() for v in row.values()]:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                    raise TypeError(f"{value!r} is not a time in ms")
+            return table
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
             raise OnnxmpqError(f"not a latency table ({exc}).", "write one with `onnxmpq profile-latency`.") from None
 
     def save(self, path) -> None:
@@ -108,13 +112,16 @@ def kernel_class(spec, cand: Candidate, options: QuantOptions) -> tuple:
     """What decides a layer's kernels: the ONNX types and layout a candidate gives it."""
     wfmt, afmt = layer_formats(spec, cand, options)
     cast = bool(wfmt and cast_to_int8(wfmt, afmt, options))
-    return (8 if cast else (wfmt.onnx_type if wfmt else None), afmt.onnx_type if afmt else None)
+    from onnx import TensorProto
+    return (TensorProto.INT8 if cast else (wfmt.onnx_type if wfmt else None), afmt.onnx_type if afmt else None)
 
 
 def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np.ndarray],
             options: QuantOptions = QuantOptions(), runs: int = RUNS, threads: int = 2,
-            on_layer: Callable[[str], None] | None = None) -> LatencyTable:
-    """Times the reference and every (layer, kernel class) switch; see the module docstring."""
+            on_layer: Callable[[str], None] | None = None,
+            fixed: Mapping[str, Candidate] | None = None) -> LatencyTable:
+    """Times the reference and every (layer, kernel class) switch; see the module docstring. `fixed`
+    adds a layer's own precision (a kept or pinned layer, or float) to what is timed for it."""
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer to time.", "run `onnxmpq inspect MODEL`.")
     ref = max(candidates, key=lambda c: ((c.weight_bits or 32), (c.act_bits or 32)))
@@ -127,7 +134,8 @@ def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np
     for spec in model.layers:
         measured: dict[tuple, float] = {kernel_class(spec, ref, options): 0.0}
         row = {}
-        for cand in candidates:
+        extra = [(fixed or {})[spec.name]] if spec.name in (fixed or {}) else []
+        for cand in list(candidates) + extra:
             key = kernel_class(spec, cand, options)
             if key not in measured:
                 proto, _ = build(model, {**base, spec.name: cand}, stats, options)

@@ -107,7 +107,7 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     ctx = Context(model, calib, settings, preprocess) if (
         settings.max_drop is not None or settings.method == "threshold"
         or any(b.kind == "latency-ms" for b in budgets)) else None
-    latency = _latency(model, candidates, budgets, settings, options, ctx)
+    latency = _latency(model, candidates, budgets, settings, options, ctx, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
     if ctx is not None:
@@ -119,15 +119,20 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, profile)
 
 
-def _latency(model, candidates, budgets, settings: Settings, options, ctx):
+def _latency(model, candidates, budgets, settings: Settings, options, ctx, profile):
     if not any(b.kind == "latency-ms" for b in budgets):
         return None
     from onnxmpq import latency, progress
+    from onnxmpq.types import Candidate
 
     if settings.latency:
         return latency.LatencyTable.load(settings.latency)
+    fixed = {spec.name: Candidate(None, None) for spec in model.layers
+             if not any(profile.allows(spec.op_type, c) for c in candidates)}
+    fixed.update({**profile.pin, **settings.keep})
     with progress.bar("latency", len(model.layers), unit="layer") as advance:
-        return latency.profile(model, candidates, ctx.stats, ctx.first, options, on_layer=lambda n: advance(1))
+        return latency.profile(model, candidates, ctx.stats, ctx.first, options, on_layer=lambda n: advance(1),
+                               fixed=fixed)
 
 
 def _with_fidelity(problem: Problem, fixed, candidates, ctx: Context, options: QuantOptions) -> Problem:
@@ -164,7 +169,12 @@ def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list
         count = len(points)
     else:
         widths = [w for w in problem.weight_bits if w]
-        grid = np.arange(max(widths), min(widths) - 1e-9, -STEP_BITS)
+        allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+        costs = problem.costs["avg-bits"]
+        least = problem.user_value("avg-bits", float(np.where(allowed, costs, np.inf).min(axis=1).sum()))
+        most = problem.user_value("avg-bits", float(np.where(allowed, costs, -np.inf).max(axis=1).sum()))
+        grid = [v for v in np.arange(max(widths), min(widths) - 1e-9, -STEP_BITS) if least <= v <= most]
+        grid = [most] + [v for v in grid if v < most] + ([least] if not grid or grid[-1] > least else [])
         cache: dict[int, list[int]] = {}
 
         def at(i: int) -> list[int]:

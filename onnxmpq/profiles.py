@@ -145,7 +145,9 @@ def parse(text: str, source: str = "<profile>") -> Profile:
         lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        if mark is not None and mark.line >= len(text.splitlines()):  # an error found at the end of input
+            mark = getattr(exc, "context_mark", None) or mark
+        where = f" line {min(mark.line + 1, max(len(text.splitlines()), 1))}" if mark else ""
         raise OnnxmpqError(f"profile {source}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.",
                            "fix the YAML syntax (see `onnxmpq profiles --show npu-w4a8` for an example).") from None
     return _Validator(source, lines).profile(data)
