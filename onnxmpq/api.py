@@ -143,9 +143,14 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         assignment = assign(model, weight_bits, act_bits, layer_bits)
     proto, results, notes, model = materialize(model, assignment, calib, options, rounding, batch_size, limit,
                                                preprocess)
-    file_bytes = save_model(proto, output)
-    checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen) \
-        if calib is not None and verify else None
+    with progress.bar("write", 1, unit="file") as advance:
+        file_bytes = save_model(proto, output)
+        advance(1)
+    checked = None
+    if calib is not None and verify:
+        with progress.bar("verify", 1, unit="model") as advance:
+            checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen)
+            advance(1)
     report = Report(
         model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
         file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),

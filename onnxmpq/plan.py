@@ -112,7 +112,10 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
     if ctx is not None:
         problem = _with_fidelity(problem, fixed, candidates, ctx, options)
-    allocation, search = _solve(problem, budgets, settings)
+    from onnxmpq import progress
+    with progress.bar(f"solve ({settings.method})", 1, unit="step") as advance:
+        allocation, search = _solve(problem, budgets, settings)
+        advance(1)
     by_key = {c.key: c for c in candidates}
     assignment = {**{n: by_key[k] for n, k in allocation.choice.items()}, **fixed}
     assignment = {spec.name: assignment[spec.name] for spec in model.layers if spec.name in assignment}
