@@ -97,6 +97,15 @@ def check_new_file(path, inputs) -> None:
         raise OnnxmpqError(f"output folder {str(path.parent)!r} does not exist.", "create it first or choose another path.")
 
 
+def check_new_folder(path) -> None:
+    """A folder to write into: it may exist as a folder or be creatable (checked before work starts)."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OnnxmpqError(f"cannot make folder {str(path)!r}: {str(existing)!r} is a file.",
+                           "choose another --report-dir.")
+
+
 def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
@@ -125,6 +134,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     model = load(model)
     output = Path(output)
     check_new_file(output, [model.path, calib])
+    if report_dir is not None:
+        check_new_folder(report_dir)
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")

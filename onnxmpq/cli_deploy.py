@@ -93,11 +93,39 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
 @click.pass_context
 def run(ctx, config):
     """Quantize (and check) as CONFIG.yaml says; extra quantize options on the command line override it."""
+    import contextlib
+    import io
+    import json
+
     args, check_profile = config_args(config, list(ctx.args))
-    quantize.main(args=args, prog_name="onnxmpq run", standalone_mode=False)
-    if check_profile:
-        output = args[args.index("--output") + 1]
-        ctx.invoke(check, model=output, profile=check_profile, as_json=False)
+    sub = quantize.make_context("onnxmpq run", args, parent=ctx)
+    as_json = sub.params["as_json"]
+    if not check_profile:
+        with sub:
+            quantize.invoke(sub)
+        return
+    sub.params["as_json"] = True
+    captured = io.StringIO()
+    with sub, contextlib.redirect_stdout(captured):
+        quantize.invoke(sub)
+    result = json.loads(captured.getvalue())
+    output = sub.params["output"]
+    target = profiles.load(check_profile)
+    violations = hardware.check(api.load(output).proto, target)
+    verdict = {"model": output, **hardware.summary(violations, target)}
+    if as_json:
+        emit(True, {"quantize": result, "check": verdict}, "")
+    else:
+        from onnxmpq.cli import _quantize_summary
+        from onnxmpq.export import Report
+        click.echo(f"wrote {output}: avg {result['avg_weight_bits']:.2f} weight bits, {result['weight_bytes']:,d} "
+                   f"weight bytes, {result['file_bytes']:,d} file bytes")
+        click.echo(f"{output}: complies with {target.name}" if not violations else
+                   f"{output}: {len(violations)} violation(s) of {target.name}")
+        for v in violations:
+            click.echo(f"  {v.layer}: [{v.rule}] {v.message} Fix: {v.fix}")
+    if violations:
+        ctx.exit(2)
 
 
 def config_args(path: str, overrides: list[str]) -> tuple[list[str], str | None]:
@@ -117,16 +145,16 @@ def config_args(path: str, overrides: list[str]) -> tuple[list[str], str | None]
                            "fix the YAML syntax.") from None
     if not isinstance(data, dict) or "model" not in data or "output" not in data:
         raise OnnxmpqError(f"config {path} must be a mapping with at least `model` and `output`.",
-                           "see the README's pipeline section for an example.")
-    known = {}
+                           "see the README's section 'As a pipeline step' for an example.")
+    long_opts, any_opts = {}, {}
     for param in quantize.params:
         if isinstance(param, click.Option):
-            for opt in param.opts:
+            for opt in param.opts + param.secondary_opts:
+                any_opts[opt] = param
                 if opt.startswith("--"):
-                    known[opt[2:]] = (opt, param)
-    given = {a[2:].split("=")[0] for a in overrides if a.startswith("--")}
-    given |= {opt[2:] for a in overrides for opt, _ in [known.get(a.lstrip("-"), (None, None))] if opt}
-    given_params = {known[g][1].name for g in given if g in known}
+                    long_opts[opt[2:]] = (opt, param)
+    given_params = {any_opts[a.split("=")[0]].name for a in overrides
+                    if a.startswith("-") and a.split("=")[0] in any_opts}
     args = [str(data["model"])]
     check_profile = None
     for key, value in data.items():
@@ -138,7 +166,7 @@ def config_args(path: str, overrides: list[str]) -> tuple[list[str], str | None]
                 raise OnnxmpqError(f"config {path} line {lines.get(('check',), '?')}: key 'check' needs a profile.",
                                    "write check: {profile: int8-only}.")
             continue
-        entry = known.get(str(key).replace("_", "-"))
+        entry = long_opts.get(str(key).replace("_", "-"))
         if entry is None:
             raise OnnxmpqError(f"config {path} line {lines.get((str(key),), '?')}: key {key!r} is not a quantize option.",
                                "use the option names of `onnxmpq quantize --help` without dashes.")

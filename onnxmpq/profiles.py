@@ -78,7 +78,7 @@ class Profile:
                "per_channel": self.per_channel, "symmetric_weights": self.symmetric_weights,
                "float_layers": self.float_layers}
         if self.pairs is not None:
-            out["pairs"] = sorted([w, "float" if a is None else a] for w, a in self.pairs)
+            out["pairs"] = [[w, "float" if a is None else a] for w, a in sorted(self.pairs, key=lambda p: (p[0], p[1] or 0))]
         if self.max_distinct_bits is not None:
             out["max_distinct_bits"] = self.max_distinct_bits
         if self.pin:
@@ -149,7 +149,7 @@ def parse(text: str, source: str = "<profile>") -> Profile:
             mark = getattr(exc, "context_mark", None) or mark
         where = f" line {min(mark.line + 1, max(len(text.splitlines()), 1))}" if mark else ""
         raise OnnxmpqError(f"profile {source}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.",
-                           "fix the YAML syntax (see `onnxmpq profiles --show npu-w4a8` for an example).") from None
+                           "fix the YAML syntax (see `onnxmpq profiles npu-w4a8` for an example).") from None
     return _Validator(source, lines).profile(data)
 
 
@@ -180,7 +180,7 @@ class _Validator:
 
     def profile(self, data) -> Profile:
         if not isinstance(data, dict):
-            self.fail((), "must be a mapping of keys (name, ops, ...)", "start from `onnxmpq profiles --show npu-w4a8`.")
+            self.fail((), "must be a mapping of keys (name, ops, ...)", "start from `onnxmpq profiles npu-w4a8`.")
         for key in data:
             if key not in KEYS:
                 self.fail((str(key),), "is unknown", f"known keys: {', '.join(KEYS)}.")
