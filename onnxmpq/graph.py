@@ -79,7 +79,7 @@ def load(path: str | os.PathLike) -> Model:
     if not proto.HasField("graph"):
         raise OnnxmpqError(f"{str(path)!r} holds no ONNX graph.", "pass an .onnx model file.")
     _load_external_data(proto, path.parent)
-    return from_proto(proto, path)
+    return from_proto(proto, path, copy=False)
 
 
 def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
@@ -116,9 +116,11 @@ def _all_tensors(proto: onnx.ModelProto):
             stack.extend(_subgraphs(node))
 
 
-def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
-    """Prepares an in-memory model: fold Constant weights, upgrade the opset, infer shapes, find layers."""
-    proto = _copy(proto)
+def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = True) -> Model:
+    """Prepares an in-memory model: fold Constant weights, upgrade the opset, infer shapes, find layers.
+    `copy=False` edits `proto` itself (the loader's own copy: one less copy of every weight)."""
+    if copy:
+        proto = _copy(proto)
     if len(proto.graph.node) == 0:
         raise OnnxmpqError("the model's graph has no nodes.", "export the model again; there is nothing to quantize.")
     _name_nodes(proto.graph)
@@ -159,15 +161,45 @@ def at_opset(model: Model, opset: int) -> Model:
     return model if converted is model.proto else dataclasses.replace(model, proto=converted)
 
 
+def keep_initializers(graph: onnx.GraphProto, names) -> None:
+    """Deletes the initializers not in `names`, in place (rebuilding the list would copy every tensor)."""
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name not in names]):
+        del graph.initializer[i]
+
+
+SKELETON_BYTES = 1024  # initializers above this size lose their data in the shape-inference skeleton
+
+
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Runs onnx shape inference (models over 2 GB keep the shapes they have)."""
-    if proto.ByteSize() > _PROTO_LIMIT:
-        return proto
+    """Runs onnx shape inference on a skeleton of the model whose large initializers keep only their type
+    and dims (shapes need no weight values; small ones, which may hold shapes, keep theirs), then copies
+    the inferred value_info back: memory stays near one copy of the weights, and models over 2 GB work."""
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(proto, field))
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    graph = skeleton.graph
+    graph.name = proto.graph.name
+    graph.node.extend(proto.graph.node)
+    graph.input.extend(proto.graph.input)
+    graph.output.extend(proto.graph.output)
+    graph.value_info.extend(proto.graph.value_info)
+    for tensor in proto.graph.initializer:
+        if tensor.ByteSize() <= SKELETON_BYTES:
+            graph.initializer.append(tensor)
+        else:
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
     try:
-        return shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception as exc:  # onnx raises InferenceError and bare RuntimeErrors
         raise OnnxmpqError(f"the model is not a valid ONNX graph: {str(exc).splitlines()[0][:200]}.",
                            "run `python -m onnx.checker MODEL` to see what is wrong.") from None
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
+    for mine, theirs in zip(proto.graph.output, inferred.graph.output):
+        mine.CopyFrom(theirs)
+    return proto
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -235,10 +267,7 @@ def _fold_weight_chains(proto: onnx.ModelProto) -> None:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
-    used = names_read(graph)
-    live = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    keep_initializers(graph, names_read(graph))
 
 
 def names_read(graph: onnx.GraphProto) -> set[str]:
@@ -275,9 +304,7 @@ def prune(proto: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
     nodes = [n for n in graph.node if id(n) in keep]
     del graph.node[:]
     graph.node.extend(nodes)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    keep_initializers(graph, needed)
     outs = [o for o in graph.output if o.name in set(outputs)]
     del graph.output[:]
     graph.output.extend(outs)

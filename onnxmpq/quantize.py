@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxmpq.calibrate.ranges import ActParams, act_params, choose_range
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import IntFormat, act_format, pack, required_opset, weight_format
-from onnxmpq.graph import Model, convert_opset, default_opset, names_read
+from onnxmpq.graph import Model, convert_opset, default_opset, keep_initializers, names_read
 from onnxmpq.qdq import METADATA_KEY
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, TensorStats
@@ -282,9 +282,8 @@ class _Writer:
         del self.graph.node[:]
         self.graph.node.extend(ordered)
         used = names_read(self.graph)
-        keep = [t for t in self.graph.initializer if t.name not in self.replaced or t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
+        keep_initializers(self.graph, {t.name for t in self.graph.initializer
+                                       if t.name not in self.replaced or t.name in used})
         self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto))
 
 
