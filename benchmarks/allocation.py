@@ -19,6 +19,7 @@ import numpy as np
 from benchmarks import common
 
 RESULTS = common.ROOT / "benchmarks" / "results"
+CACHE = common.CACHE / "alloc_cache"  # sensitivity tables kept across runs of this benchmark
 BITS = (3, 4, 5)
 
 
@@ -35,11 +36,11 @@ def _settings(metric, method, cache, **extra):
     return plan.Settings(metric=metric, method=method, cache_dir=str(cache), **extra)
 
 
-def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3)) -> tuple[list, float]:
+def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), bits_list=BITS) -> tuple[list, float]:
     from onnxmpq.allocate import parse_budget
 
     x, labels = ctx.cifar_test()
-    model, calib, cache = common.MODELS[name], common.CALIB, tmp / f"cache_{name}"
+    model, calib, cache = common.MODELS[name], common.CALIB, CACHE / f"cache_{name}"
     score = lambda p: common.classify(p, x, labels)["top1"]  # noqa: E731
     base = score(model)
     rows = [[name, "float", "-", "-", 32.0, round(base, 4), "-", "-", "-"]]
@@ -47,15 +48,17 @@ def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3)) 
         report, secs = _quantize(model, tmp / "u.onnx", calib, cache, weight_bits=wb, act_bits=8, rounding="nearest")
         rows.append([name, f"uniform W{wb}A8", "-", "nearest", wb, round(score(tmp / "u.onnx"), 4),
                      report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
-    for bits in BITS:
-        for metric in metrics:
-            for method in methods:
-                settings = _settings(metric, method, cache, **({"trials": 30} if method == "threshold" else {}))
-                report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget(f"avg-bits={bits}")],
-                                         allocation=settings, rounding="nearest")
-                rows.append([name, f"{method} avg {bits}", settings.effective_metric, "nearest",
-                             round(report.avg_weight_bits, 3), round(score(tmp / "m.onnx"), 4), report.weight_bytes,
-                             f"{report.bitops:.3g}", f"{secs:.1f}"])
+    runs = [(metric, method) for method in methods if method in ("ilp", "greedy") for metric in metrics]
+    runs += [("-", method) for method in methods if method in ("threshold", "eagl")]  # their own metric
+    for bits in bits_list:
+        for metric, method in runs:
+            settings = _settings(metric, method, cache, **({"trials": 30} if method == "threshold" else {}))
+            report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget(f"avg-bits={bits}")],
+                                     allocation=settings, rounding="nearest")
+            rows.append([name, f"{method} avg {bits}", settings.effective_metric, "nearest",
+                         round(report.avg_weight_bits, 3), round(score(tmp / "m.onnx"), 4), report.weight_bytes,
+                         f"{report.bitops:.3g}", f"{secs:.1f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
         if "eagl" in methods and bits == 3:
             settings = _settings("weight-entropy", "eagl", cache, weight_bits=(2, 4))
             report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget("avg-bits=3")],
@@ -82,7 +85,7 @@ def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
     ox, texts, calib_x = ctx.ocr_sets()
     calib = tmp / "ocr_calib.npz"
     np.savez(calib, x=calib_x[:32])
-    model, cache = ocr.model_path(), tmp / "cache_ocr"
+    model, cache = ocr.model_path(), CACHE / "cache_ocr"
     base = ocr.score(model, ox, texts)
     rows = [["float", "-", "-", "-", round(100 * base["cer"], 2), round(100 * base["exact"], 1), "-", "-", "-"]]
     for wb, ab in ((8, 8), (8, 16), (5, 8), (4, 8)):
@@ -96,6 +99,7 @@ def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
                                  budgets=[parse_budget("avg-bits=5"), parse_budget("bitops=1.5x")])
         s = ocr.score(tmp / "m.onnx", ox, texts)
         a16 = sum(1 for l in report.layers if l.act_bits == 16)
+        print("ocr", metric, flush=True)
         rows.append([f"ilp avg 5, bitops 1.5x W8A8 ({a16} layers A16)", metric, "auto",
                      round(report.avg_weight_bits, 3), round(100 * s["cer"], 2), round(100 * s["exact"], 1),
                      report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
@@ -129,7 +133,7 @@ def pareto(tmp: Path) -> str:
 
     out = tmp / "sweep.onnx"
     frontier = api.sweep(common.MODELS["resnet20"], out, common.CALIB, "avg-bits=2:8:0.5",
-                         plan.Settings(cache_dir=str(tmp / "cache_resnet20")), rounding="nearest")
+                         plan.Settings(cache_dir=str(CACHE / "cache_resnet20")), rounding="nearest")
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / "pareto_resnet20.png"
     target.write_bytes(Path(frontier["plot"]).read_bytes())
@@ -150,7 +154,8 @@ def run(ctx: common.Context) -> str:
         parts += [f"### ResNet-20, {len(x):,d} CIFAR-10 test images (float top-1 {base20:.4f}); activations 8 bits; "
                   "calibration 256 images, no labels; search time includes the sensitivity sweep when not cached\n",
                   common.table(head, rows20), ""]
-        rows56, base56 = cifar_rows(ctx, "resnet56", ("kl", "sqnr"), ("ilp", "greedy"), tmp, gptq_bits=(2.5,))
+        rows56, base56 = cifar_rows(ctx, "resnet56", ("kl", "sqnr"), ("ilp", "greedy"), tmp, gptq_bits=(2.5,),
+                                    bits_list=(3, 4))
         parts += [f"### ResNet-56 (float top-1 {base56:.4f})\n", common.table(head, rows56), ""]
         rows_ocr, cer = ocr_rows(ctx, tmp)
         parts += [f"### PP-OCRv4 recognition, {len(ctx.ocr_sets()[1])} rendered lines (float CER {100 * cer:.2f}%); "
