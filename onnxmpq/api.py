@@ -89,9 +89,8 @@ def check_new_file(path, inputs) -> None:
     """An output path must not be one of the inputs, and its folder must exist (checked before work starts)."""
     path = Path(path)
     for other in inputs:
-        if isinstance(other, (str, os.PathLike)) and Path(other).exists() and path.exists() \
-                and path.resolve() == Path(other).resolve():
-            raise OnnxmpqError(f"the output path {str(path)!r} is one of the inputs.",
+        if isinstance(other, (str, os.PathLike)) and path.resolve() == Path(other).resolve():
+            raise OnnxmpqError(f"the output path {str(path)!r} is also a file this run reads or writes.",
                                "write to a new file; inputs are never overwritten.")
     if not path.parent.is_dir():
         raise OnnxmpqError(f"output folder {str(path.parent)!r} does not exist.", "create it first or choose another path.")
@@ -160,7 +159,10 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     checked = None
     if calib is not None and verify:
         with progress.bar("verify", 1, unit="model") as advance:
-            checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen)
+            try:
+                checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen)
+            except OnnxmpqError as exc:  # the model is written and valid; say why it could not be scored
+                checked = {"error": str(exc)}
             advance(1)
     report = Report(
         model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,

@@ -168,7 +168,8 @@ def cli(quiet: bool):
 @click.option("--sweep", help="Pareto sweep KIND=START:STOP:STEP (e.g. avg-bits=2.5:8:0.5): writes the frontier "
                               "JSON and plot next to --output instead of one model.")
 @click.option("--sweep-models", is_flag=True, help="With --sweep, also write the model at every point.")
-@click.option("--time-limit", type=float, default=10.0, show_default=True, help="Solver time limit, seconds.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Solver time limit, seconds.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Sensitivity cache folder.")
 @click.option("--weight-layout", type=click.Choice(["auto", "native", "int8-cast"]), default="auto", show_default=True,
               help="INT4/INT2 weights: DQ on the packed codes (native), or a Cast to INT8 in front so onnxruntime "
@@ -190,6 +191,9 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
     from onnxmpq import plan
     from onnxmpq.allocate import parse_budget
 
+    for path in (report_path,):
+        if path:
+            api.check_new_file(path, [model, calib, output])
     overrides = api.read_allocation(allocation) if allocation else {}
     overrides.update(parse_layer_bits(layer_bits))
     options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias,
@@ -247,7 +251,9 @@ def _quantize_summary(report) -> str:
         a = report.allocation
         lines.append(f"  chosen by {a['solver']} ({a['status']}), metric {a['metric']}, profile {a['profile']}: "
                      + ", ".join(f"{k} {v:.4g}" for k, v in a["costs"].items()))
-    if report.verification:
+    if report.verification and "error" in report.verification:
+        lines.append(f"  not verified: {report.verification['error']}")
+    elif report.verification:
         v = report.verification
         lines.append(f"  verified on {v['samples']} {'held-out' if v['held_out'] else 'calibration'} samples: "
                      f"agreement {v['agreement']:.4f} (drop {v['drop']:.4f}), SQNR {v['sqnr_db']:.1f} dB; "

@@ -20,6 +20,7 @@ import onnx
 
 from onnxmpq import runtime
 from onnxmpq.errors import InternalError
+from onnxmpq.graph import node_reads
 
 
 class Frontier:
@@ -60,7 +61,7 @@ class Frontier:
     def _drop_dead(self, proto: onnx.ModelProto) -> None:
         """Forgets cut tensors that no node still to run reads."""
         pending = [n for n in proto.graph.node if not all(o in self.computed for o in n.output if o)]
-        live = {i for n in pending for i in n.input} | {o.name for o in proto.graph.output}
+        live = {i for n in pending for i in node_reads(n)} | {o.name for o in proto.graph.output}
         for vals in self.values:
             for name in [k for k in vals if k not in live]:
                 del vals[name]
@@ -90,17 +91,17 @@ def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str]
         if id(node) not in taken:
             taken.add(id(node))
             nodes.append(node)
-            stack.extend(i for i in node.input if i)
+            stack.extend(node_reads(node))
     if not nodes:
         return None, [], []
     order = {id(n): i for i, n in enumerate(graph.node)}
     nodes.sort(key=lambda n: order[id(n)])
     done = computed | {o for n in nodes for o in n.output if o}
     later = {i for n in graph.node if id(n) not in taken and not all(o in done for o in n.output if o)
-             for i in n.input}
+             for i in node_reads(n)}
     later |= {o.name for o in graph.output}
     produced = [o for n in nodes for o in n.output if o and o in later] if keep_cut else []
-    reads = {i for n in nodes for i in n.input if i}
+    reads = {i for n in nodes for i in node_reads(n)}
     types = _value_types(proto)
     model = onnx.helper.make_model(
         onnx.helper.make_graph(

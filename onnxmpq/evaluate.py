@@ -50,6 +50,9 @@ class Sums:
         self.kl = self.signal = self.noise = 0.0
 
     def add(self, y: np.ndarray, labels, ref: np.ndarray | None) -> None:
+        if y.ndim == 0 or y.size == 0:
+            raise OnnxmpqError(f"the model's first output has shape {y.shape}: no scores to compare.",
+                               "evaluate a model whose first output holds values per sample.")
         self.samples += y.shape[0]
         if labels is not None and y.ndim == 2:
             self.correct += int((y.argmax(-1) == labels).sum())

@@ -124,6 +124,7 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     if len(proto.graph.node) == 0:
         raise OnnxmpqError("the model's graph has no nodes.", "export the model again; there is nothing to quantize.")
     _name_nodes(proto.graph)
+    _check_single_writers(proto.graph)
     if default_opset(proto) < MIN_OPSET:
         proto = convert_opset(proto, MIN_OPSET)
     _fold_constants(proto.graph)
@@ -200,6 +201,17 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     for mine, theirs in zip(proto.graph.output, inferred.graph.output):
         mine.CopyFrom(theirs)
     return proto
+
+
+def _check_single_writers(graph: onnx.GraphProto) -> None:
+    """ONNX graphs are in SSA form: every tensor has one producer (a node output, input or initializer)."""
+    seen = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in node.output:
+            if name and name in seen:
+                raise OnnxmpqError(f"tensor {name!r} is written twice (node {node.name!r} and an earlier one); "
+                                   "ONNX graphs give every tensor one producer.", "export the model again.")
+            seen.add(name)
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -281,6 +293,22 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
             for sub in _subgraphs(node):
                 stack.append(sub)
     return names
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors `node` needs from its graph: its inputs and what its subgraphs (If/Loop/Scan bodies)
+    read from the enclosing scope."""
+    reads = [i for i in node.input if i]
+    for sub in _subgraphs(node):
+        local, stack = set(), [sub]
+        while stack:  # everything defined inside the body, nested bodies included
+            g = stack.pop()
+            local |= {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+                stack.extend(_subgraphs(n))
+        reads += sorted(names_read(sub) - local)
+    return reads
 
 
 def prune(proto: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
@@ -376,7 +404,9 @@ def find_layers(proto: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str
         handler = OP_HANDLERS.get_or_none(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is not None:
             spec = handler.describe(NodeView(node, consts, shapes))
-            if spec is not None:
+            if spec is not None and spec.params == 0:
+                skipped.append((spec.name, "its weight has a zero-size dimension: stays float"))
+            elif spec is not None:
                 layers.append(spec)
         for sub in _subgraphs(node):
             skipped += [(n.name or n.op_type, f"inside the {node.op_type} subgraph of {node.name!r}: stays float")

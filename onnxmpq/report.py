@@ -52,7 +52,9 @@ def render(r: dict, figures: dict[str, bytes]) -> str:
                     ("budgets", ", ".join(f"{b['kind']}={b['value']:g}{'x' if b['relative'] else ''}"
                                           for b in a["budgets"]) or "none (max-drop search)"),
                     ("achieved", ", ".join(f"{k} {v:.4g}" for k, v in a["costs"].items()))]
-    if r.get("verification"):
+    if r.get("verification") and "error" in r["verification"]:
+        summary.append(("verified", f"not verified: {r['verification']['error']}"))
+    elif r.get("verification"):
         v = r["verification"]
         summary.append(("verified", f"{v['samples']} {'held-out' if v['held_out'] else 'calibration'} samples: "
                                     f"agreement {v['agreement']:.4f} (drop {v['drop']:.4f}), KL {v['kl']:.4g}, "

@@ -20,7 +20,7 @@ def big_model(folder):
     rng = np.random.default_rng(0)
     inits, nodes, name = [], [], "x"
     for i in range(LAYERS):
-        w = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.sqrt(WIDTH)
+        w = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) * np.float32(1 / np.sqrt(WIDTH))
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [name, f"w{i}"], [f"y{i}"], name=f"mm{i}"))
         name = f"y{i}"

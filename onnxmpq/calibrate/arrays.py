@@ -182,6 +182,10 @@ def _check_names(found: Sequence[str], inputs: Sequence[InputSpec], where: str, 
 
 def _sample_count(shape: tuple[int, ...], rank: int | None, where: str) -> tuple[int, bool]:
     """(number of samples, stored without batch axis) for an array of `shape` feeding a rank-`rank` input."""
+    if rank == 0:
+        raise OnnxmpqError(f"{where} feeds a model input of rank 0 (a scalar, no batch axis); onnxmpq feeds "
+                           "samples in batches along the first axis.",
+                           "give the model a batched input, or quantize without --calib (weights only).")
     if rank is not None and len(shape) == rank - 1:
         return 1, True
     if not shape:

@@ -22,6 +22,7 @@ from onnxmpq.engine import Frontier
 from onnxmpq.formats import act_format, required_opset, weight_format
 from onnxmpq.quantize import build
 from onnxmpq.rounding import QuantizedWeight, round_nearest
+from onnxmpq.errors import OnnxmpqError
 from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding
@@ -82,6 +83,9 @@ def labels_of(outputs: list[list[np.ndarray]]) -> np.ndarray:
     labels = []
     for batch in outputs:
         y = np.asarray(batch[0], dtype=np.float64)
+        if y.size == 0:
+            raise OnnxmpqError(f"the model's first output has shape {y.shape}: no scores to compare.",
+                               "probe a model whose first output holds values per sample.")
         y = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 1 else y.reshape(-1, 1, 1)
         labels.append(y.argmax(axis=2).ravel())
     return np.concatenate(labels)
