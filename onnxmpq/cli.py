@@ -138,7 +138,7 @@ def cli(quiet: bool):
               help="Per-channel weight scale for nearest rounding: min/max, or MSE-optimal clipping.")
 @click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="mse", show_default=True,
               help="Activation range from the calibration histogram.")
-@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --act-range percentile.")
+@click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True, help="Percentile for --act-range percentile.")
 @click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
               help="Weight rounding: nearest; GPTQ with a least-squares re-fit to the float outputs; auto = "
                    "gptq when a layer has under 8 weight bits and --calib is given, else nearest.")
@@ -334,7 +334,7 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--limit", type=int, default=256, show_default=True, help="Calibration samples to probe with.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table(s) as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of score per layer per candidate.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Workers (processes or Ray tasks).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Workers (processes or Ray tasks).")
 @click.option("--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
               help="Where workers run: local processes, or Ray tasks (a running cluster via --address or "
                    "RAY_ADDRESS, else a local one).")

@@ -99,6 +99,9 @@ def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str,
         wfmt, afmt = formats.get(spec.name, (None, None))
         qweight = None
         if wfmt is not None:
+            if not np.isfinite(writer.weight(spec.weight)).all():
+                raise OnnxmpqError(f"the weight of layer {spec.name!r} holds NaN or Inf values.",
+                                   "fix the exported model; its weights must be finite to be quantized.")
             qweight = (weights or {}).get(spec.name) or round_nearest(
                 writer.weight(spec.weight), spec.channel_axis, wfmt, options.weight_range, spec.name)
             _check_codes(spec, qweight, wfmt)
