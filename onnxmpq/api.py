@@ -90,7 +90,7 @@ def check_new_file(path, inputs) -> None:
     path = Path(path)
     for other in inputs:
         if isinstance(other, (str, os.PathLike)) and path.resolve() == Path(other).resolve():
-            raise OnnxmpqError(f"the output path {str(path)!r} is also a file this run reads or writes.",
+            raise OnnxmpqError(f"the output path {str(path)!r} is one of the inputs or outputs of this run.",
                                "write to a new file; inputs are never overwritten.")
     if not path.parent.is_dir():
         raise OnnxmpqError(f"output folder {str(path.parent)!r} does not exist.", "create it first or choose another path.")
