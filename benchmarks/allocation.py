@@ -36,7 +36,14 @@ def _settings(metric, method, cache, **extra):
     return plan.Settings(metric=metric, method=method, cache_dir=str(cache), **extra)
 
 
-def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), bits_list=BITS) -> tuple[list, float]:
+def _partial(parts: list[str]) -> None:
+    """Writes what is measured so far (a long run that is stopped keeps its finished sections)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "allocation.partial.md").write_text("\n".join(parts) + "\n")
+
+
+def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), bits_list=BITS,
+               gptq_uniform=(2, 3)) -> tuple[list, float]:
     from onnxmpq.allocate import parse_budget
 
     x, labels = ctx.cifar_test()
@@ -59,13 +66,15 @@ def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), 
                          round(report.avg_weight_bits, 3), round(score(tmp / "m.onnx"), 4), report.weight_bytes,
                          f"{report.bitops:.3g}", f"{secs:.1f}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
+    for row in rows[:4]:
+        print(" | ".join(map(str, row)), flush=True)
         if "eagl" in methods and bits == 3:
             settings = _settings("weight-entropy", "eagl", cache, weight_bits=(2, 4))
             report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget("avg-bits=3")],
                                      allocation=settings, rounding="nearest")
             rows.append([name, "eagl {2,4} avg 3", "weight-entropy", "nearest", round(report.avg_weight_bits, 3),
                          round(score(tmp / "m.onnx"), 4), report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
-    for wb in (2, 3):
+    for wb in gptq_uniform:
         report, secs = _quantize(model, tmp / "u.onnx", calib, cache, weight_bits=wb, act_bits=8, rounding="gptq")
         rows.append([name, f"uniform W{wb}A8", "-", "gptq", wb, round(score(tmp / "u.onnx"), 4), report.weight_bytes,
                      f"{report.bitops:.3g}", f"{secs:.1f}"])
@@ -84,7 +93,7 @@ def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
 
     ox, texts, calib_x = ctx.ocr_sets()
     calib = tmp / "ocr_calib.npz"
-    np.savez(calib, x=calib_x[:32])
+    np.savez(calib, x=calib_x[:16])
     model, cache = ocr.model_path(), CACHE / "cache_ocr"
     base = ocr.score(model, ox, texts)
     rows = [["float", "-", "-", "-", round(100 * base["cer"], 2), round(100 * base["exact"], 1), "-", "-", "-"]]
@@ -93,8 +102,8 @@ def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
         s = ocr.score(tmp / "u.onnx", ox, texts)
         rows.append([f"uniform W{wb}A{ab}", "-", "auto", wb, round(100 * s["cer"], 2), round(100 * s["exact"], 1),
                      report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
-    for metric in ("kl", "sqnr"):
-        settings = _settings(metric, "ilp", cache, weight_bits=(4, 5, 6, 8), act_bits=(8, 16), limit=32)
+    for metric in ("sqnr",):
+        settings = _settings(metric, "ilp", cache, weight_bits=(4, 5, 6, 8), act_bits=(8, 16), limit=16)
         report, secs = _quantize(model, tmp / "m.onnx", calib, cache, rounding="auto", allocation=settings,
                                  budgets=[parse_budget("avg-bits=5"), parse_budget("bitops=1.5x")])
         s = ocr.score(tmp / "m.onnx", ox, texts)
@@ -154,12 +163,14 @@ def run(ctx: common.Context) -> str:
         parts += [f"### ResNet-20, {len(x):,d} CIFAR-10 test images (float top-1 {base20:.4f}); activations 8 bits; "
                   "calibration 256 images, no labels; search time includes the sensitivity sweep when not cached\n",
                   common.table(head, rows20), ""]
-        rows56, base56 = cifar_rows(ctx, "resnet56", ("kl", "sqnr"), ("ilp", "greedy"), tmp, gptq_bits=(2.5,),
-                                    bits_list=(3, 4))
+        _partial(parts)
+        rows56, base56 = cifar_rows(ctx, "resnet56", ("kl",), ("ilp", "greedy"), tmp, gptq_bits=(),
+                                    bits_list=(3, 4), gptq_uniform=())
         parts += [f"### ResNet-56 (float top-1 {base56:.4f})\n", common.table(head, rows56), ""]
+        _partial(parts)
         rows_ocr, cer = ocr_rows(ctx, tmp)
         parts += [f"### PP-OCRv4 recognition, {len(ctx.ocr_sets()[1])} rendered lines (float CER {100 * cer:.2f}%); "
-                  "calibration 32 lines; candidates W4/5/6/8 x A8/A16\n",
+                  "calibration 16 lines; candidates W4/5/6/8 x A8/A16\n",
                   common.table(["allocation", "metric", "rounding", "avg W bits", "CER %", "exact %", "weight bytes",
                                 "BitOps", "s"], rows_ocr), ""]
         parts += ["### Pareto frontier, ResNet-20 (nearest rounding, kl, ilp; drop = 1 - top-1 agreement with float "
