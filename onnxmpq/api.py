@@ -15,9 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from onnxmpq import calibrate, graph, progress, qdq
 from onnxmpq.quantize import build
@@ -27,6 +25,9 @@ from onnxmpq.export import FLOAT_BITS, Report, save_model, storage_notes, summar
 from onnxmpq.graph import Model
 from onnxmpq.rounding import sequential
 from onnxmpq.types import Candidate, QuantOptions, Rounding
+
+if TYPE_CHECKING:
+    from onnxmpq import plan
 
 
 def load(model: str | os.PathLike | Model) -> Model:

@@ -14,7 +14,7 @@ import click
 
 from onnxmpq import api, hardware, profiles
 from onnxmpq.cli import _bits, cli, emit, quantize, quiet_option
-from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.errors import OnnxmpqError
 
 
 @cli.command()
@@ -116,8 +116,6 @@ def run(ctx, config):
     if as_json:
         emit(True, {"quantize": result, "check": verdict}, "")
     else:
-        from onnxmpq.cli import _quantize_summary
-        from onnxmpq.export import Report
         click.echo(f"wrote {output}: avg {result['avg_weight_bits']:.2f} weight bits, {result['weight_bytes']:,d} "
                    f"weight bytes, {result['file_bytes']:,d} file bytes")
         click.echo(f"{output}: complies with {target.name}" if not violations else
@@ -188,5 +186,3 @@ def _option_args(flag: str, value, option) -> list[str]:
         out += [flag, str(v)]
     return out
 
-
-__all__ = ["check", "list_profiles", "profile_latency", "run", "ConstraintError"]

@@ -176,8 +176,8 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     and dims (shapes need no weight values; small ones, which may hold shapes, keep theirs), then copies
     the inferred value_info back: memory stays near one copy of the weights, and models over 2 GB work."""
     skeleton = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(skeleton, field, getattr(proto, field))
+    for attr in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, attr, getattr(proto, attr))
     skeleton.opset_import.extend(proto.opset_import)
     skeleton.functions.extend(proto.functions)
     graph = skeleton.graph
