@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from onnxmpq import calibrate, profiles
+from onnxmpq import calibrate, profiles, progress
 from onnxmpq.allocate import Allocation, Budget, Problem, result, solve
 from onnxmpq.allocate.greedy import ladder
 from onnxmpq.allocate.problem import build_problem
@@ -96,7 +96,8 @@ class Context:
 
 def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options: QuantOptions,
            rounding: Rounding, sensitivity: Callable, preprocess=None) -> Plan:
-    """The allocation stage (see the module docstring). `sensitivity(metric, candidates)` gives the table."""
+    """The allocation stage (see the module docstring). `sensitivity(metric, weight_bits, act_bits)` gives
+    the SensitivityTable (the caller decides rounding, samples and caching)."""
     from onnxmpq.sensitivity import parse_candidates
 
     if not budgets and settings.max_drop is None:
@@ -112,7 +113,6 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
     if ctx is not None:
         problem = _with_fidelity(problem, fixed, candidates, ctx, options)
-    from onnxmpq import progress
     with progress.bar(f"solve ({settings.method})", 1, unit="step") as advance:
         allocation, search = _solve(problem, budgets, settings)
         advance(1)
@@ -125,8 +125,7 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
 def _latency(model, candidates, budgets, settings: Settings, options, ctx, profile):
     if not any(b.kind == "latency-ms" for b in budgets):
         return None
-    from onnxmpq import latency, progress
-    from onnxmpq.types import Candidate
+    from onnxmpq import latency
 
     if settings.latency:
         return latency.LatencyTable.load(settings.latency)
