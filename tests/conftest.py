@@ -6,6 +6,9 @@ the same name; `MODELS` lists the single-layer-kind builders for parametrized te
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import onnx
 import pytest
@@ -182,3 +185,38 @@ def activation_stats(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names)
         hist.update(values[name])
         stats[name] = hist.stats()
     return stats
+
+
+# ---------------------------------------------------------------- shared helpers of the CLI and checker tests
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """Runs `onnxmpq ARGS` in-process: (exit code, stdout, stderr)."""
+    from onnxmpq.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(err: str, out: str) -> str:
+    """The single `error: ...` line a failed command prints (no traceback anywhere)."""
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def ort_reader(samples: np.ndarray, name: str = "input"):
+    """onnxruntime's CalibrationDataReader over `samples`, one sample per batch."""
+    from onnxruntime import quantization
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{name: samples[i:i + 1]} for i in range(len(samples))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    return Reader()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import ort_reader
 from onnxmpq import profiles
 from onnxmpq.cli import main
 from onnxmpq.latency import LatencyTable
@@ -90,17 +91,10 @@ def ort_qdq(work) -> Path:
     quantization = pytest.importorskip("onnxruntime.quantization")
     samples = np.load(CALIB)["input"][:4]
 
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"input": samples[i:i + 1]} for i in range(len(samples))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
     out = work / "r20_ort_qdq.onnx"
     logging.disable(logging.WARNING)  # "consider pre-processing" noise
     try:
-        quantization.quantize_static(str(MODEL), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ,
+        quantization.quantize_static(str(MODEL), str(out), ort_reader(samples), quant_format=quantization.QuantFormat.QDQ,
                                      per_channel=True, weight_type=quantization.QuantType.QInt8,
                                      activation_type=quantization.QuantType.QInt8)
     finally:

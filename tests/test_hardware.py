@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import ort_reader
 from onnxmpq import api, hardware, profiles, qdq
 from onnxmpq.types import Candidate
 
@@ -56,13 +57,6 @@ def ort(tmp_path_factory):
     folder, cache = tmp_path_factory.mktemp("ort"), {}
     samples = np.load(CALIB)["input"][:4]
 
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"input": samples[i:i + 1]} for i in range(len(samples))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
     def get(per_channel: bool, kind: str = "int8") -> onnx.ModelProto:
         key = (per_channel, kind)
         if key not in cache:
@@ -72,7 +66,7 @@ def ort(tmp_path_factory):
             logging.disable(logging.WARNING)  # "consider pre-processing" noise
             try:
                 quantization.quantize_static(
-                    str(RESNET), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                    str(RESNET), str(out), ort_reader(samples), quant_format=quantization.QuantFormat.QDQ,
                     per_channel=per_channel, weight_type=getattr(quantization.QuantType, types[0]),
                     activation_type=getattr(quantization.QuantType, types[1]))
             finally:

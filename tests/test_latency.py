@@ -7,8 +7,6 @@ without running the model: T = T_ref + sum of the chosen deltas.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -18,32 +16,17 @@ import pytest
 
 from onnxmpq import api, calibrate, graph
 from onnxmpq.allocate import parse_budget, solve
-from onnxmpq.cli import main
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.latency import LatencyTable, kernel_class, profile
 from onnxmpq.types import Candidate, QuantOptions
 
-from conftest import build_cnn, feed_for
+from conftest import build_cnn, cli, feed_for, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 FAST = ["--metric", "weight-entropy", "--rounding", "nearest", "--limit", "32", "-q", "--no-verify"]
 REF_MS = 10.0
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(err: str, out: str) -> str:
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

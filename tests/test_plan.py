@@ -8,8 +8,6 @@ sensitivity cache; `--metric weight-entropy` and `--rounding nearest` keep each 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -20,12 +18,11 @@ import pytest
 from onnxmpq import api, graph, hardware, profiles
 from onnxmpq.allocate import Problem, parse_budget, solve, tied_ok
 from onnxmpq.allocate.problem import build_problem
-from onnxmpq.cli import main
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.sensitivity import parse_candidates
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
 
-from conftest import arr, model as make_model, node, vi
+from conftest import arr, cli, model as make_model, node, one_error_line, vi
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
@@ -269,20 +266,6 @@ def test_ilp_drop_search_with_a_rule_limited_layer(method):
 
 
 FAST = ["--metric", "weight-entropy", "--rounding", "nearest", "--limit", "32", "-q"]
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(err: str, out: str) -> str:
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
