@@ -145,10 +145,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
             raise OnnxmpqError("choosing bits under a budget needs calibration data.", "pass --calib PATH.")
         rounding = rounding.resolve(settings.weight_bits, True)
         chosen = plan.choose(model, calib, budgets, settings, options, rounding, preprocess=preprocess,
-                             sensitivity=lambda metric, wb, ab: sensitivity(
-                                 model, calib, metrics=[metric], weight_bits=wb, act_bits=ab, rounding=rounding,
-                                 options=options, limit=settings.limit, cache_dir=settings.cache_dir,
-                                 preprocess=preprocess)[0])
+                             sensitivity=table_source(model, calib, settings, rounding, options, preprocess))
         assignment = {**chosen.assignment, **(layer_bits or {})}
     else:
         assignment = assign(model, weight_bits, act_bits, layer_bits)
@@ -331,6 +328,20 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
     return build_problem(model, table, candidates, budgets, profiles.load(profile), options, keep, latency)[0]
 
 
+def table_source(model, calib, settings, rounding: Rounding, options: QuantOptions, preprocess=None):
+    """The `sensitivity(metric, weight_bits, act_bits)` callable `plan.choose` takes: one measured table
+    per metric, with the allocation's samples, cache and rounding, kept for later calls (a sweep)."""
+    tables: dict = {}
+
+    def table(metric: str, weight_bits, act_bits):
+        if metric not in tables:
+            tables[metric] = sensitivity(model, calib, metrics=[metric], weight_bits=weight_bits, act_bits=act_bits,
+                                         rounding=rounding, options=options, limit=settings.limit,
+                                         cache_dir=settings.cache_dir, preprocess=preprocess)[0]
+        return tables[metric]
+    return table
+
+
 def allocate(model, calib, budgets, *, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
              preprocess=None, **settings):
     """Chooses every layer's precision under `budgets` (keyword settings: those of `plan.Settings`);
@@ -341,10 +352,7 @@ def allocate(model, calib, budgets, *, rounding: Rounding | str = Rounding.AUTO,
     config = plan.Settings(**settings)
     rounding = Rounding(rounding).resolve(config.weight_bits, True)
     chosen = plan.choose(model, calib, budgets, config, options, rounding, preprocess=preprocess,
-                         sensitivity=lambda metric, wb, ab: sensitivity(
-                             model, calib, metrics=[metric], weight_bits=wb, act_bits=ab, rounding=rounding,
-                             options=options, limit=config.limit, cache_dir=config.cache_dir,
-                             preprocess=preprocess)[0])
+                         sensitivity=table_source(model, calib, config, rounding, options, preprocess))
     return chosen.assignment, chosen.allocation, chosen.table
 
 

@@ -76,12 +76,7 @@ class LatencyTable:
 def time_model(proto, feed: Mapping[str, np.ndarray], runs: int = RUNS, threads: int = 2) -> float:
     """Median wall time of one run in ms (after WARMUP runs)."""
     sess = _warm(proto, feed, threads)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, dict(feed))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return float(np.median([_once(sess, feed) for _ in range(runs)]) * 1e3)
 
 
 def _warm(proto, feed, threads: int):

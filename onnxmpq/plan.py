@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from onnxmpq import calibrate, profiles, progress
-from onnxmpq.allocate import Allocation, Budget, Problem, result, solve
+from onnxmpq.allocate import Allocation, Budget, Problem, extremes, result, solve
 from onnxmpq.allocate.greedy import ladder
 from onnxmpq.allocate.problem import build_problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
@@ -171,10 +171,7 @@ def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list
         count = len(points)
     else:
         widths = [w for w in problem.weight_bits if w]
-        allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
-        costs = problem.costs["avg-bits"]
-        least = problem.user_value("avg-bits", float(np.where(allowed, costs, np.inf).min(axis=1).sum()))
-        most = problem.user_value("avg-bits", float(np.where(allowed, costs, -np.inf).max(axis=1).sum()))
+        least, most = (problem.user_value("avg-bits", v) for v in extremes(problem, "avg-bits"))
         grid = [v for v in np.arange(max(widths), min(widths) - 1e-9, -STEP_BITS) if least <= v <= most]
         grid = [most] + [v for v in grid if v < most] + ([least] if not grid or grid[-1] > least else [])
         cache: dict[int, list[int]] = {}

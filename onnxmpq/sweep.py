@@ -63,14 +63,7 @@ def run(model, output, calib, spec: str, settings, *, options, rounding, batch_s
     output = Path(output)
     api.check_new_file(output, [model.path, calib])
     rounding = Rounding(rounding).resolve(settings.weight_bits, True)
-    tables: dict = {}
-
-    def table(metric, wb, ab):
-        if metric not in tables:
-            tables[metric] = api.sensitivity(model, calib, metrics=[metric], weight_bits=wb, act_bits=ab,
-                                             rounding=rounding, options=options, limit=settings.limit,
-                                             cache_dir=settings.cache_dir, preprocess=preprocess)[0]
-        return tables[metric]
+    table = api.table_source(model, calib, settings, rounding, options, preprocess)
 
     source = calibrate.read(calib, model, preprocess=preprocess)
     judge = Judge(model.proto, *held_out_batches(source, settings.limit, 256))

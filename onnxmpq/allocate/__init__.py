@@ -104,11 +104,22 @@ Solver = Callable[[Problem, float], Allocation]
 SOLVERS: Registry[Solver] = Registry("allocation method")
 
 
+def admissible(problem: Problem) -> np.ndarray:
+    """The (L, C) mask of the choices the hardware rules allow (every choice without rules)."""
+    return problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+
+
+def extremes(problem: Problem, kind: str) -> tuple[float, float]:
+    """The smallest and largest total of one budget's cost over the allowed choices (in cost units)."""
+    allowed, cost = admissible(problem), problem.costs[kind]
+    return (float(np.where(allowed, cost, np.inf).min(axis=1).sum()),
+            float(np.where(allowed, cost, -np.inf).max(axis=1).sum()))
+
+
 def check_feasible(problem: Problem) -> None:
     """Raises ConstraintError naming, for a budget no allocation can meet, the smallest value it can."""
-    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
-    for kind, cost in problem.costs.items():
-        smallest = float(np.where(allowed, cost, np.inf).min(axis=1).sum())
+    for kind in problem.costs:
+        smallest = extremes(problem, kind)[0]
         if smallest > problem.limits[kind] * (1 + 1e-9):
             raise ConstraintError(f"budget {kind}={problem.user_value(kind, problem.limits[kind]):.6g} cannot be met: "
                                   f"the smallest achievable is {problem.user_value(kind, smallest):.6g} with these "

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, result
+from onnxmpq.allocate import Allocation, Problem, SOLVERS, admissible, result
 from onnxmpq.allocate.ilp import solve_mip
 from onnxmpq.errors import ConstraintError
 
@@ -28,7 +28,7 @@ COST_SCALE = 10 ** 7
 
 def _levels(problem: Problem) -> list[tuple[int, int]] | None:
     """(low, high) candidate index per layer by total cost, or None when a layer has not exactly two."""
-    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    allowed = admissible(problem)
     cost = sum(problem.costs.values()) if problem.costs else np.zeros_like(problem.scores)
     levels = []
     for l in range(len(problem.layers)):

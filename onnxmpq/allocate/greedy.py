@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, result, tied_ok, totals
+from onnxmpq.allocate import Allocation, Problem, SOLVERS, admissible, result, tied_ok, totals
 from onnxmpq.errors import ConstraintError
 
 
@@ -52,7 +52,7 @@ def _repair(problem: Problem, allowed: np.ndarray, index: list[int]) -> None:
 def ladder(problem: Problem) -> list[list[int]]:
     """Every point of the walk: the most precise start, then one more step applied at each point."""
     n_layers, _ = problem.scores.shape
-    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    allowed = admissible(problem)
     cost = _cost(problem)
     index = [int(np.argmax(np.where(allowed[l], cost[l], -np.inf))) for l in range(n_layers)]
     steps = []
@@ -72,7 +72,7 @@ def ladder(problem: Problem) -> list[list[int]]:
 
 @SOLVERS.register("greedy")
 def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
-    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    allowed = admissible(problem)
     points = ladder(problem)
     index = next((p for p in points if not _over(problem, p)), list(points[-1]))
     _repair(problem, allowed, index)

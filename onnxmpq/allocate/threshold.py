@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, result, tied_ok, totals
+from onnxmpq.allocate import Allocation, Problem, SOLVERS, admissible, result, tied_ok, totals
 from onnxmpq.errors import ConstraintError
 
 TRIALS = 40
@@ -41,7 +41,7 @@ def split(problem: Problem, tau: float, window: int, low: int, high: int) -> lis
     candidate nearest in weight width."""
     smoothed = smooth(np.asarray(problem.entropy, float), window)
     cut = tau * smoothed.mean()
-    allowed = problem.allowed if problem.allowed is not None else np.ones_like(problem.scores, dtype=bool)
+    allowed = admissible(problem)
     index = []
     for l, value in enumerate(smoothed):
         want = high if value >= cut else low
