@@ -36,11 +36,13 @@ def load(model: str | os.PathLike | Model) -> Model:
 
 
 def assign(model: Model, weight_bits: int | None, act_bits: int | None,
-           layer_bits: Mapping[str, Candidate] | None = None) -> dict[str, Candidate]:
-    """Uniform precision for every quantizable layer, then the per-layer overrides by name."""
-    assignment = {spec.name: Candidate(weight_bits, act_bits) for spec in model.layers}
+           layer_bits: Mapping[str, Candidate] | None = None, options: QuantOptions = QuantOptions()) -> dict[str, Candidate]:
+    """Uniform precision for every unit (weight bits for the weighted layers, activation bits for all),
+    then the per-unit overrides by name."""
+    points = model.points(options)
+    assignment = {u.name: Candidate(weight_bits if u.layer else None, act_bits) for u in points.units}
     for name, cand in (layer_bits or {}).items():
-        model.layer(name)  # raises a clear error for an unknown name
+        points.unit(name)  # raises a clear error for an unknown name
         assignment[name] = cand
     return {name: cand for name, cand in assignment.items() if cand.weight_bits or cand.act_bits}
 
@@ -67,15 +69,15 @@ def first_shapes(source) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in batch.inputs.items()} if batch else {}
 
 
-def calibration_stats(model: Model, assignment: Mapping[str, Candidate], source, *,
+def calibration_stats(model: Model, assignment: Mapping[str, Candidate], source, options: QuantOptions, *,
                       batch_size: int = 32) -> dict:
-    """Statistics of the activation tensors that `assignment` quantizes (empty when none is)."""
-    tensors = [spec.activation for spec in model.layers
-               if assignment.get(spec.name, Candidate(None, None)).act_bits]
-    if not tensors:
+    """Statistics of the tensor groups that `assignment` quantizes (empty when none is)."""
+    groups = model.points(options).groups_of(
+        name for name, cand in assignment.items() if cand.act_bits)
+    if not groups:
         return {}
     with progress.bar("calibrate", len(source)) as advance:
-        return calibrate.collect(model, source, tensors, batch_size=batch_size, on_batch=advance)
+        return calibrate.collect(model, source, groups, batch_size=batch_size, on_batch=advance)
 
 
 def round_weights(model: Model, assignment, source, stats, options: QuantOptions, batch_size: int = 32):
@@ -106,6 +108,18 @@ def check_new_folder(path) -> None:
                            "choose another --report-dir.")
 
 
+def with_profile_rules(options: QuantOptions, profile) -> QuantOptions:
+    """The writer options with a hardware profile's op rules: the ops it runs on integers and the ops whose
+    inputs share one scale."""
+    if profile is None:
+        return options
+    from onnxmpq import profiles
+
+    rules = profiles.load(profile)
+    return dataclasses.replace(options, integer_ops=options.integer_ops | rules.integer_ops,
+                               tie_ops=options.tie_ops | frozenset(rules.tie))
+
+
 def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
@@ -131,6 +145,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     if limit is not None:
         settings = dataclasses.replace(settings, limit=limit)
     choosing = bool(budgets) or (allocation is not None and settings.max_drop is not None)
+    options = with_profile_rules(options, settings.profile if allocation is not None else None)
     model = load(model)
     output = Path(output)
     check_new_file(output, [model.path, calib])
@@ -148,7 +163,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
                              sensitivity=table_source(model, calib, settings, rounding, options, preprocess))
         assignment = {**chosen.assignment, **(layer_bits or {})}
     else:
-        assignment = assign(model, weight_bits, act_bits, layer_bits)
+        assignment = assign(model, weight_bits, act_bits, layer_bits, options)
     proto, results, notes, model = materialize(model, assignment, calib, options, rounding, batch_size, limit,
                                                preprocess)
     with progress.bar("write", 1, unit="file") as advance:
@@ -163,15 +178,17 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
                 checked = {"error": str(exc)}
             advance(1)
     report = Report(
-        model=str(model.path) if model.path else "<memory>", output=str(output), layers=results,
+        model=str(model.path) if model.path else "<memory>", output=str(output), layers=results.layers,
+        units=results.units, tensors=results.tensors, float_ops=results.floats,
         file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
-        notes=storage_notes(results) + notes, allocation=_allocation_dict(chosen, budgets, settings),
+        notes=storage_notes(results.layers) + notes, allocation=_allocation_dict(chosen, budgets, settings, {s.name for s in model.layers}),
         verification=checked,
         settings={"rounding": str(rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)),
                   "weight_range": str(options.weight_range), "act_range": str(options.act_range),
                   "percentile": options.percentile, "int2_container": options.int2_container, "bias": options.bias,
-                  "weight_layout": options.weight_layout},
+                  "weight_layout": options.weight_layout, "scope": str(options.scope),
+                  "integer_ops": sorted(options.integer_ops)},
         **summarize(results))
     if report_dir is not None:
         from onnxmpq import report as pages
@@ -190,7 +207,7 @@ def materialize(model: Model, assignment, calib, options: QuantOptions, rounding
     if calib is not None:
         source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
         model = graph.specialize(model, first_shapes(source))
-        stats = calibration_stats(model, assignment, source, batch_size=batch_size)
+        stats = calibration_stats(model, assignment, source, options, batch_size=batch_size)
     elif any(c.act_bits for c in assignment.values()) or rounding == Rounding.GPTQ:
         raise OnnxmpqError(f"{'gptq rounding' if rounding == Rounding.GPTQ else 'quantized activations'} "
                            "needs calibration data.", "pass --calib PATH.")
@@ -218,14 +235,16 @@ def verification(model: Model, output: Path, calib, used: int, preprocess=None, 
     return out
 
 
-def _allocation_dict(chosen, budgets, settings) -> dict | None:
+def _allocation_dict(chosen, budgets, settings, layers) -> dict | None:
     if chosen is None:
         return None
     alloc = chosen.allocation
     return {"solver": alloc.solver, "status": alloc.status, "objective": alloc.objective,
             "budgets": [{"kind": b.kind, "value": b.value, "relative": b.relative} for b in budgets],
             "costs": dict(alloc.costs), "details": dict(alloc.details),
-            "fixed": {name: c.key for name, c in chosen.fixed.items()}, "search": list(chosen.search),
+            "fixed": {name: c.key for name, c in chosen.fixed.items()  # units without weights only when asked
+                      if name in layers or name in settings.keep or name in chosen.profile.pin},
+            "search": list(chosen.search),
             **settings.to_dict()}
 
 
@@ -301,7 +320,7 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
         batches = [dict(b.inputs) for b in source.batches(batch_size)]
         if any(c.act_bits for c in candidates):
             with progress.bar("calibrate", len(source)) as advance:
-                stats = calibrate.collect(model, source, [s.activation for s in model.layers],
+                stats = calibrate.collect(model, source, model.points(options).groups(),
                                           batch_size=batch_size, on_batch=advance)
     elif not data_free:
         raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", "pass --calib PATH.")
@@ -310,7 +329,9 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
     if key and (hit := cache.load(cache_dir, key)) is not None:
         return hit
-    with progress.bar("sensitivity", len(model.layers), unit="layer") as advance:
+    points = model.points(options)
+    several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free
+    with progress.bar("sensitivity", len(points.units) if several_acts else len(points.layers), unit="unit") as advance:
         tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
                                   workers=workers, naive=naive, executor=executor, address=address,
                                   on_layer=lambda name: advance(1))

@@ -20,7 +20,7 @@ from onnxmpq import __version__, api, progress
 from onnxmpq.calibrate import Preprocess
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.export import write_json
-from onnxmpq.types import ActRange, Candidate, QuantOptions, Rounding, WeightRange
+from onnxmpq.types import ActRange, Candidate, QuantOptions, Rounding, Scope, WeightRange
 
 # ---------------------------------------------------------------- option groups
 
@@ -142,8 +142,12 @@ def cli(quiet: bool):
 @click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
               help="Weight rounding: nearest; GPTQ with a least-squares re-fit to the float outputs; auto = "
                    "gptq when a layer has under 8 weight bits and --calib is given, else nearest.")
-@click.option("--bias", type=click.Choice(["float", "int32"]), default="float", show_default=True,
-              help="Keep biases float, or store them as INT32 at scale_x * scale_w.")
+@click.option("--bias", type=click.Choice(["auto", "float", "int32"]), default="auto", show_default=True,
+              help="Biases as INT32 at scale_x * scale_w (what integer kernels take), or float; auto = INT32 "
+                   "where the layer's input is quantized and its weights have at most 8 bits.")
+@click.option("--scope", type=click.Choice([m.value for m in Scope]), default="graph", show_default=True,
+              help="graph: Q/DQ on every tensor an integer kernel reads or writes (the model runs on integer "
+                   "kernels); layers: only the weighted layers' weights and inputs (the older form).")
 @click.option("--int2-container", type=click.Choice(["int2", "int4"]), default="int2", show_default=True,
               help="Store 2-bit weights as INT2 (with a Reshape guard) or in INT4.")
 @click.option("--limit", type=int, help="Use at most this many calibration samples.")
@@ -184,7 +188,7 @@ def cli(quiet: bool):
 @preprocess_options
 @quiet_option
 def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation, weight_range, act_range,
-             percentile, rounding, bias, int2_container, limit, batch_size, budgets, metric, method, bit_choices,
+             percentile, rounding, bias, scope, int2_container, limit, batch_size, budgets, metric, method, bit_choices,
              profile, keep, max_drop, latency_file, trials, seed, sweep, sweep_models, time_limit, cache_dir,
              weight_layout, no_verify, report_path, report_dir, stable_report, as_json, **kw):
     """Quantize MODEL: uniform bits, per-layer bits by hand, or bits chosen under budgets and hardware rules."""
@@ -197,7 +201,7 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
     overrides = api.read_allocation(allocation) if allocation else {}
     overrides.update(parse_layer_bits(layer_bits))
     options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias,
-                           weight_layout)
+                           weight_layout, Scope(scope))
     acts = [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")]
     budgets = [parse_budget(b) for b in budgets]
     settings = plan.Settings(
@@ -371,7 +375,8 @@ def _table_text(table) -> str:
     keys = list(table.candidates)
     lines = [f"{table.metric} ({table.samples} samples, {table.time_s:.1f} s; larger = more sensitive)",
              f"{'layer':<44} " + " ".join(f"{k:>10}" for k in keys)]
-    lines += [f"{l.name[:44]:<44} " + " ".join(f"{l.scores[k]:>10.4g}" for k in keys) for l in table.layers]
+    lines += [f"{l.name[:44]:<44} " + " ".join(f"{l.scores[k]:>10.4g}" if k in l.scores else f"{'-':>10}" for k in keys)
+              for l in table.layers]
     return "\n".join(lines)
 
 

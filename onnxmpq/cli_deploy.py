@@ -74,17 +74,18 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
                              [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")])
     source = calibrate.read(calib, m, limit=64)
     m = graph.specialize(m, api.first_shapes(source))
-    stats = calibrate.collect(m, source, [s.activation for s in m.layers])
+    stats = calibrate.collect(m, source, m.points().groups())
     feed = {k: v[:1] for k, v in next(iter(source.batches(1))).inputs.items()}
-    with progress.bar("latency", len(m.layers), unit="layer") as advance:
+    with progress.bar("latency", len(m.points().units), unit="unit") as advance:
         table = latency.profile(m, cands, stats, feed, QuantOptions(weight_layout=weight_layout), runs, threads,
                                 on_layer=lambda n: advance(1))
     table.save(output)
     lines = [f"wrote {output}: reference {table.reference} {table.reference_ms:.3f} ms, float {table.float_ms:.3f} ms "
              f"(batch {table.batch}, {threads} threads); change per layer (ms):"]
-    keys = [c.key for c in cands]
-    lines.append(f"{'layer':<44} " + " ".join(f"{k:>8}" for k in keys))
-    lines += [f"{n[:44]:<44} " + " ".join(f"{row[k]:>8.3f}" for k in keys) for n, row in table.layers.items()]
+    keys = list(dict.fromkeys([c.key for c in cands] + [k for row in table.layers.values() for k in row]))
+    lines.append(f"{'unit':<44} " + " ".join(f"{k:>8}" for k in keys))
+    lines += [f"{n[:44]:<44} " + " ".join(f"{row[k]:>8.3f}" if k in row else f"{'-':>8}" for k in keys)
+              for n, row in table.layers.items()]
     emit(as_json, table.to_dict(), "\n".join(lines))
 
 

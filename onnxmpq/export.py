@@ -20,7 +20,7 @@ from typing import Sequence
 import onnx
 
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.quantize import LayerResult
+from onnxmpq.quantize import LayerResult, TensorResult, UnitResult, Written
 
 PROTO_LIMIT = 2**31 - 1
 FLOAT_BITS = 32
@@ -79,10 +79,13 @@ def write_json(obj, path: str | os.PathLike) -> None:
 
 @dataclass(frozen=True)
 class Report:
-    """What `quantize` wrote: per-layer precisions and sizes plus model totals.
+    """What `quantize` wrote: per-layer precisions and sizes, the other units and the quantized tensors,
+    plus model totals.
 
-    avg_weight_bits = sum_l params_l * b_w(l) / sum_l params_l, and bitops = sum_l macs_l * b_w(l) * b_a(l),
-    with a float side counted as 32 bits.
+    avg_weight_bits = sum_l params_l * b_w(l) / sum_l params_l; bitops = sum_l macs_l * b_w(l) * b_a(l)
+    over the weighted layers + sum_u macs_u * b_a(u)^2 over units without weights (a MatMul of two
+    activations) + sum n_t * b1 * b2 over requantizes (n_t elements from b1 to b2 bits), a float side
+    counted as 32 bits.
     """
 
     model: str
@@ -97,6 +100,9 @@ class Report:
     opset: int
     time_s: float
     skipped: Sequence[tuple[str, str]] = ()
+    units: Sequence[UnitResult] = ()
+    tensors: Sequence[TensorResult] = ()
+    float_ops: Sequence[tuple[str, str]] = ()
     notes: Sequence[str] = ()
     settings: dict = field(default_factory=dict)
     allocation: dict | None = None
@@ -107,6 +113,7 @@ class Report:
         so the same inputs and seed give the same bytes."""
         out = asdict(self)
         out["skipped"] = [{"name": n, "reason": r} for n, r in self.skipped]
+        out["float_ops"] = [{"name": n, "reason": r} for n, r in self.float_ops]
         if stable:
             out.pop("time_s")
             if out.get("verification"):
@@ -114,14 +121,17 @@ class Report:
         return out
 
 
-def summarize(results: Sequence[LayerResult]) -> dict:
-    """Totals over the layers: weight bytes, float weight bytes, average weight bits and BitOps."""
+def summarize(written: Written) -> dict:
+    """Totals: weight bytes, float weight bytes, average weight bits and BitOps (see `Report`)."""
+    results = written.layers
     params = sum(r.params for r in results) or 1
+    bitops = sum(r.macs * (r.weight_bits or FLOAT_BITS) * (r.act_bits or FLOAT_BITS) for r in results)
+    bitops += sum(u.macs * (u.act_bits or FLOAT_BITS) ** 2 for u in written.units)
     return {
         "weight_bytes": sum(r.weight_bytes for r in results),
         "float_weight_bytes": sum(r.params * 4 for r in results),
         "avg_weight_bits": sum(r.params * (r.weight_bits or FLOAT_BITS) for r in results) / params,
-        "bitops": sum(r.macs * (r.weight_bits or FLOAT_BITS) * (r.act_bits or FLOAT_BITS) for r in results),
+        "bitops": bitops + written.requantize_bitops,
     }
 
 

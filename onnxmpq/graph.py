@@ -2,9 +2,10 @@
 
 `load(path)` reads the protobuf (external data only from inside the model's folder), turns weights held
 in `Constant` nodes into initializers, upgrades opsets older than 13 (per-channel DequantizeLinear needs
-13), runs shape inference and returns a `Model`: the proto plus the `LayerSpec` of every Conv,
-ConvTranspose, Gemm and MatMul whose weight is a constant. Layers inside If/Loop/Scan bodies are listed
-with `in_subgraph=True` and stay in float.
+13), folds a BatchNormalization after a Conv into it (`folding`), runs shape inference and returns a `Model`: the proto plus the `LayerSpec` of every weighted layer
+(Conv, ConvTranspose, Gemm, MatMul with a constant weight, Gather on a constant table) and, on request,
+its quantization points (`Model.points`). Layers inside If/Loop/Scan bodies stay float and are listed in
+`Model.skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 from google.protobuf.message import DecodeError
 
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.folding import fold_batchnorm, fold_bias_add
+from onnxmpq.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 from onnxmpq.types import InputSpec, LayerSpec
 
@@ -46,6 +49,19 @@ class Model:
     skipped: tuple[tuple[str, str], ...]
     inputs: tuple[InputSpec, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # points per rule set
+
+    def points(self, options=None):
+        """The quantization points of the model (`onnxmpq.points`) under the writer options' scope,
+        integer ops and tied ops (`QuantOptions`), found once per rule set."""
+        from onnxmpq import points
+        from onnxmpq.types import QuantOptions
+
+        options = options or QuantOptions()
+        key = (options.scope, options.integer_ops, options.tie_ops)
+        if key not in self.memo:
+            self.memo[key] = points.find(self.proto, self.layers, options.scope, options.integer_ops, options.tie_ops)
+        return self.memo[key]
 
     def layer(self, name: str) -> LayerSpec:
         for spec in self.layers:
@@ -127,11 +143,14 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     _check_single_writers(proto.graph)
     if default_opset(proto) < MIN_OPSET:
         proto = convert_opset(proto, MIN_OPSET)
+        _name_nodes(proto.graph)  # the converter's own new nodes
     _fold_constants(proto.graph)
     _drop_initializer_inputs(proto.graph)
     proto.ir_version = max(proto.ir_version, 7)  # IR >= 4 lets initializers stay out of the inputs
     _fold_weight_chains(proto)
-    proto = infer_shapes(proto)
+    proto = infer_shapes(proto)  # the folds below need shapes
+    if fold_batchnorm(proto.graph) + fold_bias_add(proto.graph):
+        proto = infer_shapes(proto)
     layers, skipped = find_layers(proto)
     metadata = {p.key: p.value for p in proto.metadata_props}
     return Model(proto, path, tuple(layers), tuple(skipped), tuple(graph_inputs(proto)), metadata)
@@ -159,7 +178,7 @@ def convert_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
 def at_opset(model: Model, opset: int) -> Model:
     """`model` with its proto upgraded to `opset` (the same object when it already is)."""
     converted = convert_opset(model.proto, opset)
-    return model if converted is model.proto else dataclasses.replace(model, proto=converted)
+    return model if converted is model.proto else dataclasses.replace(model, proto=converted, memo={})
 
 
 def keep_initializers(graph: onnx.GraphProto, names) -> None:
@@ -242,6 +261,7 @@ def _fold_constants(graph: onnx.GraphProto) -> None:
     graph.node.extend(keep)
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops listed as float inside subgraph bodies
 _FOLDABLE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten"}
 
 
@@ -311,34 +331,6 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return reads
 
 
-def prune(proto: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `proto` that computes only `outputs`: the nodes they depend on, the initializers those
-    read, and the graph outputs set to `outputs` (which must already be listed as graph outputs)."""
-    pruned = _copy(proto)
-    graph = pruned.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    needed, stack, keep = set(), list(outputs), set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
-            for sub in _subgraphs(node):
-                stack.extend(names_read(sub))
-    nodes = [n for n in graph.node if id(n) in keep]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    keep_initializers(graph, needed)
-    outs = [o for o in graph.output if o.name in set(outputs)]
-    del graph.output[:]
-    graph.output.extend(outs)
-    return pruned
-
-
 def specialize(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
     """`model` with its layers' MACs computed for concrete input shapes (batch counted as 1).
 
@@ -357,7 +349,7 @@ def specialize(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
                 dim.Clear()
                 dim.dim_value = int(size)
     layers, _ = find_layers(infer_shapes(fixed))
-    return dataclasses.replace(model, layers=tuple(layers))
+    return dataclasses.replace(model, layers=tuple(layers), memo={})
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
@@ -397,32 +389,20 @@ def graph_inputs(proto: onnx.ModelProto) -> list[InputSpec]:
 def find_layers(proto: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
     """Lists the quantizable layers of the top-level graph and the ones left in float, with reasons."""
     graph = proto.graph
-    consts = {t.name: t for t in graph.initializer}
-    shapes = _value_shapes(graph)
+    index = GraphIndex.of(graph)
     layers, skipped = [], []
     for node in graph.node:
         handler = OP_HANDLERS.get_or_none(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is not None:
-            spec = handler.describe(NodeView(node, consts, shapes))
+            spec = handler.describe(NodeView(node, index))
             if spec is not None and spec.params == 0:
                 skipped.append((spec.name, "its weight has a zero-size dimension: stays float"))
             elif spec is not None:
                 layers.append(spec)
         for sub in _subgraphs(node):
             skipped += [(n.name or n.op_type, f"inside the {node.op_type} subgraph of {node.name!r}: stays float")
-                        for n in _walk(sub) if n.op_type in OP_HANDLERS]
+                        for n in _walk(sub) if n.op_type in WEIGHTED_OPS]
     return layers, skipped
-
-
-def _value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | None, ...]]:
-    shapes = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        ttype = value.type.tensor_type
-        if ttype.HasField("shape"):
-            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
-    for tensor in graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
-    return shapes
 
 
 def _subgraphs(node: onnx.NodeProto):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from onnx import TensorProto
 
 from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError
@@ -103,11 +104,10 @@ def paired_delta(ref_sess, proto, feed, runs: int = RUNS, threads: int = 2) -> f
     return float((np.median(var) - np.median(ref)) * 1e3)
 
 
-def kernel_class(spec, cand: Candidate, options: QuantOptions) -> tuple:
-    """What decides a layer's kernels: the ONNX types and layout a candidate gives it."""
-    wfmt, afmt = layer_formats(spec, cand, options)
+def kernel_class(unit, cand: Candidate, options: QuantOptions) -> tuple:
+    """What decides a unit's kernels: the ONNX types and layout a candidate gives it."""
+    wfmt, afmt = layer_formats(unit.layer, cand, options)
     cast = bool(wfmt and cast_to_int8(wfmt, afmt, options))
-    from onnx import TensorProto
     return (TensorProto.INT8 if cast else (wfmt.onnx_type if wfmt else None), afmt.onnx_type if afmt else None)
 
 
@@ -115,29 +115,34 @@ def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np
             options: QuantOptions = QuantOptions(), runs: int = RUNS, threads: int = 2,
             on_layer: Callable[[str], None] | None = None,
             fixed: Mapping[str, Candidate] | None = None) -> LatencyTable:
-    """Times the reference and every (layer, kernel class) switch; see the module docstring. `fixed`
-    adds a layer's own precision (a kept or pinned layer, or float) to what is timed for it."""
-    if not model.layers:
+    """Times the reference and every (unit, kernel class) switch; see the module docstring. `fixed`
+    adds a unit's own precision (a kept or pinned layer, or float) to what is timed for it. Units without
+    weights are timed at each activation width when there are several."""
+    points = model.points(options)
+    if not points.units:
         raise OnnxmpqError("the model has no quantizable layer to time.", "run `onnxmpq inspect MODEL`.")
     ref = max(candidates, key=lambda c: ((c.weight_bits or 32), (c.act_bits or 32)))
-    base = {spec.name: ref for spec in model.layers}
+    acts = [Candidate(None, a) for a in dict.fromkeys(c.act_bits for c in candidates)]
+    base = {u.name: ref if u.layer else Candidate(None, ref.act_bits) for u in points.units}
     ref_proto = build(model, base, stats, options)[0]
     t_ref = time_model(ref_proto, feed, runs, threads)
     t_float = time_model(model.proto, feed, runs, threads)
     ref_sess = _warm(ref_proto, feed, threads)
     layers = {}
-    for spec in model.layers:
-        measured: dict[tuple, float] = {kernel_class(spec, ref, options): 0.0}
+    for unit in points.units:
+        own = list(candidates) if unit.layer else (acts if len(acts) > 1 else [])
+        own += [(fixed or {})[unit.name]] if unit.name in (fixed or {}) else []
+        measured: dict[tuple, float] = {kernel_class(unit, base[unit.name], options): 0.0}
         row = {}
-        extra = [(fixed or {})[spec.name]] if spec.name in (fixed or {}) else []
-        for cand in list(candidates) + extra:
-            key = kernel_class(spec, cand, options)
+        for cand in own:
+            key = kernel_class(unit, cand, options)
             if key not in measured:
-                proto, _ = build(model, {**base, spec.name: cand}, stats, options)
+                proto, _ = build(model, {**base, unit.name: cand}, stats, options)
                 measured[key] = paired_delta(ref_sess, proto, feed, runs, threads)
             row[cand.key] = measured[key]
-        layers[spec.name] = row
+        if row:
+            layers[unit.name] = row
         if on_layer:
-            on_layer(spec.name)
+            on_layer(unit.name)
     batch = len(next(iter(feed.values())))
     return LatencyTable(ref.key, t_ref, t_float, layers, batch, threads, runs)

@@ -24,7 +24,7 @@ import numpy as np
 from onnxmpq import calibrate, profiles, progress
 from onnxmpq.allocate import Allocation, Budget, Problem, extremes, result, solve
 from onnxmpq.allocate.greedy import ladder
-from onnxmpq.allocate.problem import build_problem
+from onnxmpq.allocate.problem import build_problem, candidate_columns
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.quantize import build
 from onnxmpq.types import Candidate, QuantOptions, Rounding
@@ -80,14 +80,14 @@ class Plan:
 class Context:
     """Calibration data, statistics and the fidelity judge, made once and shared by the searches."""
 
-    def __init__(self, model, calib, settings: Settings, preprocess=None):
+    def __init__(self, model, calib, settings: Settings, options: QuantOptions, preprocess=None):
         self.model, self.settings = model, settings
         source = calibrate.read(calib, model, preprocess=preprocess)
         feeds, held_out = held_out_batches(source, settings.limit, HELD_OUT)
         self.judge = Judge(model.proto, feeds, held_out)
         self.first = {k: v[:1] for k, v in feeds[0].items()} if feeds else {}
         calib_source = calibrate.read(calib, model, limit=settings.limit, preprocess=preprocess)
-        self.stats = calibrate.collect(model, calib_source, [s.activation for s in model.layers])
+        self.stats = calibrate.collect(model, calib_source, model.points(options).groups())
 
     def drop(self, assignment: Mapping[str, Candidate], options: QuantOptions) -> float:
         proto, _ = build(self.model, assignment, self.stats, options)
@@ -105,20 +105,22 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     profile = profiles.load(settings.profile)
     candidates = parse_candidates(settings.weight_bits, settings.act_bits)
     table = sensitivity(settings.effective_metric, settings.weight_bits, settings.act_bits)
-    ctx = Context(model, calib, settings, preprocess) if (
+    ctx = Context(model, calib, settings, options, preprocess) if (
         settings.max_drop is not None or settings.method == "threshold"
         or any(b.kind == "latency-ms" for b in budgets)) else None
     latency = _latency(model, candidates, budgets, settings, options, ctx, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
+    columns = candidate_columns(model.points(options), candidates)
     if ctx is not None:
-        problem = _with_fidelity(problem, fixed, candidates, ctx, options)
+        problem = _with_fidelity(problem, fixed, columns, ctx, options)
     with progress.bar(f"solve ({settings.method})", 1, unit="step") as advance:
         allocation, search = _solve(problem, budgets, settings)
         advance(1)
-    by_key = {c.key: c for c in candidates}
+    by_key = {c.key: c for c in columns}
     assignment = {**{n: by_key[k] for n, k in allocation.choice.items()}, **fixed}
-    assignment = {spec.name: assignment[spec.name] for spec in model.layers if spec.name in assignment}
+    assignment = {u.name: assignment[u.name] for u in model.points(options).units
+                  if u.name in assignment}
     return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, profile)
 
 
@@ -129,10 +131,11 @@ def _latency(model, candidates, budgets, settings: Settings, options, ctx, profi
 
     if settings.latency:
         return latency.LatencyTable.load(settings.latency)
-    fixed = {spec.name: Candidate(None, None) for spec in model.layers
-             if not any(profile.allows(spec.op_type, c) for c in candidates)}
+    points = model.points(options)
+    fixed = {u.name: Candidate(None, None) for u in points.layers
+             if not any(profile.allows(u.op_type, c) for c in candidates)}
     fixed.update({**profile.pin, **settings.keep})
-    with progress.bar("latency", len(model.layers), unit="layer") as advance:
+    with progress.bar("latency", len(points.units), unit="unit") as advance:
         return latency.profile(model, candidates, ctx.stats, ctx.first, options, on_layer=lambda n: advance(1),
                                fixed=fixed)
 

@@ -15,6 +15,12 @@ The YAML form users write (`yaml.safe_load` only; unknown keys are errors that n
     max_distinct_bits: 2        # optional: at most this many distinct weight widths in the model
     pin: {/conv1/Conv: "8:8"}   # optional: layers fixed at W:A (float allowed: "float:8")
     tie: [Concat]               # optional: ops whose quantized inputs must share one scale and type
+    requantize: true            # may a tensor be read at another width than it is stored at?
+    integer_ops: [LayerNormalization]  # optional: ops the target runs on integers beyond onnxruntime's
+                                # (their tensors are quantized too); [all] for every handled op
+
+The rule for an op type covers its weighted layers (weights, activations) and its units without weights
+(an Add, a Softmax: activations only; float there needs float_layers).
 
 An activation list may hold `float` for weight-only layers. Built-in profiles document real targets'
 rules as stated assumptions (see BUILTINS and `onnxmpq profiles`).
@@ -31,7 +37,7 @@ from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Candidate
 
 KEYS = ("name", "description", "ops", "pairs", "per_channel", "symmetric_weights", "float_layers",
-        "max_distinct_bits", "pin", "tie")
+        "max_distinct_bits", "pin", "tie", "requantize", "integer_ops")
 OP_KEYS = ("weights", "activations")
 ALL_WEIGHTS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -56,6 +62,8 @@ class Profile:
     max_distinct_bits: int | None = None
     pin: Mapping[str, Candidate] = field(default_factory=dict)
     tie: tuple[str, ...] = ()
+    requantize: bool = True
+    integer_ops: frozenset[str] = frozenset()
     source: str = "built-in"
 
     def rule(self, op_type: str) -> OpRule:
@@ -69,6 +77,12 @@ class Profile:
         if cand.weight_bits not in rule.weights or cand.act_bits not in rule.activations:
             return False
         return self.pairs is None or (cand.weight_bits, cand.act_bits) in self.pairs
+
+    def allows_act(self, op_type: str, act_bits: int | None) -> bool:
+        """Whether a unit without weights of `op_type` may compute at `act_bits` (None: float)."""
+        if act_bits is None:
+            return self.float_layers
+        return act_bits in self.rule(op_type).activations
 
     def to_dict(self) -> dict[str, Any]:
         def acts(values):
@@ -85,6 +99,10 @@ class Profile:
             out["pin"] = {k: f"{c.weight_bits or 'float'}:{c.act_bits or 'float'}" for k, c in self.pin.items()}
         if self.tie:
             out["tie"] = list(self.tie)
+        if not self.requantize:
+            out["requantize"] = False
+        if self.integer_ops:
+            out["integer_ops"] = sorted(self.integer_ops)
         return out
 
 
@@ -104,8 +122,8 @@ BUILTINS: dict[str, Profile] = {p.name: p for p in [
             tie=("Concat",)),
     Profile("int8-only", {"default": _rule((8,), (8,))},
             "An int8-only accelerator (the common NPU/DSP case): W8A8 everywhere, per-channel symmetric "
-            "weights, no float layer, inputs of a Concat share one scale.",
-            float_layers=False, tie=("Concat",)),
+            "weights, no float layer or float tensor between integer ops, no requantize, inputs of a Concat "
+            "share one scale.", float_layers=False, tie=("Concat",), requantize=False),
     Profile("npu-w4a8", {"Conv": _rule((4, 8), (8,)), "default": _rule((8,), (8,))},
             "An NPU with 4- and 8-bit weights for convolutions and 8-bit weights elsewhere, 8-bit "
             "activations, per-channel symmetric weights, no float layer, at most two weight widths.",
@@ -197,7 +215,9 @@ class _Validator:
             pairs=pairs, per_channel=self.flag(data, "per_channel", True),
             symmetric_weights=self.flag(data, "symmetric_weights", True),
             float_layers=self.flag(data, "float_layers", True), max_distinct_bits=max_distinct,
-            pin=self.pins(data.get("pin") or {}), tie=self.ties(data.get("tie") or []), source=self.source)
+            pin=self.pins(data.get("pin") or {}), tie=self.ties(data.get("tie") or []),
+            requantize=self.flag(data, "requantize", True),
+            integer_ops=frozenset(self.ties(data.get("integer_ops") or [], "integer_ops")), source=self.source)
         self.consistent(profile)
         return profile
 
@@ -269,9 +289,9 @@ class _Validator:
                 self.fail(("pin", str(name)), f"has {text!r}, not W:A with widths 2-16 or float", 'write e.g. "8:8".')
         return out
 
-    def ties(self, ties) -> tuple[str, ...]:
+    def ties(self, ties, key: str = "tie") -> tuple[str, ...]:
         if not isinstance(ties, list) or not all(isinstance(t, str) for t in ties):
-            self.fail(("tie",), "must be a list of op types", "write e.g. tie: [Concat, Add].")
+            self.fail((key,), "must be a list of op types", f"write e.g. {key}: [Concat, Add].")
         return tuple(ties)
 
     def consistent(self, profile: Profile) -> None:

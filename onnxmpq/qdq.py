@@ -10,6 +10,7 @@ reports that width k; onnxmpq's own models also carry the widths in metadata (`o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxmpq.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 
 METADATA_KEY = "onnxmpq.layers"
@@ -79,13 +81,12 @@ def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
         if node.op_type in _PASS_THROUGH and node.input and node.input[0] in stubs:
             stubs[node.output[0]] = stubs[node.input[0]]
             weight_q[node.output[0]] = weight_q[node.input[0]]
-    view_consts = {**consts, **stubs}
-    shapes = _shapes(graph)
+    index = dataclasses.replace(GraphIndex.of(graph), consts={**consts, **stubs})
     meta = _metadata_bits(proto)
     layers = []
     for node in graph.node:
         handler = OP_HANDLERS.get_or_none(node.op_type)
-        spec = handler.describe(NodeView(node, view_consts, shapes)) if handler else None
+        spec = handler.describe(NodeView(node, index)) if handler else None
         if spec is None:
             continue
         wq = _weight_quantizer(*weight_q[spec.weight], consts, meta.get(spec.name, (None, None))[0]) \
@@ -102,15 +103,6 @@ def _casts_of_constants(graph, consts) -> dict[str, TensorProto]:
     return {node.output[0]: consts[node.input[0]] for node in graph.node
             if node.op_type == "Cast" and node.input and node.input[0] in consts
             and consts[node.input[0]].data_type in _BITS}
-
-
-def _shapes(graph) -> dict:
-    shapes = {}
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                       for d in value.type.tensor_type.shape.dim)
-    return shapes
 
 
 def _metadata_bits(proto: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:

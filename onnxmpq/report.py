@@ -118,14 +118,14 @@ def pareto_points(chosen, model, calib, options, preprocess=None) -> list[dict]:
 
     from onnxmpq import plan
     from onnxmpq.allocate import Budget, solve
-    from onnxmpq.allocate.problem import build_problem
+    from onnxmpq.allocate.problem import build_problem, candidate_columns
     from onnxmpq.errors import ConstraintError
     from onnxmpq.export import summarize
     from onnxmpq.quantize import build
     from onnxmpq.sensitivity import parse_candidates
 
     settings = replace(chosen.settings, max_drop=None)
-    ctx = plan.Context(model, calib, settings, preprocess)
+    ctx = plan.Context(model, calib, settings, options, preprocess)
     candidates = parse_candidates(settings.weight_bits, settings.act_bits)
     widths = [w for w in settings.weight_bits if w]
     points = []
@@ -137,7 +137,7 @@ def pareto_points(chosen, model, calib, options, preprocess=None) -> list[dict]:
             alloc = solve(problem, "ilp", settings.time_limit)
         except ConstraintError:
             continue
-        by_key = {c.key: c for c in candidates}
+        by_key = {c.key: c for c in candidate_columns(model.points(options), candidates)}
         assignment = {**{n: by_key[k] for n, k in alloc.choice.items()}, **fixed}
         proto, results = build(model, assignment, ctx.stats, options)
         points.append({"value": float(value), **summarize(results), **ctx.judge.score(proto).to_dict()})

@@ -1,10 +1,14 @@
-"""onnxruntime sessions on the CPU provider, with errors turned into user errors."""
+"""onnxruntime sessions on the CPU provider, with errors turned into user errors, and the census of the
+kernels a model really runs on after onnxruntime's load-time optimisation."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -47,6 +51,44 @@ def _session_from_large(model: onnx.ModelProto, options: ort.SessionOptions) -> 
         copy.CopyFrom(model)  # onnx.save rewrites the tensors it externalises
         onnx.save(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NchwcConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm",
+                           "FusedGemm"})
+INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
+                             "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention"})
+
+
+@dataclass(frozen=True)
+class Census:
+    """The ops onnxruntime's CPU provider runs after its load-time optimisation, and how many of the
+    compute-heavy ones (Conv, MatMul, Gemm) run on float kernels and how many on integer ones."""
+
+    ops: Mapping[str, int]
+    float_compute: int
+    int_compute: int
+
+    def to_dict(self) -> dict:
+        return {"ops": dict(self.ops), "float_compute": self.float_compute, "int_compute": self.int_compute}
+
+
+def census(model: onnx.ModelProto | str | os.PathLike) -> Census:
+    """Loads `model` at the default optimisation level with `optimized_model_filepath` set and counts the
+    ops of the graph onnxruntime really runs."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    with tempfile.TemporaryDirectory(prefix="onnxmpq-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        try:
+            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise OnnxmpqError(f"onnxruntime cannot run the model: {str(exc).splitlines()[0][:300]}",
+                               "check that the model runs in onnxruntime's CPU provider as exported.") from None
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    ops = Counter(node.op_type for node in optimized.graph.node)
+    return Census(dict(ops.most_common()), sum(ops[k] for k in FLOAT_KERNELS), sum(ops[k] for k in INTEGER_KERNELS))
 
 
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:

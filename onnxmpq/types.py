@@ -40,15 +40,15 @@ class LayerSpec:
 
     Attributes:
         name: ONNX node name, the stable id used everywhere (unnamed nodes get a generated name).
-        op_type: Conv, ConvTranspose, Gemm or MatMul.
+        op_type: Conv, ConvTranspose, Gemm, MatMul or Gather (an embedding table).
         weight: initializer name of the weight.
-        activation: name of the input tensor that is quantized as the activation.
+        activation: name of the input tensor that is quantized as the activation (a Gather's indices,
+            which stay integers).
         output: name of the layer's output tensor.
         params: number of weight elements.
         macs: multiply-accumulates per sample (batch dimension 1; dynamic dims other than batch as 1).
         channel_axis: axis of the weight that indexes output channels (per-channel scales live there).
         bias: initializer name of the bias, if any.
-        in_subgraph: the node lives inside an If/Loop/Scan body and stays in float.
     """
 
     name: str
@@ -60,7 +60,6 @@ class LayerSpec:
     macs: int
     channel_axis: int
     bias: str | None = None
-    in_subgraph: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,14 @@ class TensorStats:
     zeros: int = 0
 
 
+class Scope(StrEnum):
+    """Which tensors carry Q/DQ (`onnxmpq.points`): every tensor an integer kernel reads or writes
+    (graph), or only the weighted layers' weights and activation inputs (layers, the older form)."""
+
+    GRAPH = "graph"
+    LAYERS = "layers"
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """Settings of the QDQ writer that are not per layer."""
@@ -135,8 +142,11 @@ class QuantOptions:
     act_range: ActRange = ActRange.MSE
     percentile: float = 99.99
     int2_container: str = "int2"
-    bias: str = "float"
-    weight_layout: str = "auto"  # native | int8-cast | auto (see quantize.cast_to_int8)
+    bias: str = "auto"             # float | int32 | auto (int32 where the input is quantized, weights <= 8 bits)
+    weight_layout: str = "auto"    # native | int8-cast | auto (see quantize.cast_to_int8)
+    scope: Scope = Scope.GRAPH
+    integer_ops: frozenset[str] = frozenset()  # op types the target runs on integers beyond onnxruntime's
+    tie_ops: frozenset[str] = frozenset()      # op types whose inputs and output share one scale (a profile's tie)
 
 
 @dataclass(frozen=True)

@@ -176,15 +176,34 @@ def feed_for(proto: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str,
 
 
 def activation_stats(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names) -> dict:
-    """Exact statistics of the named tensors, computed with onnx's reference evaluator (not onnxruntime)."""
+    """Exact statistics of the named tensors, or of each group {name: [tensors]} (one histogram over its
+    tensors), computed with onnx's reference evaluator (not onnxruntime)."""
     values = ReferenceEvaluator(proto).run(None, feed, intermediate=True)
     values = {**feed, **values}
+    groups = names if isinstance(names, dict) else {name: [name] for name in names}
     stats = {}
-    for name in names:
+    for name, members in groups.items():
         hist = Histogram(name)
-        hist.update(values[name])
+        for member in members:
+            hist.update(values[member])
         stats[name] = hist.stats()
     return stats
+
+
+def uniform(m, wb, ab, options=None) -> dict:
+    """Every unit of the loaded model `m` at (wb, ab): weight bits for its weighted layers only."""
+    from onnxmpq.types import Candidate, QuantOptions
+
+    options = options or QuantOptions()
+    return {u.name: Candidate(wb if u.layer else None, ab) for u in m.points(options).units}
+
+
+def group_stats(m, feed, options=None) -> dict:
+    """Exact statistics of every tensor group of the loaded model `m` (see `activation_stats`)."""
+    from onnxmpq.types import QuantOptions
+
+    options = options or QuantOptions()
+    return activation_stats(m.proto, feed, m.points(options).groups())
 
 
 # ---------------------------------------------------------------- shared helpers of the CLI and checker tests

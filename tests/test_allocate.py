@@ -435,14 +435,22 @@ def test_allocation_problem_costs_and_limits_on_resnet20(resnet):
     facts = independent_layer_facts(RESNET)
     names = [spec.name for spec in resnet.layers]
     assert len(names) == 20 and set(names) == set(facts)
-    assert problem.layers == tuple(names)
-    assert problem.candidates == ("w2a8", "w3a8", "w4a8", "w8a8", "w4", "a8")
+    # two activation widths (8 and float): the 9 residual Adds and the pooling are rows too, choosing a8 or float
+    others = [u.name for u in resnet.points().units if u.layer is None]
+    assert len(others) == 10 and all(n.endswith(("Add", "GlobalAveragePool")) for n in others)
+    assert problem.layers == tuple(u.name for u in resnet.points().units)
+    assert problem.candidates == ("w2a8", "w3a8", "w4a8", "w8a8", "w4", "a8", "float")
+    for name in others:
+        row = problem.layers.index(name)
+        assert list(problem.allowed[row]) == [False] * 5 + [True, True]
+        assert all(problem.costs[kind][row].max() == 0 for kind in problem.costs)  # no weights, no MACs
 
     rows = {row.name: row for row in table.layers}
-    expected_scores = [[rows[n].scores[k] for k in problem.candidates] for n in names]
-    np.testing.assert_array_equal(problem.scores, expected_scores)
+    expected_scores = [[rows[n].scores.get(k, 0.0) for k in problem.candidates] for n in names]
+    np.testing.assert_array_equal(problem.scores[[problem.layers.index(n) for n in names]], expected_scores)
 
-    for l, name in enumerate(names):
+    for name in names:
+        l = problem.layers.index(name)
         params, channels, macs = facts[name]
         for c, cand in enumerate(cands):
             w, a = cand.weight_bits or 32, cand.act_bits or 32

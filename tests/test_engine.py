@@ -9,12 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import activation_stats, arr, model, node, vi
+from conftest import activation_stats, arr, group_stats, model, node, vi
 from onnxmpq import engine, graph
 from onnxmpq.quantize import build as build_qdq
 from onnxmpq.calibrate import with_outputs
 from onnxmpq.engine import Frontier
-from onnxmpq.types import Candidate
+from onnxmpq.types import Candidate, QuantOptions, Scope
 
 BATCH_SIZES = (1, 3, 5)
 
@@ -161,7 +161,8 @@ def quantized_tail():
     calib = {"x": np.random.default_rng(9).normal(size=(4, 3, 8, 8)).astype(np.float32)}
     tail = [spec for spec in m.layers if spec.name != "conv1"]
     stats = activation_stats(m.proto, calib, [spec.activation for spec in tail])
-    qproto, _ = build_qdq(m, {spec.name: Candidate(4, 8) for spec in tail}, stats)
+    layers_only = QuantOptions(scope=Scope.LAYERS)  # Q/DQ in front of the layers only: concat reads r1 itself
+    qproto, _ = build_qdq(m, {spec.name: Candidate(4, 8) for spec in tail}, stats, layers_only)
     return m, qproto
 
 
@@ -189,12 +190,15 @@ def test_advancing_through_the_inserted_nodes_one_layer_at_a_time():
     layer's quantized input (the DequantizeLinear output in front of it)."""
     m = graph.from_proto(build_branchy())
     calib = {"x": np.random.default_rng(9).normal(size=(4, 3, 8, 8)).astype(np.float32)}
-    stats = activation_stats(m.proto, calib, [spec.activation for spec in m.layers])
+    stats = group_stats(m, calib)
     data = batches()
     front = Frontier(data)
     assignment = {}
-    for spec in m.layers:
-        assignment[spec.name] = Candidate(4, 8)
+    for unit in m.points().units:  # the units without weights (add, mul, concat) join in graph order too
+        assignment[unit.name] = Candidate(4 if unit.layer else None, 8)
+        if unit.layer is None:
+            continue
+        spec = unit.layer
         qproto, _ = build_qdq(m, assignment, stats)
         layer = next(n for n in qproto.graph.node if n.name == spec.name)
         target = layer.input[0]

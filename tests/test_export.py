@@ -13,7 +13,7 @@ from conftest import build_cnn, model, node, vi
 from onnxmpq import graph
 from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.export import Report, save_model, storage_notes, summarize, write_json
-from onnxmpq.quantize import GUARD_SUFFIX, LayerResult, build
+from onnxmpq.quantize import GUARD_SUFFIX, LayerResult, TensorResult, UnitResult, Written, build
 from onnxmpq.types import Candidate
 
 
@@ -137,15 +137,21 @@ def result(name, wb, ab, params, macs, wbytes, wtype="INT8"):
 def test_summarize_totals_by_hand():
     rows = [result("a", 4, 8, 100, 1000, 60), result("b", None, None, 50, 500, 200, "float32"),
             result("c", 2, None, 10, 20, 10)]
-    totals = summarize(rows)
+    # a MatMul of two activations at 8 bits (300 MACs), an Add (no MACs), and a tensor of 7 elements stored at
+    # 16 bits and requantized to 8 for one reader
+    units = (UnitResult("qk", "MatMul", 8, 300, "QLinearMatMul"), UnitResult("add", "Add", 8, 0, "QLinearAdd"))
+    tensors = (TensorResult("t", "t", 16, "UINT16", 0.1, 0, "add", (8,), 7),
+               TensorResult("u", "u", 8, "UINT8", 0.1, 0, "add", (), 5))
+    totals = summarize(Written(tuple(rows), units, tensors))
     assert totals["weight_bytes"] == 60 + 200 + 10
     assert totals["float_weight_bytes"] == 4 * (100 + 50 + 10)
     assert totals["avg_weight_bits"] == pytest.approx((100 * 4 + 50 * 32 + 10 * 2) / 160)
-    assert totals["bitops"] == 1000 * 4 * 8 + 500 * 32 * 32 + 20 * 2 * 32
+    assert totals["bitops"] == 1000 * 4 * 8 + 500 * 32 * 32 + 20 * 2 * 32 + 300 * 8 * 8 + 7 * 16 * 8
 
 
 def test_summarize_of_nothing_is_zero():
-    assert summarize([]) == {"weight_bytes": 0, "float_weight_bytes": 0, "avg_weight_bits": 0.0, "bitops": 0}
+    assert summarize(Written((), (), ())) == {"weight_bytes": 0, "float_weight_bytes": 0, "avg_weight_bits": 0.0,
+                                              "bitops": 0}
 
 
 def test_storage_notes_name_each_unusual_storage():

@@ -13,9 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ort_reader
-from onnxmpq import api, hardware, profiles, qdq
-from onnxmpq.types import Candidate
+from conftest import ort_reader, uniform
+from onnxmpq import api, calibrate, hardware, profiles, qdq
+from onnxmpq.quantize import build
+from onnxmpq.types import Candidate, QuantOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
@@ -217,14 +218,20 @@ def test_ort_int4_weights_on_npu_w4a8(ort):
     assert [(v.layer, v.rule) for v in violations] == [(GEMM, "pair")]
 
 
-def test_ort_add_inputs_are_not_tied(ort, mpq):
-    """onnxruntime quantizes both inputs of each residual Add with their own scales; onnxmpq leaves them float."""
+def test_add_inputs_are_not_tied_unless_the_profile_ties_them(ort, mpq):
+    """onnxruntime and onnxmpq quantize both inputs of each residual Add with their own scales (QLinearAdd takes
+    three); a profile that ties Add inputs flags both, and onnxmpq quantizing under it shares one scale."""
     tie_add = profiles.parse("ops: {default: {weights: [8], activations: [8]}}\ntie: [Add]\n")
-    violations = hardware.check(ort(True), tie_add)
-    assert rules(violations) == {"tie": 9}
-    assert all(v.layer.endswith("/Add") for v in violations)
-    assert "scale" in violations[0].message and "zero point" in violations[0].message
-    assert hardware.check(mpq("w8a8"), tie_add) == []
+    for model in (ort(True), mpq("w8a8")):
+        violations = hardware.check(model, tie_add)
+        assert rules(violations) == {"tie": 9}
+        assert all(v.layer.endswith("/Add") for v in violations)
+        assert "scale" in violations[0].message and "zero point" in violations[0].message
+    m = api.load(RESNET)
+    options = QuantOptions(tie_ops=frozenset({"Add"}))
+    stats = calibrate.collect(m, calibrate.read(CALIB, m, limit=32), m.points(options).groups())
+    tied, _ = build(m, uniform(m, 8, 8, options), stats, options)
+    assert hardware.check(tied, tie_add) == []
 
 
 # --- ties on a hand-built Concat ----------------------------------------------------------------------

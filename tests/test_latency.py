@@ -97,7 +97,7 @@ def test_missing_table_file_is_a_user_error(tmp_path):
 
 
 def test_kernel_class_native(resnet):
-    spec = resnet.layer("/layer1/layer1.0/conv1/Conv")
+    spec = resnet.points().unit("/layer1/layer1.0/conv1/Conv")  # a unit: kernel classes are per unit
     native = QuantOptions(weight_layout="native")
     w3, w4, w8 = (kernel_class(spec, Candidate(w, 8), native) for w in (3, 4, 8))
     assert w3 == w4 != w8
@@ -107,7 +107,7 @@ def test_kernel_class_native(resnet):
 
 
 def test_kernel_class_auto_separates_16_bit_activations(resnet):
-    spec = resnet.layer("/layer1/layer1.0/conv1/Conv")
+    spec = resnet.points().unit("/layer1/layer1.0/conv1/Conv")  # a unit: kernel classes are per unit
     auto = QuantOptions(weight_layout="auto")
     assert kernel_class(spec, Candidate(3, 8), auto) == kernel_class(spec, Candidate(4, 8), auto)
     assert kernel_class(spec, Candidate(4, 16), auto) != kernel_class(spec, Candidate(4, 8), auto)
@@ -115,7 +115,7 @@ def test_kernel_class_auto_separates_16_bit_activations(resnet):
 
 @pytest.mark.parametrize("layout", ["auto", "int8-cast"])
 def test_kernel_class_int8_cast_matches_w8a8(resnet, layout):
-    spec = resnet.layer("/layer1/layer1.0/conv1/Conv")
+    spec = resnet.points().unit("/layer1/layer1.0/conv1/Conv")  # a unit: kernel classes are per unit
     options = QuantOptions(weight_layout=layout)
     assert kernel_class(spec, Candidate(4, 8), options) == kernel_class(spec, Candidate(8, 8), options)
 
@@ -130,7 +130,7 @@ def tiny(tmp_path_factory):
     model = graph.load(folder / "cnn.onnx")
     np.savez(folder / "calib.npz", x=feed_for(model.proto, batch=16)["x"])
     source = calibrate.read(folder / "calib.npz", model)
-    stats = calibrate.collect(model, source, [s.activation for s in model.layers])
+    stats = calibrate.collect(model, source, model.points().groups())
     return model, stats, {"x": feed_for(model.proto, batch=1)["x"]}
 
 

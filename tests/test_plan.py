@@ -9,6 +9,7 @@ sensitivity cache; `--metric weight-entropy` and `--rounding nearest` keep each 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx
 import pytest
 
 from onnxmpq import api, graph, hardware, profiles
-from onnxmpq.allocate import Problem, parse_budget, solve, tied_ok
+from onnxmpq.allocate import Problem, parse_budget, solve, tied_ok, totals
 from onnxmpq.allocate.problem import build_problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.sensitivity import parse_candidates
@@ -65,14 +66,15 @@ def test_npu_w4a8_allowed_choices(resnet):
     cands = parse_candidates((2, 4, 8), (8, 16))
     table = fake_table(resnet, cands)
     problem, fixed = build_problem(resnet, table, cands, [parse_budget("avg-bits=6")], profiles.load("npu-w4a8"))
-    assert fixed == {}
+    assert weighted(resnet, fixed) == {}  # the Adds and the pooling: fixed at a8, the profile's one width
     assert problem.layers == tuple(s.name for s in resnet.layers)
     keys = problem.candidates
     for l, name in enumerate(problem.layers):
         ok = {keys[c] for c in np.flatnonzero(problem.allowed[l])}
         assert ok == ({"w8a8"} if name == GEMM else {"w4a8", "w8a8"}), name
     assert problem.max_distinct == 2 and problem.ties == ()
-    assert problem.weight_bits == tuple(int(k[1]) for k in keys)
+    assert keys[-2:] == ("a8", "a16")  # the columns of the units without weights (fixed here: no row uses them)
+    assert problem.weight_bits == tuple(int(k[1]) if k[0] == "w" else 0 for k in keys)
     assert problem.act_bits == tuple(int(k.split("a")[1]) for k in keys)
     rows = {r.name: r for r in table.layers}
     assert problem.scores[problem.layers.index(GEMM), keys.index("w2a16")] == rows[GEMM].scores["w2a16"]
@@ -84,7 +86,7 @@ def test_keep_moves_the_layer_out_and_its_cost_into_offsets(resnet, params):
     budgets = [parse_budget("avg-bits=3"), parse_budget("weight-bytes=80KB"), parse_budget("bitops=0.3x")]
     keep = {FIRST: Candidate(8, 8)}
     problem, fixed = build_problem(resnet, fake_table(resnet, cands), cands, budgets, profiles.load(None), keep=keep)
-    assert fixed == keep and FIRST not in problem.layers and len(problem.layers) == 19
+    assert weighted(resnet, fixed) == keep and FIRST not in problem.layers and len(problem.layers) == 19
     assert problem.fixed_widths == frozenset({8})
     first = resnet.layer(FIRST)
     assert params[FIRST] == first.params == 432
@@ -111,7 +113,7 @@ def test_keep_at_float(resnet, params):
     cands = parse_candidates((4, 8), (8,))
     problem, fixed = build_problem(resnet, fake_table(resnet, cands), cands, [parse_budget("avg-bits=8")],
                                    profiles.load("cpu-ort"), keep={GEMM: Candidate(None, None)})
-    assert fixed == {GEMM: Candidate(None, None)} and problem.fixed_widths == frozenset()
+    assert weighted(resnet, fixed) == {GEMM: Candidate(None, None)} and problem.fixed_widths == frozenset()
     assert problem.offsets["avg-bits"] == params[GEMM] * 32
 
 
@@ -137,7 +139,9 @@ def test_profile_that_allows_nothing_for_an_op_leaves_it_float(resnet, params, t
                     "  default:\n    weights: [16]\n    activations: [16]\nfloat_layers: true\n")
     cands = parse_candidates((4, 8), (8,))
     problem, fixed = build_problem(resnet, None, cands, [parse_budget("avg-bits=8")], profiles.load(path))
-    assert fixed == {GEMM: Candidate(None, None)}
+    assert weighted(resnet, fixed) == {GEMM: Candidate(None, None)}
+    # the Adds and the pooling may not take the candidates' 8 bits: the profile's widest width for them
+    assert {c for n, c in fixed.items() if n not in weighted(resnet, fixed)} == {Candidate(None, 16)}
     assert problem.offsets["avg-bits"] == params[GEMM] * 32
 
 
@@ -148,7 +152,7 @@ def test_pin_from_a_yaml_profile(resnet, params, tmp_path):
     cands = parse_candidates((2, 4, 8), (8,))
     profile = profiles.load(path)
     problem, fixed = build_problem(resnet, None, cands, [parse_budget("avg-bits=4")], profile)
-    assert fixed == {GEMM: Candidate(8, 8), FIRST: Candidate(4, 8)}
+    assert weighted(resnet, fixed) == {GEMM: Candidate(8, 8), FIRST: Candidate(4, 8)}
     assert GEMM not in problem.layers and FIRST not in problem.layers
     assert problem.fixed_widths == frozenset({4, 8})
     assert problem.offsets["avg-bits"] == params[GEMM] * 8 + params[FIRST] * 4
@@ -166,6 +170,12 @@ def test_pin_of_a_missing_layer_is_a_user_error(resnet, tmp_path):
     assert "/nope/Conv" in str(info.value) and "pin" in str(info.value)
 
 
+def weighted(model, fixed) -> dict:
+    """The fixed units that are weighted layers (the units without weights with one width are fixed too)."""
+    layers = {s.name for s in model.layers}
+    return {n: c for n, c in fixed.items() if n in layers}
+
+
 def build_fork():
     """x(N,3,8,8) -> convA, x -> convB; Add -> Relu -> convC(y). convA and convB read the same tensor x."""
     return make_model(
@@ -177,27 +187,56 @@ def build_fork():
         {"WA": arr(31, 4, 3, 3, 3), "WB": arr(32, 4, 3, 3, 3), "WC": arr(33, 4, 4, 3, 3)})
 
 
-def test_layers_reading_one_tensor_are_tied(tmp_path):
+def test_layers_reading_one_tensor_at_different_widths_cost_a_requantize(tmp_path):
+    """convA and convB read x: they may read it at different widths (x stored at the widest, a requantize
+    for the other), costed in BitOps; a profile without requantizes ties them instead."""
     path = tmp_path / "fork.onnx"
     onnx.save(build_fork(), str(path))
     fork = graph.load(path)
-    names = [s.name for s in fork.layers]
-    assert sorted(names) == ["convA", "convB", "convC"]
+    names = [u.name for u in fork.points().units]
+    assert names == ["convA", "convB", "add", "convC"]
     cands = parse_candidates((8,), (8, 16))
-    # convA prefers a16, convB prefers a8 (by more), convC prefers a16
+    # convA prefers a16, convB prefers a8 (by more), convC prefers a16; the Add does not care
     scores = {"convA": {"w8a8": 1.0, "w8a16": 0.0}, "convB": {"w8a8": 0.0, "w8a16": 3.0},
-              "convC": {"w8a8": 1.0, "w8a16": 0.0}}
-    table = SensitivityTable("hand", ("w8a8", "w8a16"), tuple(LayerScores(n, "Conv", scores[n]) for n in names), 0, 0)
+              "convC": {"w8a8": 1.0, "w8a16": 0.0}, "add": {"a8": 0.0, "a16": 0.0}}
+    table = SensitivityTable("hand", ("w8a8", "w8a16", "a8", "a16"),
+                             tuple(LayerScores(n, "Conv", scores[n]) for n in names), 0, 0)
     problem, _ = build_problem(fork, table, cands, [parse_budget("avg-bits=8")], profiles.load(None))
-    tied = {tuple(sorted(problem.layers[i] for i in group)) for group in problem.ties}
-    assert tied == {("convA", "convB")}
+    assert problem.ties == ()
     for method in ("ilp", "ilp-cpsat"):
         alloc = solve(problem, method)
-        assert alloc.choice["convA"] == alloc.choice["convB"] == "w8a8", method
-        assert alloc.choice["convC"] == "w8a16", method
-    with_rules = Problem(**{**problem.__dict__, "ties": ()})
-    assert solve(with_rules, "ilp").choice["convA"] == "w8a16"  # untied, they split
+        assert (alloc.choice["convA"], alloc.choice["convB"], alloc.choice["convC"]) == ("w8a16", "w8a8", "w8a16")
+    strict = profiles.parse("ops: {default: {weights: [8], activations: [8, 16]}}\nrequantize: false\n")
+    problem, _ = build_problem(fork, table, cands, [parse_budget("avg-bits=8")], strict)
+    tied = {tuple(sorted(problem.layers[i] for i in group)) for group in problem.ties}
+    # x has no writer; a and b are written by the convs and read by the Add; r by the Add and read by convC
+    assert tied == {("add", "convA", "convB", "convC")}
+    for method in ("ilp", "ilp-cpsat"):
+        alloc = solve(problem, method)
+        assert len({alloc.choice[n][-2:] for n in names}) == 1, method  # one activation width for all
     assert tied_ok(problem, [problem.candidates.index(alloc.choice[n]) for n in problem.layers])
+
+
+def test_requantize_bitops_are_in_the_budget(tmp_path):
+    """BitOps of the fork with convA at a16 and convB at a8: x stored at 16 bits (the graph input is
+    quantized at its widest reader) needs no requantize; a and b (written at 16 and 8) are read by the Add;
+    an Add at a8 reads a through a requantize of n = 4*8*8 elements: n * 16 * 8 BitOps."""
+    path = tmp_path / "fork.onnx"
+    onnx.save(build_fork(), str(path))
+    fork = graph.load(path)
+    cands = parse_candidates((8,), (8, 16))
+    problem, _ = build_problem(fork, None, cands, [parse_budget("bitops=1e12")], profiles.load(None))
+    pick = {"convA": "w8a16", "convB": "w8a8", "add": "a8", "convC": "w8a8"}
+    index = [problem.candidates.index(pick[n]) for n in problem.layers]
+    macs = {u.name: u.macs for u in fork.points().units}
+    plain = macs["convA"] * 8 * 16 + macs["convB"] * 64 + macs["convC"] * 64
+    assert totals(problem, index)["bitops"] == plain + 4 * 8 * 8 * 16 * 8
+    same = [problem.candidates.index({"convA": "w8a8", "add": "a8"}.get(n, pick[n])) for n in problem.layers]
+    assert totals(problem, same)["bitops"] == macs["convA"] * 64 + macs["convB"] * 64 + macs["convC"] * 64
+    tight = replace(problem, limits={"bitops": plain + 100.0})
+    alloc = solve(tight, "ilp")  # the requantize does not fit: no mixed pair around the Add
+    chosen = [tight.candidates.index(alloc.choice[n]) for n in tight.layers]
+    assert totals(tight, chosen)["bitops"] <= plain + 100.0
 
 
 # ---------------------------------------------------------------- the --max-drop searches (fake judge)

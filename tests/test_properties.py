@@ -44,11 +44,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import activation_stats, feed_for, vi
+from conftest import activation_stats, feed_for, group_stats, vi
 from onnxmpq import api, graph, qdq
 from onnxmpq.cli import main
 from onnxmpq.quantize import build
-from onnxmpq.types import ActRange, Candidate, QuantOptions, WeightRange
+from onnxmpq.types import ActRange, Candidate, QuantOptions, Scope, WeightRange
 
 CONTAINER_BITS = {TensorProto.INT2: 2, TensorProto.INT4: 4, TensorProto.INT8: 8, TensorProto.INT16: 16,
                   TensorProto.UINT2: 2, TensorProto.UINT4: 4, TensorProto.UINT8: 8, TensorProto.UINT16: 16}
@@ -190,8 +190,8 @@ def nets_with_bits(draw):
 
 OPTIONS = st.builds(QuantOptions, weight_range=st.sampled_from(list(WeightRange)),
                     act_range=st.sampled_from(list(ActRange)), percentile=st.sampled_from([99.0, 99.99]),
-                    int2_container=st.sampled_from(["int2", "int4"]), bias=st.sampled_from(["float", "int32"]),
-                    weight_layout=st.sampled_from(["auto", "native", "int8-cast"]))
+                    int2_container=st.sampled_from(["int2", "int4"]), bias=st.sampled_from(["float", "int32", "auto"]),
+                    weight_layout=st.sampled_from(["auto", "native", "int8-cast"]), scope=st.sampled_from(list(Scope)))
 
 
 # ---------------------------------------------------------------- oracles
@@ -306,7 +306,8 @@ def check_numerics(net: Net, q: onnx.ModelProto, feed, bits: dict) -> None:
     # its input to int8 inside the kernel (accuracy_level 4); onnxruntime's WeightBiasQuantization quantizes
     # the float weights of layers with quantized inputs to int8
     int8_inside = sum(1 for n, c in bits.items()
-                      if (c.weight_bits and kinds[n] in ("MatMul", "Gemm")) or (c.act_bits and not c.weight_bits))
+                      if n in kinds and ((c.weight_bits and kinds[n] in ("MatMul", "Gemm")) or
+                                         (c.act_bits and not c.weight_bits)))
     err = float(np.abs(got - want).max(initial=0))
     mean = float(np.abs(got - want).mean()) if got.size else 0.0
     if saturating:
@@ -329,10 +330,17 @@ def test_random_graph_quantizes_to_a_valid_matching_model_with_exact_byte_counts
     m = graph.from_proto(net.proto)
     assert [l.name for l in m.layers] == list(net.layers)
     feed = feed_for(m.proto, 3, seed)
-    acts = [l.activation for l in m.layers if bits[l.name].act_bits]
-    stats = activation_stats(m.proto, feed, acts) if acts else None
+    # the units without weights (a residual Add, an Add of a constant) take the width of the layer before them
+    width = None
+    for unit in m.points(options).units:
+        if unit.layer is not None:
+            width = bits[unit.name].act_bits
+        else:
+            bits[unit.name] = Candidate(None, width)
+    stats = group_stats(m, feed, options) if any(c.act_bits for c in bits.values()) else None
     assignment = {n: c for n, c in bits.items() if c.weight_bits or c.act_bits}
-    q, results = build(m, assignment, stats, options)
+    q, written = build(m, assignment, stats, options)
+    results = written.layers
     onnx.checker.check_model(q, full_check=True)
     check_numerics(net, q, feed_for(m.proto, 4, seed + 1), bits)
     total = check_bytes(net, q, results)
@@ -345,6 +353,16 @@ def test_random_graph_quantizes_to_a_valid_matching_model_with_exact_byte_counts
     assert {l["name"]: l["weight_bytes"] for l in info["layers"]} == {r.name: r.weight_bytes for r in results}
     assert {l["name"]: (l["weight_bits"], l["act_bits"]) for l in info["layers"]} == \
         {r.name: (r.weight_bits, r.act_bits) for r in results}
+
+
+def stored_width(net: Net, name: str, bits: dict) -> int | None:
+    """The width layer `name`'s input is stored at: that of the unit writing it (units not in `bits`,
+    such as a residual Add, are float here)."""
+    m = graph.from_proto(net.proto)
+    points = m.points()
+    tensor = m.layer(name).activation
+    source = points.source.get(tensor) if tensor in points.group else None
+    return bits[source].act_bits if source in bits else None
 
 
 def inspect_json(path: Path) -> tuple[int, dict]:
@@ -374,7 +392,7 @@ def test_api_quantize_report_matches_the_written_file(example, rounding):
         q = onnx.load(str(out))
         assert [r.name for r in report.layers] == list(net.layers)
         assert {r.name: (r.weight_bits, r.act_bits) for r in report.layers} == \
-            {n: (c.weight_bits, c.act_bits) for n, c in bits.items()}
+            {n: (c.weight_bits, c.act_bits or stored_width(net, n, bits)) for n, c in bits.items()}
         total = check_bytes(net, q, report.layers)
         assert report.weight_bytes == total
         assert report.file_bytes == out.stat().st_size

@@ -17,14 +17,14 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import (MODELS, activation_stats, arr, build_cnn, build_constant_weights, build_gemm, feed_for, model,
-                      node, vi)
+from conftest import (MODELS, activation_stats, arr, build_cnn, build_constant_weights, build_gemm, feed_for,
+                      group_stats, model, node, uniform, vi)
 from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import act_format, weight_format
 from onnxmpq.quantize import CAST_SUFFIX, GUARD_SUFFIX, build
 from onnxmpq.rounding import round_nearest
-from onnxmpq.types import ActRange, Candidate, QuantOptions, WeightRange
+from onnxmpq.types import ActRange, Candidate, QuantOptions, Scope, WeightRange
 
 WEIGHT_BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 ACT_BITS = [None, 4, 8, 16]
@@ -42,9 +42,9 @@ def quantized(proto, wb, ab, options=QuantOptions(), batch=3, seed=0):
     """Loads `proto`, quantizes every layer at (wb, ab) with exact statistics; returns (model, qdq, results, feed)."""
     m = graph.from_proto(proto)
     feed = feed_for(m.proto, batch, seed)
-    stats = activation_stats(m.proto, feed, [layer.activation for layer in m.layers]) if ab else None
-    q, results = build(m, {layer.name: Candidate(wb, ab) for layer in m.layers}, stats, options)
-    return m, q, results, feed
+    stats = group_stats(m, feed, options) if ab else None
+    q, written = build(m, uniform(m, wb, ab, options), stats, options)
+    return m, q, written.layers, feed
 
 
 def run_ort(proto, feed, optimize=True):
@@ -271,13 +271,18 @@ def test_layers_reading_one_tensor_share_one_qdq_pair():
                    node("Add", ["a", "b"], ["y"], "add")],
                   [vi("x", ["N", 2, 3, 3])], [vi("y", ["N", 2, 3, 3])],
                   {"Wa": arr(1, 2, 2, 1, 1), "Wb": arr(2, 2, 2, 1, 1)})
-    _, q, _, feed = quantized(proto, 8, 8)
-    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) == 1
-    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_q")]
-    assert len(dq) == 1
-    convs = [n for n in q.graph.node if n.op_type == "Conv"]
-    assert convs[0].input[0] == convs[1].input[0] == dq[0].output[0]
-    onnx.checker.check_model(q, full_check=True)
+    for scope in Scope:
+        _, q, _, feed = quantized(proto, 8, 8, QuantOptions(scope=scope))
+        q_of_x = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+        assert len(q_of_x) == 1
+        dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q_of_x[0].output[0]]
+        assert len(dq) == 1
+        convs = [n for n in q.graph.node if n.op_type == "Conv"]
+        assert convs[0].input[0] == convs[1].input[0] == dq[0].output[0]
+        # graph scope: the Conv outputs as well (QLinearAdd reads them); the Add's output is a graph output
+        # and stays float (nothing integer reads it)
+        assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) == (3 if scope == Scope.GRAPH else 1)
+        onnx.checker.check_model(q, full_check=True)
 
 
 def test_missing_statistics_is_a_user_error(cnn):
@@ -312,12 +317,17 @@ def test_float_weight_dropped_unless_still_read():
 
 def test_unassigned_layers_stay_float(cnn):
     m = graph.from_proto(cnn)
-    q, results = build(m, {"conv2": Candidate(4, 8)}, activation_stats(m.proto, feed_for(m.proto), ["r1"]))
-    by_name = {r.name: r for r in results}
-    assert by_name["conv1"].weight_bits is None and by_name["conv1"].weight_type == "float32"
-    assert by_name["fc"].act_bits is None
-    assert next(n for n in q.graph.node if n.name == "conv1").input[1] == "W1"
-    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) == 1
+    feed = feed_for(m.proto)
+    for scope, quantized_tensors in ((Scope.LAYERS, {"r1"}), (Scope.GRAPH, {"r1", "c2", "f"})):
+        options = QuantOptions(scope=scope)
+        q, written = build(m, {"conv2": Candidate(4, 8)}, group_stats(m, feed, options), options)
+        by_name = {r.name: r for r in written.layers}
+        assert by_name["conv1"].weight_bits is None and by_name["conv1"].weight_type == "float32"
+        # the float fc reads the tensor conv2 stores at 8 bits in graph scope, a float one in layers scope
+        assert by_name["fc"].act_bits == (8 if scope == Scope.GRAPH else None)
+        assert next(n for n in q.graph.node if n.name == "conv1").input[1] == "W1"
+        # conv2 reads r1 and, in graph scope, writes c2 (and the Flatten passes it on as f)
+        assert {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"} == quantized_tensors
 
 
 def test_build_does_not_modify_the_input_model():
@@ -350,7 +360,7 @@ def test_old_opset_model_is_written_at_opset_21():
 
 def test_metadata_records_widths(cnn):
     m = graph.from_proto(cnn)
-    stats = activation_stats(m.proto, feed_for(m.proto), ["x", "r1"])
+    stats = group_stats(m, feed_for(m.proto))
     q, _ = build(m, {"conv1": Candidate(4, 8), "conv2": Candidate(2, 16)}, stats)
     meta = {p.key: p.value for p in q.metadata_props}
     assert json.loads(meta["onnxmpq.layers"]) == {"conv1": [4, 8], "conv2": [2, 16], "fc": [None, None]}
@@ -399,8 +409,9 @@ def test_candidate_key():
 def test_int32_bias_is_dequantized_from_sx_times_sw(cnn):
     m = graph.from_proto(cnn)
     feed = feed_for(m.proto)
-    stats = activation_stats(m.proto, feed, ["x"])
-    q, results = build(m, {"conv1": Candidate(8, 8)}, stats, QuantOptions(bias="int32"))
+    stats = group_stats(m, feed)
+    q, written = build(m, {"conv1": Candidate(8, 8)}, stats, QuantOptions(bias="int32"))
+    results = written.layers
     conv = next(n for n in q.graph.node if n.name == "conv1")
     bias_dq = nodes_by_output(q).get(conv.input[2])
     assert bias_dq is not None and bias_dq.op_type == "DequantizeLinear", "bias was left float"

@@ -31,13 +31,20 @@ OCR = package_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx")
 def test_mnist8_opset8_loads_upgrades_and_quantizes(tmp_path):
     model = graph.load(MNIST)
     assert model.opset >= 13
-    assert [l.op_type for l in model.layers] == ["Conv", "Conv", "MatMul"]  # MatMul weight behind a Reshape
+    # the MatMul's weight sits behind a Reshape; its bias Add joins it as a Gemm (and the Conv biases, written
+    # as Adds, join the Convs)
+    assert [l.op_type for l in model.layers] == ["Conv", "Conv", "Gemm"]
+    assert all(l.bias for l in model.layers)
     assert model.layers[2].params == 256 * 10
     out = tmp_path / "mnist_w4a8.onnx"
     # the model's own test_data_set_0 folder is the calibration source
     report = api.quantize(model, out, MNIST.parent, weight_bits=4, act_bits=8)
     assert [l.weight_bits for l in report.layers] == [4, 4, 4]
-    assert report.file_bytes < 0.33 * MNIST.stat().st_size  # 4-bit codes of a 26 KB model, plus Q/DQ overhead
+    # all three run on integer kernels
+    kernels = runtime.census(out)
+    assert kernels.float_compute == 0 and kernels.int_compute == 3
+    # 4-bit codes of a 26 KB model plus the integer graph's Q/DQ pairs (one per tensor) and INT32 biases
+    assert report.file_bytes < 0.40 * MNIST.stat().st_size
     onnx.checker.check_model(str(out), full_check=True)
     x = numpy_helper.to_array(onnx.load_tensor(str(MNIST.parent / "test_data_set_0" / "input_0.pb")))
     expected = numpy_helper.to_array(onnx.load_tensor(str(MNIST.parent / "test_data_set_0" / "output_0.pb")))

@@ -71,7 +71,7 @@ def images(seed, n):
 def prepared(proto, calib):
     m = graph.from_proto(proto)
     source = ArraySource(x=calib)
-    stats = calibrate.collect(m, source, [spec.activation for spec in m.layers])
+    stats = calibrate.collect(m, source, m.points().groups())
     return m, source, stats
 
 
@@ -140,7 +140,7 @@ def test_uncovered_layers_fall_back_to_nearest():
     calib = np.random.default_rng(1).normal(size=(12, 2, 3, 5)).astype(np.float32)
     m = graph.from_proto(build_with_unsupported())
     source = ArraySource(x=calib)
-    stats = calibrate.collect(m, source, [spec.activation for spec in m.layers])
+    stats = calibrate.collect(m, source, m.points().groups())
     assignment = {spec.name: Candidate(4, 8) for spec in m.layers}
     calls = []
     result = sequential.round_model(m, assignment, source, stats, on_layer=calls.append)

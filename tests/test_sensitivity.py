@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from scipy.special import rel_entr, softmax
 
-from conftest import (MODELS, activation_stats, arr, build_cnn, build_constant_weights, build_unnamed, feed_for,
+from conftest import (MODELS, activation_stats, arr, group_stats, build_cnn, build_constant_weights, build_unnamed, feed_for,
                       model, node, vi)
 from onnxmpq import api, graph, progress, sensitivity
 from onnxmpq.errors import OnnxmpqError
@@ -228,8 +228,7 @@ def test_sqnr_and_kl_fall_as_weight_bits_rise(name):
 def test_sqnr_and_kl_fall_as_activation_bits_rise():
     m = load(build_cnn())
     batches = batches_for(m, 8, 2)
-    stats = activation_stats(m.proto, {"x": np.concatenate([b["x"] for b in batches])},
-                             [s.activation for s in m.layers])
+    stats = group_stats(m, {"x": np.concatenate([b["x"] for b in batches])})
     cands = sensitivity.parse_candidates([], [2, 4, 8], separate=True)
     for table in sensitivity.measure(m, batches, ["sqnr", "kl"], cands, stats):
         assert table.candidates == ("a2", "a4", "a8")
@@ -252,8 +251,7 @@ def test_engine_equals_naive_sweep(builder):
 def test_engine_and_naive_sweep_equal_single_layer_models_with_activation_candidates(builder):
     m = load(builder())
     batches = batches_for(m, 8, 2)
-    stats = activation_stats(m.proto, {"x": np.concatenate([b["x"] for b in batches])},
-                             [s.activation for s in m.layers])
+    stats = group_stats(m, {"x": np.concatenate([b["x"] for b in batches])})
     cands = sensitivity.parse_candidates([4], [4, 8]) + [Candidate(None, 4)]
     fast = sensitivity.measure(m, batches, ["sqnr", "kl"], cands, stats)
     naive = sensitivity.measure(m, batches, ["sqnr", "kl"], cands, stats, naive=True)
@@ -261,11 +259,16 @@ def test_engine_and_naive_sweep_equal_single_layer_models_with_activation_candid
         assert_tables_close(a, b, rtol=1e-4, atol=1e-9)
     ref = run_whole(m.proto, batches)
     outputs = list(ref)
-    for row, spec in zip(fast[0].layers, m.layers):
-        for cand in cands:
-            got = run_whole(build(m, {spec.name: cand}, stats)[0], batches)
+    units = m.points().units
+    # every unit is a row: the weighted layers at each candidate, the others (Add, Mul, Concat) at a4 and a8
+    assert [row.name for row in fast[0].layers] == [u.name for u in units]
+    for row, unit in zip(fast[0].layers, units):
+        assert set(row.scores) == ({c.key for c in cands} if unit.layer else {"a4", "a8"})
+        for key in row.scores:
+            cand = next(c for c in cands + [Candidate(None, 8)] if c.key == key)
+            got = run_whole(build(m, {unit.name: cand}, stats)[0], batches)
             expected = sum(nsr(ref[o], got[o]) for o in outputs)
-            assert row.scores[cand.key] == pytest.approx(expected, rel=1e-4, abs=1e-12), (spec.name, cand.key)
+            assert row.scores[key] == pytest.approx(expected, rel=1e-4, abs=1e-12), (unit.name, key)
 
 
 @pytest.mark.parametrize("builder", [build_cnn, build_branchy], ids=["cnn", "branchy"])
@@ -288,8 +291,7 @@ def test_probe_matches_single_layer_model_run_whole(builder):
 def test_probe_of_an_activation_candidate_matches_single_layer_model():
     m = load(build_cnn())
     batches = batches_for(m, 8, 2)
-    stats = activation_stats(m.proto, {"x": np.concatenate([b["x"] for b in batches])},
-                             [s.activation for s in m.layers])
+    stats = group_stats(m, {"x": np.concatenate([b["x"] for b in batches])})
     cand = Candidate(None, 4)
     table = sensitivity.measure(m, batches, ["sqnr"], [cand], stats)[0]
     ref = run_whole(m.proto, batches)["y"]
@@ -302,7 +304,9 @@ def test_output_entropy_against_histograms_of_the_layer_outputs():
     m = load(build_cnn())
     batches = batches_for(m, 16, 2)
     table = sensitivity.measure(m, batches, ["output-entropy"], WBITS)[0]
-    for row, spec in zip(table.layers, m.layers):
+    for row, unit in zip(table.layers, m.points().units):
+        spec = unit  # a unit's output is after the activation it takes in (conv1's is the Relu's)
+        assert spec.output == {"conv1": "r1", "conv2": "c2", "fc": "y"}[unit.name]
         float_out = run_whole(m.proto, batches, (spec.output,))[spec.output]
         lo, hi = float(float_out.min()), float(float_out.max())
         h_float = entropy_on(float_out, lo, hi)

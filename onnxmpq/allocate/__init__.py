@@ -64,6 +64,20 @@ def parse_budget(text: str) -> Budget:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A tensor stored at its writer's width and read by other units: for each distinct reader width b2
+    other than the stored b1 (both integer) one requantize of `elements` values, n * b1 * b2 BitOps.
+    `source` and `readers` are rows; a writer or readers fixed outside the problem give their widths
+    in `source_bits` / `fixed_readers` (0 = float)."""
+
+    source: int | None
+    readers: tuple[int, ...]
+    elements: int
+    source_bits: int = 0
+    fixed_readers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Problem:
     """What a solver sees: names, candidate keys, scores (L, C) and budget costs (L, C) with limits."""
 
@@ -82,6 +96,8 @@ class Problem:
     fixed_widths: frozenset[int] = frozenset()  # weight widths already used by fixed layers
     entropy: np.ndarray | None = None   # (L,) raw output entropy of each float layer (threshold method)
     fidelity: Callable[[Sequence[int]], float] | None = None  # measured drop of a choice (threshold, max-drop)
+    links: tuple[Link, ...] = ()        # requantizes' BitOps, added to the bitops budget
+    weighted: tuple[bool, ...] = ()     # per row: a weighted layer (False: a unit without weights)
 
     def user_value(self, kind: str, total: float) -> float:
         """A cost total in the unit the user wrote (adds back the fixed layers' share)."""
@@ -127,8 +143,24 @@ def check_feasible(problem: Problem) -> None:
 
 
 def totals(problem: Problem, index: Sequence[int]) -> dict[str, float]:
+    """Each budget's total cost of a choice (requantizes included in bitops)."""
     rows = np.arange(len(problem.layers))
-    return {kind: float(cost[rows, index].sum()) for kind, cost in problem.costs.items()}
+    out = {kind: float(cost[rows, index].sum()) for kind, cost in problem.costs.items()}
+    if "bitops" in out and problem.links:
+        out["bitops"] += link_bitops(problem, index)
+    return out
+
+
+def link_bitops(problem: Problem, index: Sequence[int]) -> float:
+    """BitOps of the requantizes a choice needs (see `Link`)."""
+    total = 0.0
+    for link in problem.links:
+        stored = problem.act_bits[index[link.source]] if link.source is not None else link.source_bits
+        if not stored:
+            continue
+        wanted = {problem.act_bits[index[r]] for r in link.readers} | set(link.fixed_readers)
+        total += sum(link.elements * stored * b for b in wanted if b and b != stored)
+    return total
 
 
 def tied_ok(problem: Problem, index: Sequence[int]) -> bool:

@@ -6,7 +6,10 @@ OR-Tools' MIP solver (SCIP); `ilp-cpsat` solves the same program with CP-SAT.
                sum_l sum_c cost_k[l, c] x[l, c] <= B_k for every budget k
                x[l, c] = 0 where the hardware rules forbid c for l;  x binary;
                sum_{c: a(c)=a} x[l, c] = sum_{c: a(c)=a} x[m, c]  for tied layers l, m and each act width a;
-               x[l, c] <= y[w(c)],  sum_w y[w] <= K (max distinct widths), y binary.
+               x[l, c] <= y[w(c)],  sum_w y[w] <= K (max distinct widths), y binary;
+               requantizes (`Link`): r[t, b1, b2] >= A[s, b1] + A[r, b2] - 1 for a writer s and each
+               reader r, A[u, b] = sum_{c: a(c)=b} x[u, c] (a constant for fixed units), r >= 0, its
+               n * b1 * b2 BitOps added to the bitops budget.
 
 CP-SAT needs integers: each layer's scores are shifted by their minimum (which changes no choice) and
 scaled so the largest entry is 10^9; costs and limits are scaled so the limit is 10^9 and rounded down,
@@ -41,9 +44,11 @@ def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
         if problem.allowed is not None:
             for c in np.flatnonzero(~problem.allowed[l]):
                 solver.Add(x[l][int(c)] == 0)
+    extra = link_terms(problem, x, solver.Add, lambda name: solver.NumVar(0, 1, name))
     for kind, cost in problem.costs.items():
-        solver.Add(solver.Sum([float(cost[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)])
-                   <= float(problem.limits[kind]))
+        terms = [float(cost[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)]
+        terms += [weight * var for weight, var in extra] if kind == "bitops" else []
+        solver.Add(solver.Sum(terms) <= float(problem.limits[kind]))
     add_rules(problem, x, solver.Add, solver.Sum, solver.BoolVar)
     shifted = problem.scores - problem.scores.min(axis=1, keepdims=True)
     solver.Minimize(solver.Sum([float(shifted[l, c]) * x[l][c] for l in range(n_layers) for c in range(n_cands)]))
@@ -57,6 +62,33 @@ def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
     index = [int(np.argmax([x[l][c].solution_value() for c in range(n_cands)])) for l in range(n_layers)]
     return result(problem, index, "ilp (OR-Tools MIP, SCIP)",
                   "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible")
+
+
+def link_terms(problem: Problem, x, add, var) -> list[tuple[float, object]]:
+    """The (BitOps, variable) terms of the requantizes (see the module docstring)."""
+    widths = sorted({b for b in problem.act_bits if b})
+    n_cands = len(problem.candidates)
+
+    def uses(row, bits):
+        return [x[row][c] for c in range(n_cands) if problem.act_bits[c] == bits]
+
+    terms = []
+    for k, link in enumerate(problem.links):
+        stored = [link.source_bits] if link.source is None else widths
+        for b1 in stored:
+            if not b1:
+                continue
+            for b2 in widths + [b for b in link.fixed_readers if b not in widths]:
+                if b2 == b1 or not b2:
+                    continue
+                r = var(f"r{k}_{b1}_{b2}")
+                writer = uses(link.source, b1) if link.source is not None else []
+                for reader in link.readers:
+                    add(r >= sum(writer) + sum(uses(reader, b2)) - (1 if link.source is not None else 0))
+                if b2 in link.fixed_readers:
+                    add(r >= sum(writer) if link.source is not None else r >= 1)
+                terms.append((float(link.elements * b1 * b2), r))
+    return terms
 
 
 def add_rules(problem: Problem, x, add, total, boolvar) -> None:
@@ -97,10 +129,15 @@ def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
                 if not problem.allowed[l, c]:
                     model.Add(x[l][c] == 0)
     flat = [x[l][c] for l in range(n_layers) for c in range(n_cands)]
+    extra = link_terms(problem, x, model.Add, model.NewBoolVar)
     for kind, cost in problem.costs.items():
         factor = COST_SCALE / max(problem.limits[kind], 1e-12)
         ints = np.floor(cost * factor).astype(np.int64).ravel().tolist()
-        model.Add(cp_model.LinearExpr.WeightedSum(flat, ints) <= int(np.floor(problem.limits[kind] * factor)))
+        terms, weights_k = list(flat), ints
+        if kind == "bitops" and extra:
+            terms += [var for _, var in extra]
+            weights_k = ints + [int(np.ceil(w * factor)) for w, _ in extra]
+        model.Add(cp_model.LinearExpr.WeightedSum(terms, weights_k) <= int(np.floor(problem.limits[kind] * factor)))
     add_rules(problem, x, model.Add, sum, model.NewBoolVar)
     model.Minimize(cp_model.LinearExpr.WeightedSum(flat, weights.ravel().tolist()))
     solver = cp_model.CpSolver()

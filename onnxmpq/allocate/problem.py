@@ -1,18 +1,24 @@
-"""From a model, a sensitivity table, budgets and a hardware profile to the arrays a solver sees.
+"""From a model's units, a sensitivity table, budgets and a hardware profile to the arrays a solver sees.
 
-Costs per (layer l, candidate c = (w, a)), with P_l parameters, K_l output channels, M_l MACs:
+Rows are the units (`points.Unit`): the weighted layers, whose candidates are (w, a) pairs, and, when
+there is more than one activation width to choose from, the units without weights (a residual Add, a
+Softmax), whose candidates are widths `aN` alone. Costs per (unit u, candidate c = (w, a)), with P_u
+parameters, K_u output channels, M_u MACs:
 
     weight-bytes  stored bytes of codes + float32 scales + zero points (`quantize.stored_weight_bytes`),
-                  4 P_l for a float layer;      relative (`0.25x`): of the float32 weight bytes
-    avg-bits      P_l * w  (32 for float);     the limit is avg-bits x sum_l P_l
-    bitops        M_l * w * a (32 for a float side);  relative (`0.5x`): of W8A8 = sum_l 64 M_l
-    latency-ms    d[l, c] - min_c d[l, c] from a `latency.LatencyTable`; the limit is
-                  value - T_ref - sum_l min_c d[l, c]
+                  4 P_u for a float layer, 0 without weights;   relative (`0.25x`): of the float32 bytes
+    avg-bits      P_u * w  (32 for float);     the limit is avg-bits x sum_u P_u
+    bitops        M_u * w * a for a layer, M_u * a * a without weights (a MatMul of two activations), a
+                  float side 32; plus, per tensor read at another width than it is stored at, n * b1 * b2
+                  (`Link`);  relative (`0.5x`): of W8A8 = sum_u 64 M_u
+    latency-ms    d[u, c] - min_c d[u, c] from a `latency.LatencyTable`; the limit is
+                  value - T_ref - sum_u min_c d[u, c]
 
-Layers the user keeps (`--keep NAME=W[:A]`), the profile pins, or the profile allows nothing for
-(float, when float layers are allowed) are fixed outside the problem: their costs are taken off the
-limits (`Problem.offsets`) and their weight widths count towards `max_distinct_bits`. Layers that read
-one activation tensor share one quantizer, so they are tied to one activation width.
+Units the user keeps (`--keep NAME=W[:A]`), the profile pins, the profile allows nothing for (float, when
+float layers are allowed), and units without weights that have a single width to take are fixed outside
+the problem: their costs are taken off the limits (`Problem.offsets`) and their weight widths count
+towards `max_distinct_bits`. Ties (rows that must share one activation width): the units around an op of
+the profile's `tie` list, and every writer with its readers when the profile forbids requantizes.
 """
 
 from __future__ import annotations
@@ -21,57 +27,71 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from onnxmpq.allocate import Budget, Problem
+from onnxmpq.allocate import Budget, Link, Problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.points import Points, Unit
 from onnxmpq.profiles import Profile
 from onnxmpq.quantize import cast_to_int8, layer_formats, stored_weight_bytes
-from onnxmpq.types import Candidate, LayerSpec, QuantOptions
+from onnxmpq.types import Candidate, QuantOptions
 
 FLOAT_BITS = 32
 
 
-def layer_cost(kind: str, spec: LayerSpec, cand: Candidate, channels: int, options: QuantOptions,
-               latency=None) -> float:
-    """One budget's cost of one layer at one candidate (see the module docstring)."""
+def unit_cost(kind: str, unit: Unit, cand: Candidate, channels: int, options: QuantOptions, latency=None) -> float:
+    """One budget's cost of one unit at one candidate (see the module docstring; links aside)."""
     w, a = cand.weight_bits or FLOAT_BITS, cand.act_bits or FLOAT_BITS
+    spec = unit.layer
     if kind == "weight-bytes":
+        if spec is None:
+            return 0.0
         wfmt, afmt = layer_formats(spec, cand, options)
         return float(stored_weight_bytes(wfmt, spec.params, channels, cast_to_int8(wfmt, afmt, options))
                      if wfmt else 4 * spec.params)
     if kind == "avg-bits":
-        return float(spec.params * w)
+        return float(spec.params * w) if spec else 0.0
     if kind == "bitops":
-        return float(spec.macs * w * a)
+        return float(unit.macs * (w if spec else a) * a)
     if latency is None:
         raise OnnxmpqError("a latency-ms budget needs measured latencies.",
                            "run `onnxmpq profile-latency` and pass --latency FILE, or let quantize measure them.")
-    row = latency.layers.get(spec.name, {})
+    row = latency.layers.get(unit.name)
+    if row is None:
+        return 0.0  # a unit the table does not list (nothing to choose when it was measured)
     if cand.key not in row:
-        raise OnnxmpqError(f"the latency table has no entry for {spec.name} at {cand.key}.",
+        raise OnnxmpqError(f"the latency table has no entry for {unit.name} at {cand.key}.",
                            "re-run `onnxmpq profile-latency` with the same --bits and --act-bits.")
     return float(row[cand.key])
+
+
+def candidate_columns(points: Points, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The problem's columns: the (w, a) candidates, then `aN` for each activation width when the units
+    without weights have more than one to choose from."""
+    acts = list(dict.fromkeys(c.act_bits for c in candidates))
+    extra = [Candidate(None, a) for a in acts] if len(acts) > 1 and any(u.layer is None for u in points.units) else []
+    return list(candidates) + [c for c in extra if c not in candidates]
 
 
 def build_problem(model, table, candidates: Sequence[Candidate], budgets: Sequence[Budget], profile: Profile,
                   options: QuantOptions = QuantOptions(), keep: Mapping[str, Candidate] | None = None,
                   latency=None) -> tuple[Problem, dict[str, Candidate]]:
-    """(Problem over the free layers, {layer: Candidate} of the fixed ones)."""
+    """(Problem over the free units, {unit: Candidate} of the fixed ones)."""
+    points = model.points(options)
+    columns = candidate_columns(points, candidates)
     consts = {t.name: t for t in model.proto.graph.initializer}
     rows = {row.name: row for row in table.layers} if table is not None else {}
-    fixed = _fixed_layers(model, candidates, profile, keep or {})
-    free = [spec for spec in model.layers if spec.name not in fixed]
-    channels = {spec.name: consts[spec.weight].dims[spec.channel_axis] for spec in model.layers}
-    allowed = np.array([[profile.allows(spec.op_type, c) for c in candidates] for spec in free], bool).reshape(
-        len(free), len(candidates))
-    scores = np.array([[rows[s.name].scores[c.key] if s.name in rows else 0.0 for c in candidates] for s in free],
-                      float).reshape(len(free), len(candidates))
+    fixed = _fixed_units(points, candidates, columns, profile, keep or {})
+    free = [u for u in points.units if u.name not in fixed]
+    channels = {u.name: consts[u.layer.weight].dims[u.layer.channel_axis] if u.layer else 0 for u in points.units}
+    allowed = np.array([[_admits(profile, u, c) for c in columns] for u in free], bool).reshape(len(free), len(columns))
+    scores = np.array([[rows[u.name].scores.get(c.key, 0.0) if u.name in rows else 0.0 for c in columns]
+                       for u in free], float).reshape(len(free), len(columns))
     costs, limits, units, offsets = {}, {}, {}, {}
     for budget in budgets:
         kind = budget.kind
-        cost = np.array([[layer_cost(kind, s, c, channels[s.name], options, latency) for c in candidates]
-                         for s in free], float).reshape(len(free), len(candidates))
-        offset = sum(layer_cost(kind, model.layer(n), c, channels[n], options, latency) for n, c in fixed.items())
-        units[kind], limit = _unit_and_limit(model, budget, latency)
+        cost = np.array([[unit_cost(kind, u, c, channels[u.name], options, latency) for c in columns] for u in free],
+                        float).reshape(len(free), len(columns))
+        offset = sum(unit_cost(kind, points.unit(n), c, channels[n], options, latency) for n, c in fixed.items())
+        units[kind], limit = _unit_and_limit(points, budget)
         if kind == "latency-ms":
             shift = np.where(allowed, cost, np.inf).min(axis=1, initial=np.inf)
             shift = np.where(np.isfinite(shift), shift, 0.0)
@@ -79,56 +99,115 @@ def build_problem(model, table, candidates: Sequence[Candidate], budgets: Sequen
             offset += float(shift.sum()) + latency.reference_ms
         costs[kind], limits[kind], offsets[kind] = cost, limit - offset, offset
     entropy = None
-    if rows and all(rows[s.name].extra and "entropy" in rows[s.name].extra for s in free):
-        entropy = np.array([rows[s.name].extra["entropy"] for s in free], float)
-    problem = Problem(tuple(s.name for s in free), tuple(c.key for c in candidates), scores, costs, limits,
+    if rows and all(rows[u.name].extra and "entropy" in rows[u.name].extra for u in free if u.name in rows) \
+            and all(u.name in rows for u in free):
+        entropy = np.array([rows[u.name].extra["entropy"] for u in free], float)
+    problem = Problem(tuple(u.name for u in free), tuple(c.key for c in columns), scores, costs, limits,
                       allowed=allowed, units=units, offsets=offsets,
-                      weight_bits=tuple(c.weight_bits or 0 for c in candidates),
-                      act_bits=tuple(c.act_bits or 0 for c in candidates), ties=_ties(free),
+                      weight_bits=tuple(c.weight_bits or 0 for c in columns),
+                      act_bits=tuple(c.act_bits or 0 for c in columns), ties=_ties(points, free, profile),
                       max_distinct=profile.max_distinct_bits,
                       fixed_widths=frozenset(c.weight_bits for c in fixed.values() if c.weight_bits),
-                      entropy=entropy)
+                      entropy=entropy, links=_links(points, free, fixed) if "bitops" in costs else (),
+                      weighted=tuple(u.layer is not None for u in free))
     return problem, fixed
 
 
-def _unit_and_limit(model, budget: Budget, latency) -> tuple[float, float]:
+def _admits(profile: Profile, unit: Unit, cand: Candidate) -> bool:
+    if unit.layer is None:
+        return cand.weight_bits is None and profile.allows_act(unit.op_type, cand.act_bits)
+    return profile.allows(unit.op_type, cand)
+
+
+def _unit_and_limit(points: Points, budget: Budget) -> tuple[float, float]:
     """(the unit of the value the user wrote, the limit in cost units)."""
     if budget.kind == "avg-bits":
-        unit = float(sum(spec.params for spec in model.layers))
+        unit = float(sum(u.params for u in points.units))
     elif budget.relative and budget.kind == "bitops":
-        unit = float(sum(spec.macs * 64 for spec in model.layers))
+        unit = float(sum(u.macs * 64 for u in points.units))
     elif budget.relative:
-        unit = float(sum(4 * spec.params for spec in model.layers))
+        unit = float(sum(4 * u.params for u in points.units))
     else:
         unit = 1.0
     return unit, budget.value * unit
 
 
-def _fixed_layers(model, candidates, profile: Profile, keep: Mapping[str, Candidate]) -> dict[str, Candidate]:
-    """Kept and pinned layers at their precision; layers the profile allows no candidate for stay float
-    (or the rules are impossible for them)."""
-    names = {spec.name for spec in model.layers}
+def _fixed_units(points: Points, candidates, columns, profile: Profile,
+                 keep: Mapping[str, Candidate]) -> dict[str, Candidate]:
+    """Kept and pinned units at their precision; units the profile allows no candidate stay float (or the
+    rules are impossible for them); units without weights with one width to take, at that width."""
     fixed = {}
+    names = {u.name for u in points.units}
     for source, pins in (("profile pin", profile.pin), ("--keep", keep)):
         for name, cand in pins.items():
             if name not in names:
-                raise OnnxmpqError(f"{source} names {name!r}, which is not a quantizable layer.",
-                                   "run `onnxmpq inspect MODEL` to list the layer names.")
-            fixed[name] = cand
-    for spec in model.layers:
-        if spec.name in fixed or any(profile.allows(spec.op_type, c) for c in candidates):
+                raise OnnxmpqError(f"{source} names {name!r}, which is not a quantizable layer or unit.",
+                                   "list the names with `onnxmpq inspect MODEL`.")
+            unit = points.unit(name)
+            fixed[name] = cand if unit.layer else Candidate(None, cand.act_bits)
+    acts = list(dict.fromkeys(c.act_bits for c in candidates))
+    for unit in points.units:
+        if unit.name in fixed:
             continue
-        if not profile.float_layers:
-            raise ConstraintError(f"profile {profile.name!r} allows none of the candidates "
-                                  f"({', '.join(c.key for c in candidates)}) for {spec.op_type} layer {spec.name!r} "
-                                  "and no float layer.", "add candidates the profile allows (--bits, --act-bits).")
-        fixed[spec.name] = Candidate(None, None)
+        if unit.layer is None:
+            widths = [a for a in acts if profile.allows_act(unit.op_type, a)]
+            if len(widths) == 1:
+                fixed[unit.name] = Candidate(None, widths[0])
+            elif not widths:
+                fixed[unit.name] = _nearest_width(unit, profile)
+            continue
+        if not any(_admits(profile, unit, c) for c in columns):
+            if not profile.float_layers:
+                raise ConstraintError(f"profile {profile.name!r} allows none of the candidates "
+                                      f"({', '.join(c.key for c in candidates)}) for {unit.op_type} layer "
+                                      f"{unit.name!r} and no float layer.",
+                                      "add candidates the profile allows (--bits, --act-bits).")
+            fixed[unit.name] = Candidate(None, None)
     return fixed
 
 
-def _ties(free: Sequence[LayerSpec]) -> tuple[tuple[int, ...], ...]:
-    """Groups (of 2 or more) of free layers that read the same activation tensor."""
-    groups: dict[str, list[int]] = {}
-    for i, spec in enumerate(free):
-        groups.setdefault(spec.activation, []).append(i)
-    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+def _nearest_width(unit: Unit, profile: Profile) -> Candidate:
+    """A unit without weights that no candidate width suits: the profile's widest width for it, else float."""
+    rule = profile.rule(unit.op_type)
+    widths = [a for a in rule.activations if a]
+    if widths:
+        return Candidate(None, max(widths))
+    if profile.float_layers:
+        return Candidate(None, None)
+    raise ConstraintError(f"profile {profile.name!r} allows no activation width for {unit.op_type} "
+                          f"{unit.name!r}.", "fix the profile's rule for it.")
+
+
+def _ties(points: Points, free: Sequence[Unit], profile: Profile) -> tuple[tuple[int, ...], ...]:
+    """Rows that must share one activation width (see the module docstring)."""
+    row = {u.name: i for i, u in enumerate(free)}
+    groups = []
+    for unit in free:
+        if unit.op_type in profile.tie:
+            groups.append({unit.name} | {points.source.get(t) for t in unit.reads})
+    if not profile.requantize:
+        for tensor, readers in points.readers.items():
+            groups.append({points.source.get(tensor), *readers})
+    merged: list[set[int]] = []
+    for group in groups:
+        rows = {row[n] for n in group if n in row}
+        for other in [m for m in merged if m & rows]:
+            rows |= other
+            merged.remove(other)
+        if len(rows) > 1:
+            merged.append(rows)
+    return tuple(tuple(sorted(g)) for g in merged)
+
+
+def _links(points: Points, free: Sequence[Unit], fixed: Mapping[str, Candidate]) -> tuple[Link, ...]:
+    """The tensors that may be read at another width than they are stored at (a requantize's BitOps)."""
+    row = {u.name: i for i, u in enumerate(free)}
+    out = []
+    for tensor, readers in points.readers.items():
+        source = points.source.get(tensor)
+        if source is None or (source not in row and not any(r in row for r in readers)):
+            continue
+        out.append(Link(row.get(source), tuple(row[r] for r in readers if r in row), points.elements.get(tensor, 1),
+                        (fixed[source].act_bits or 0) if source in fixed else 0,
+                        tuple(fixed[r].act_bits or 0 for r in readers if r in fixed)))
+    return tuple(out)

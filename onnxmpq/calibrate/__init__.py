@@ -1,14 +1,14 @@
 """Calibration: read the user's samples and collect streaming statistics of activation tensors.
 
-`read(source, model)` opens any supported source (see `readers`); `collect(model, source, tensors)` runs
+`read(source, model)` opens any supported source (see `readers`); `collect(model, source, groups)` runs
 the float model once over it in onnxruntime, asking for the named intermediate tensors as extra
-outputs, and folds each batch into a `Histogram` before the next one is read, so memory holds one
-batch of activations and O(bins) per tensor.
+outputs, and folds each batch into one `Histogram` per group of tensors that share a scale before the
+next batch is read, so memory holds one batch of activations and O(bins) per group.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
 
@@ -53,19 +53,22 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return copy
 
 
-def collect(model: Model, source: DataSource, tensors: Sequence[str], *, batch_size: int = 32,
-            on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
-    """Streams `source` through the float model and returns the statistics of each tensor in `tensors`."""
-    tensors = list(dict.fromkeys(tensors))
+def collect(model: Model, source: DataSource, groups: Mapping[str, Sequence[str]] | Sequence[str], *,
+            batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
+    """Streams `source` through the float model and returns the statistics of each group: one histogram
+    over the values of all its tensors (a list of names stands for one group per tensor)."""
+    if not isinstance(groups, Mapping):
+        groups = {name: [name] for name in groups}
     feeds = {spec.name for spec in model.inputs}
-    fetch = [t for t in tensors if t not in feeds]
+    fetch = list(dict.fromkeys(t for members in groups.values() for t in members if t not in feeds))
     sess = runtime.session(with_outputs(model.proto, fetch))
-    hists = {name: Histogram(name) for name in tensors}
+    hists = {name: Histogram(name) for name in groups}
     seen = 0
     for batch in source.batches(batch_size):
         outputs = dict(zip(fetch, runtime.run(sess, dict(batch.inputs), fetch))) if fetch else {}
-        for name in tensors:
-            hists[name].update(batch.inputs[name] if name in feeds else outputs[name])
+        for name, members in groups.items():
+            for t in members:
+                hists[name].update(batch.inputs[t] if t in feeds else outputs[t])
         seen += batch.size
         if on_batch:
             on_batch(batch.size)

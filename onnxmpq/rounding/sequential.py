@@ -33,7 +33,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
 
     Args:
         model: the float model.
-        assignment: layer name -> Candidate, as it will be written.
+        assignment: unit name -> Candidate, as it will be written (units without weights included).
         source: calibration data (a `DataSource`), read once and held in memory with the cut's activations.
         stats: activation statistics from `calibrate.collect` (for the activation quantizers).
         options: the writer's options (ranges, INT2 storage) so partial models match the final one.
@@ -41,7 +41,10 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
         on_layer: called with each layer's name when it is done (progress).
     """
     start = time.perf_counter()
-    formats = {name: layer_formats(model.layer(name), cand, options) for name, cand in assignment.items()}
+    points = model.points(options)
+    units = {u.name: u for u in points.units}
+    formats = {name: layer_formats(units[name].layer, cand, options) for name, cand in assignment.items()
+               if name in units}
     target = required_opset(f for pair in formats.values() for f in pair if f)
     model = graph.at_opset(model, target)
     consts = {t.name: t for t in model.proto.graph.initializer}
@@ -50,11 +53,13 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
     float_front, quant_front = Frontier(batches), Frontier(batches)
     done: dict[str, QuantizedWeight] = {}
     fallbacks = []
-    for index, spec in enumerate(model.layers):
-        cand = assignment.get(spec.name)
-        wfmt = formats.get(spec.name, (None, None))[0]
+    order = [u.name for u in points.units]
+    for index, name in enumerate(order):
+        cand = assignment.get(name)
+        wfmt = formats.get(name, (None, None))[0]
         if cand is None or wfmt is None:
             continue
+        spec = units[name].layer
         weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
         node = nodes[spec.name]
         view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
@@ -64,7 +69,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
             if statistics_bytes(view, k) > settings.memory_budget:
                 reason = f"its statistics would take {statistics_bytes(view, k) >> 20} MiB, over the memory budget"
         if reason is None:
-            before = {s.name for s in model.layers[:index]}
+            before = set(order[:index])
             partial = {n: c for n, c in assignment.items() if n in before}
             partial[spec.name] = Candidate(None, cand.act_bits)
             qproto, _ = build(model, partial, stats, options, weights=done)

@@ -1,7 +1,8 @@
 """Sensitivity: how much the network suffers when one layer is quantized at one candidate precision.
 
-`measure(model, batches, metrics, candidates)` probes every quantizable layer at every candidate with
-the rest of the network in float (`probe.sweep`) and scores each probe with every asked-for metric of
+`measure(model, batches, metrics, candidates)` probes every unit (`points.Unit`: a weighted layer at every
+candidate, a unit without weights at every activation width when there are several) with the rest of the
+network in float (`probe.sweep`) and scores each probe with every asked-for metric of
 the METRICS registry; `weight-entropy` needs no data. Scores are degradations: larger = more damage.
 Results are cached on disk by model hash, calibration data hash and settings (`cache`).
 """
@@ -22,8 +23,9 @@ from onnxmpq.graph import Model
 from onnxmpq.registry import Registry
 from onnxmpq.rounding import round_nearest
 from onnxmpq.sensitivity import metrics as m
-from onnxmpq.sensitivity.probe import Probe, Reference, sweep
-from onnxmpq.types import Candidate, LayerScores, LayerSpec, QuantOptions, Rounding, SensitivityTable
+from onnxmpq.points import Unit
+from onnxmpq.sensitivity.probe import Probe, Reference, sweep, unit_candidates
+from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
 
 ENTROPY_BINS = 256
 N_PROJECTIONS = 32
@@ -31,10 +33,11 @@ N_PROJECTIONS = 32
 
 @dataclass(frozen=True)
 class LayerContext:
-    """What a metric may look at for one layer: the float reference and that layer's probes."""
+    """What a metric may look at for one unit: the float reference, its weight (None without one) and the
+    float output of the unit."""
 
-    spec: LayerSpec
-    weight: np.ndarray
+    unit: Unit
+    weight: np.ndarray | None
     ref: Reference
     float_output: np.ndarray | None
 
@@ -50,7 +53,7 @@ class LayerContext:
     @functools.cached_property
     def weight_entropy_16(self) -> float:
         """Entropy of the weight codes on a 16-bit grid (the near-float reference of weight-entropy)."""
-        return m.weight_entropy(round_nearest(self.weight, self.spec.channel_axis, weight_format(16)).codes)
+        return m.weight_entropy(round_nearest(self.weight, self.unit.layer.channel_axis, weight_format(16)).codes)
 
 
 @dataclass(frozen=True)
@@ -144,34 +147,41 @@ def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None],
 def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_names: Sequence[str],
             candidates: Sequence[Candidate], stats=None, options: QuantOptions = QuantOptions(),
             rounding: Rounding = Rounding.NEAREST, naive: bool = False,
-            on_layer: Callable[[str], None] | None = None) -> list[SensitivityTable]:
-    """One SensitivityTable per metric (see the module docstring)."""
+            on_layer: Callable[[str], None] | None = None,
+            unit_acts: Sequence[int | None] | None = None) -> list[SensitivityTable]:
+    """One SensitivityTable per metric (see the module docstring); `unit_acts` are the activation widths
+    the units without weights are probed at (default: those of `candidates`; () for none)."""
     start = time.perf_counter()
     metrics = [METRICS.get(name) for name in metric_names]
     if not metrics:
         raise OnnxmpqError("no metric named.", "ask for at least one, e.g. sqnr.")
-    if not model.layers:
+    points = model.points(options)
+    if not points.units:
         raise OnnxmpqError("the model has no quantizable layer.", "run `onnxmpq inspect MODEL` to see what it holds.")
-    keys = [c.key for c in candidates]
+    acts = [Candidate(None, a) for a in (unit_acts if unit_acts is not None else [c.act_bits for c in candidates])]
+    keys = list(dict.fromkeys([c.key for c in candidates] + [c.key for u in points.units if u.layer is None
+                                                             for c in unit_candidates(u, acts)]))
     rows: dict[str, list[LayerScores]] = {metric.name: [] for metric in metrics}
     consts = {t.name: t for t in model.proto.graph.initializer}
 
-    def score_layer(spec, ref, float_out, probes):
-        ctx = LayerContext(spec, numpy_helper.to_array(consts[spec.weight]).astype(np.float32), ref, float_out)
+    def score_layer(unit, ref, float_out, probes):
+        weight = numpy_helper.to_array(consts[unit.layer.weight]).astype(np.float32) if unit.layer else None
+        ctx = LayerContext(unit, weight, ref, float_out)
         for metric in metrics:
             scores = {probe.cand.key: float(metric.score(ctx, probe)) for probe in probes}
             extra = metric.extra(ctx) if metric.extra else None
-            rows[metric.name].append(LayerScores(spec.name, spec.op_type, scores, extra))
+            rows[metric.name].append(LayerScores(unit.name, unit.op_type, scores, extra))
         if on_layer:
-            on_layer(spec.name)
+            on_layer(unit.name)
 
     if all(metric.data_free for metric in metrics):
-        _data_free(model, candidates, options, score_layer, consts)
+        keys = [c.key for c in candidates]
+        _data_free(points, candidates, options, score_layer, consts)
         rounding = Rounding.NEAREST  # the data-free path rounds to nearest whatever was asked
     else:
         if not batches:
             raise OnnxmpqError("these metrics need calibration data.", "pass --calib PATH.")
-        sweep(model, batches, candidates, stats, options, rounding,
+        sweep(model, batches, candidates, acts, stats, options, rounding,
               needs_layer_output=any(x.needs_layer_output for x in metrics),
               with_observers=any(x.needs_observers for x in metrics), naive=naive, on_layer=score_layer)
     samples = sum(len(next(iter(b.values()))) for b in batches) if batches else 0
@@ -180,10 +190,12 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
             for metric in metrics]
 
 
-def _data_free(model: Model, candidates, options: QuantOptions, score_layer, consts) -> None:
-    for spec in model.layers:
+def _data_free(points, candidates, options: QuantOptions, score_layer, consts) -> None:
+    """Scores from the weights alone (weighted layers only: the units without weights have nothing to score)."""
+    for unit in points.layers:
+        spec = unit.layer
         weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
         probes = [Probe(c, [], None, {}, round_nearest(weight, spec.channel_axis, weight_format(c.weight_bits),
                                                        options.weight_range, spec.name) if c.weight_bits else None)
                   for c in candidates]
-        score_layer(spec, Reference([], np.zeros(0)), None, probes)
+        score_layer(unit, Reference([], np.zeros(0)), None, probes)

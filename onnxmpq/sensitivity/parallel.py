@@ -43,16 +43,21 @@ def _on_ray(jobs, address: str | None) -> list[list[SensitivityTable]]:
 
 
 def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Candidate]) -> list[SensitivityTable]:
-    """Tables of the same metrics over disjoint candidate sets -> one table per metric."""
+    """Tables of the same metrics over disjoint candidate sets -> one table per metric (rows by unit name,
+    in the order the first part that has a unit lists it; `candidates` first, then the units' own)."""
     merged = []
     for tables in zip(*parts):
         first = tables[0]
-        layers = []
-        for rows in zip(*(t.layers for t in tables)):
-            found = {k: v for row in rows for k, v in row.scores.items()}
-            scores = {c.key: found[c.key] for c in candidates}
-            layers.append(LayerScores(rows[0].name, rows[0].op_type, scores, rows[0].extra))
-        merged.append(SensitivityTable(first.metric, tuple(c.key for c in candidates), tuple(layers), first.samples,
+        rows: dict[str, LayerScores] = {}
+        for table in tables:
+            for row in table.layers:
+                old = rows.get(row.name)
+                rows[row.name] = row if old is None else LayerScores(
+                    old.name, old.op_type, {**old.scores, **row.scores}, old.extra or row.extra)
+        keys = tuple(dict.fromkeys([c.key for c in candidates] + [k for t in tables for k in t.candidates]))
+        ordered = tuple(LayerScores(r.name, r.op_type, {k: r.scores[k] for k in keys if k in r.scores}, r.extra)
+                        for r in rows.values())
+        merged.append(SensitivityTable(first.metric, keys, ordered, first.samples,
                                        max(t.time_s for t in tables), first.rounding))
     return merged
 
@@ -66,7 +71,9 @@ def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candida
     if workers == 1 and executor == "process":
         return sensitivity.measure(model, batches, metrics, candidates, stats, options, rounding, naive, on_layer)
     shares = [list(candidates[i::workers]) for i in range(workers)]
-    jobs = [(model, batches, metrics, share, stats, options, rounding, naive) for share in shares]
+    acts = [c.act_bits for c in candidates]
+    jobs = [(model, batches, metrics, share, stats, options, rounding, naive, None, acts if i == 0 else ())
+            for i, share in enumerate(shares)]
     if executor == "ray":
         parts = _on_ray(jobs, address)
     else:
@@ -75,6 +82,6 @@ def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candida
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             parts = [f.result() for f in [pool.submit(_worker, threads, job, {}) for job in jobs]]
     if on_layer:
-        for spec in model.layers:
-            on_layer(spec.name)
+        for unit in model.points(options).units:
+            on_layer(unit.name)
     return merge(parts, candidates)

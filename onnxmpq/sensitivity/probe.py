@@ -25,6 +25,7 @@ from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
+from onnxmpq.points import Unit
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding
 
 N_OBSERVERS = 3
@@ -53,10 +54,19 @@ class Probe:
 
 
 def observers_of(model: graph.Model) -> list[str]:
-    """Observer tensors for the mutual-information metric: the inputs of the last few layers and the
-    first network output (downstream of every layer)."""
+    """Observer tensors for the mutual-information metric: the inputs of the last few weighted layers and
+    the first network output (downstream of every layer)."""
     names = [spec.activation for spec in model.layers[-N_OBSERVERS:]] + [model.proto.graph.output[0].name]
     return list(dict.fromkeys(n for n in names if n not in {i.name for i in model.proto.graph.input}))
+
+
+def unit_candidates(unit: Unit, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates a unit is probed at: all of them for a weighted layer; for a unit without weights
+    its distinct activation widths, or none when it has fewer than two (nothing to choose)."""
+    if unit.layer is not None:
+        return list(candidates)
+    acts = [Candidate(None, a) for a in dict.fromkeys(c.act_bits for c in candidates)]
+    return acts if len(acts) > 1 else []
 
 
 def descendants(proto, start: str) -> set[str]:
@@ -104,7 +114,7 @@ def align_rows(features: np.ndarray, n_samples: int, n_rows: int) -> np.ndarray 
     return np.moveaxis(features, axis, 1).reshape(n_rows, -1)
 
 
-def reference(model: graph.Model, batches, with_observers: bool) -> Reference:
+def reference(model: graph.Model, units: Sequence[Unit], batches, with_observers: bool) -> Reference:
     outputs = [o.name for o in model.proto.graph.output]
     observers = observers_of(model) if with_observers else []
     targets = list(dict.fromkeys(outputs + observers))
@@ -116,13 +126,13 @@ def reference(model: graph.Model, batches, with_observers: bool) -> Reference:
         rows = align_rows(np.concatenate([v[name] for v in values]), n_samples, len(ref.labels))
         if rows is not None:
             ref.observers[name] = rows
-    for spec in model.layers:
-        ref.downstream[spec.name] = descendants(model.proto, spec.output) & set(ref.observers)
+    for unit in units:
+        ref.downstream[unit.name] = descendants(model.proto, unit.output) & set(ref.observers)
     return ref
 
 
 def layer_codes(spec: LayerSpec, weight: np.ndarray, node, cand: Candidate, x_batches, rounding: Rounding,
-                options: QuantOptions, stats, cache: dict) -> QuantizedWeight | None:
+                options: QuantOptions, stats, cache: dict, group: str | None) -> QuantizedWeight | None:
     """The codes the probe uses: nearest, or GPTQ against H of the layer's (float or act-quantized) input."""
     if not cand.weight_bits:
         return None
@@ -132,7 +142,7 @@ def layer_codes(spec: LayerSpec, weight: np.ndarray, node, cand: Candidate, x_ba
         return round_nearest(weight, spec.channel_axis, fmt, options.weight_range, spec.name)
     key = cand.act_bits
     if key not in cache:
-        cache[key] = accumulate(view, ((x, _fake_quant(x, cand.act_bits, (stats or {}).get(spec.activation), options))
+        cache[key] = accumulate(view, ((x, _fake_quant(x, cand.act_bits, (stats or {}).get(group), options))
                                        for x in x_batches))
     return round_layer(weight, view, cache[key], fmt, spec.channel_axis, GptqSettings())
 
@@ -148,39 +158,48 @@ def _fake_quant(x: np.ndarray, bits: int | None, tensor_stats, options: QuantOpt
 
 
 def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
-          stats, options: QuantOptions, rounding: Rounding, *, needs_layer_output: bool, with_observers: bool,
-          naive: bool = False, on_layer: Callable[[LayerSpec, Reference, np.ndarray | None, list[Probe]], None]):
-    """Probes every layer at every candidate; calls `on_layer(spec, reference, float_layer_output, probes)`."""
-    formats = [f for c in candidates for f in (
+          unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *,
+          needs_layer_output: bool, with_observers: bool, naive: bool = False,
+          on_layer: Callable[[Unit, Reference, np.ndarray | None, list[Probe]], None]):
+    """Probes every weighted layer at `candidates` and every unit without weights at the activation widths
+    of `unit_acts` (`unit_candidates`); calls `on_layer(unit, reference, float_unit_output, probes)` for
+    each unit probed."""
+    formats = [f for c in (*candidates, *unit_acts) for f in (
         weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
         act_format(c.act_bits) if c.act_bits else None) if f]
-    opset = required_opset(formats)
-    model = graph.at_opset(model, opset)
-    ref = reference(model, batches, with_observers)
+    model = graph.at_opset(model, required_opset(formats))
+    points = model.points(options)
+    probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
+    probed = [(u, c) for u, c in probed if c]
+    ref = reference(model, [u for u, _ in probed], batches, with_observers)
     outputs = [o.name for o in model.proto.graph.output]
     consts = {t.name: t for t in model.proto.graph.initializer}
     nodes = {n.name: n for n in model.proto.graph.node}
     front = Frontier(batches)
-    for spec in model.layers:
-        x = [v[0] for v in front.advance(model.proto, [spec.activation])]
+    for unit, cands in probed:
+        cut = [v for v in front.advance(model.proto, list(unit.inputs))]
+        spec = unit.layer
+        x = [v[list(unit.inputs).index(spec.activation)] for v in cut] if spec and spec.activation in unit.inputs else []
         float_out = None
         if needs_layer_output:
-            float_out = np.concatenate([v[0] for v in front.peek(model.proto, [spec.output])])
-        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
+            float_out = np.concatenate([v[0] for v in front.peek(model.proto, [unit.output])])
+        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32) if spec else None
         cache: dict = {}
         probes = []
-        observers = sorted(ref.downstream.get(spec.name, ()))
-        targets = list(dict.fromkeys(outputs + ([spec.output] if needs_layer_output else []) + observers))
-        for cand in candidates:
-            codes = layer_codes(spec, weight, nodes[spec.name], cand, x, rounding, options, stats, cache)
-            proto, _ = build(model, {spec.name: cand}, stats, options, weights={spec.name: codes} if codes else None)
+        observers = sorted(ref.downstream.get(unit.name, ()))
+        targets = list(dict.fromkeys(outputs + ([unit.output] if needs_layer_output else []) + observers))
+        group = points.group.get(spec.activation) if spec else None
+        for cand in cands:
+            codes = layer_codes(spec, weight, nodes[spec.name], cand, x, rounding, options, stats, cache, group) \
+                if spec else None
+            proto, _ = build(model, {unit.name: cand}, stats, options, weights={unit.name: codes} if codes else None)
             runner = Frontier(batches) if naive else front
             values = [dict(zip(targets, v)) for v in runner.peek(proto, targets)]
             probe = Probe(cand, [[v[o] for o in outputs] for v in values], None, {}, codes)
             if needs_layer_output:
-                probe.layer_output = np.concatenate([v[spec.output] for v in values])
+                probe.layer_output = np.concatenate([v[unit.output] for v in values])
             for name in observers:
                 probe.observers[name] = align_rows(np.concatenate([v[name] for v in values]),
                                                    sum(len(v[outputs[0]]) for v in values), len(ref.labels))
             probes.append(probe)
-        on_layer(spec, ref, float_out, probes)
+        on_layer(unit, ref, float_out, probes)
