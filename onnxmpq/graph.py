@@ -150,6 +150,7 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     _fold_weight_chains(proto)
     proto = infer_shapes(proto)  # the folds below need shapes
     if fold_batchnorm(proto.graph) + fold_bias_add(proto.graph):
+        keep_initializers(proto.graph, names_read(proto.graph))
         proto = infer_shapes(proto)
     layers, skipped = find_layers(proto)
     metadata = {p.key: p.value for p in proto.metadata_props}

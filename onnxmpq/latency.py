@@ -26,7 +26,7 @@ from onnx import TensorProto
 
 from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.quantize import build, cast_to_int8, layer_formats
+from onnxmpq.quantize import build, layer_formats, weight_cast
 from onnxmpq.types import Candidate, QuantOptions
 
 RUNS = 30
@@ -107,7 +107,7 @@ def paired_delta(ref_sess, proto, feed, runs: int = RUNS, threads: int = 2) -> f
 def kernel_class(unit, cand: Candidate, options: QuantOptions) -> tuple:
     """What decides a unit's kernels: the ONNX types and layout a candidate gives it."""
     wfmt, afmt = layer_formats(unit.layer, cand, options)
-    cast = bool(wfmt and cast_to_int8(wfmt, afmt, options))
+    cast = bool(wfmt and weight_cast(unit.layer, wfmt, afmt, options))
     return (TensorProto.INT8 if cast else (wfmt.onnx_type if wfmt else None), afmt.onnx_type if afmt else None)
 
 

@@ -228,7 +228,7 @@ def _write_layer(editor: Editor, unit: Unit, cand: Candidate, fmts, params: _Par
                                "fix the exported model; its weights must be finite to be quantized.")
         qweight = qweight or round_nearest(weight, spec.channel_axis, wfmt, options.weight_range, spec.name)
         _check_codes(spec, qweight, wfmt)
-        cast = cast_to_int8(wfmt, afmt, options) or (spec.op_type == "Gather" and wfmt.container_bits < 8)
+        cast = weight_cast(spec, wfmt, afmt, options)
         guard = handler.needs_guard(spec, qweight.codes.ndim, 8 if cast else wfmt.container_bits,
                                     afmt.container_bits if afmt and read_params else None)
         handler.write_weight(editor, spec, qweight, guard, cast)
@@ -237,10 +237,10 @@ def _write_layer(editor: Editor, unit: Unit, cand: Candidate, fmts, params: _Par
             if out is not None:
                 editor.replace_input(spec.name, spec.bias, out)
         channels = qweight.scale.size
-        wbytes = stored_weight_bytes(qweight.fmt, spec.params, channels, cast)
+        wbytes = layer_weight_bytes(spec, qweight.fmt, channels, cast)
         wtype = qweight.fmt.type_name + (f" ({qweight.fmt.bits}-bit range)" if qweight.fmt.bits != qweight.fmt.container_bits
                                          else "")
-        wtype += CAST_SUFFIX if cast and spec.op_type != "Gather" else (GUARD_SUFFIX if guard else "")
+        wtype += CAST_SUFFIX if cast and not handler.casts_sub_byte else (GUARD_SUFFIX if guard else "")
     else:
         weight = editor.array(spec.weight)
         wbytes, wtype = spec.params * weight.dtype.itemsize, str(weight.dtype)
@@ -277,10 +277,22 @@ def cast_to_int8(wfmt: IntFormat, afmt: IntFormat | None, options: QuantOptions)
     return afmt is not None and afmt.container_bits == 8
 
 
-def stored_weight_bytes(wfmt: IntFormat, params: int, channels: int, cast: bool) -> int:
+def weight_cast(spec: LayerSpec, wfmt: IntFormat, afmt: IntFormat | None, options: QuantOptions) -> bool:
+    """`cast_to_int8`, or a layer whose op takes no sub-byte weights at all (an embedding's Gather)."""
+    return cast_to_int8(wfmt, afmt, options) or (OP_HANDLERS.get(spec.op_type).casts_sub_byte
+                                                 and wfmt.container_bits < 8)
+
+
+def stored_weight_bytes(wfmt: IntFormat, params: int, channels: int, cast: bool, zero_points: bool = True) -> int:
     """Bytes a quantized weight takes in the file: codes, float32 scales, zero points (INT8 when cast)."""
-    return wfmt.storage_bytes(params) + 4 * channels + (channels if cast else wfmt.storage_bytes(channels))
+    zeros = (channels if cast else wfmt.storage_bytes(channels)) if zero_points else 0
+    return wfmt.storage_bytes(params) + 4 * channels + zeros
+
+
+def layer_weight_bytes(spec: LayerSpec, wfmt: IntFormat, channels: int, cast: bool) -> int:
+    """`stored_weight_bytes` of a layer in its op's weight form (an embedding stores no zero points)."""
+    return stored_weight_bytes(wfmt, spec.params, channels, cast, OP_HANDLERS.get(spec.op_type).weight_zero_points)
 
 
 __all__ = ["CAST_SUFFIX", "GUARD_SUFFIX", "LayerResult", "Scope", "TensorResult", "UnitResult", "Written", "build",
-           "cast_to_int8", "layer_formats", "stored_weight_bytes"]
+           "cast_to_int8", "layer_formats", "layer_weight_bytes", "stored_weight_bytes", "weight_cast"]

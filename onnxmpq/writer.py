@@ -123,14 +123,17 @@ class Editor:
 
     # ---------------------------------------------------------------- weights and biases
 
-    def weight_codes(self, base: str, qweight: QuantizedWeight, like: str, cast: bool) -> tuple[str, str, str]:
-        """Initializers of packed codes, float scales and zero points (INT8 when the codes are cast):
-        (codes, scale, zero point) names."""
+    def weight_codes(self, base: str, qweight: QuantizedWeight, like: str, cast: bool,
+                     zero_point: bool = True) -> tuple[str, str, str | None]:
+        """Initializers of packed codes, float scales and zero points (INT8 when the codes are cast; none
+        without `zero_point`): (codes, scale, zero point) names."""
         fmt = qweight.fmt
         codes = helper.make_tensor("", fmt.onnx_type, qweight.codes.shape, pack(qweight.codes, fmt), raw=True)
         channels = qweight.scale.size
         q_name = self.init(f"{base}_q{fmt.bits}", codes)
         s_name = self.init(f"{q_name}_scale", self.scale(qweight.scale, like))
+        if not zero_point:
+            return q_name, s_name, None
         z = helper.make_tensor("", TensorProto.INT8 if cast else fmt.onnx_type, [channels],
                                np.zeros(channels, np.int8).tobytes() if cast else pack(np.zeros(channels, np.int8), fmt),
                                raw=True)

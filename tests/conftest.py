@@ -239,3 +239,59 @@ def ort_reader(samples: np.ndarray, name: str = "input"):
             return next(self.feeds, None)
 
     return Reader()
+
+
+def build_encoder(layers: int = 2, d: int = 32, heads: int = 2, seq: int = 8, vocab: int = 50, ffn: int = 64,
+                  seed: int = 0):
+    """A BERT-style encoder: ids(N,S) -Gather(word table)- + position table - LayerNorm, then `layers` blocks
+    of self-attention (MatMul+Add projections, Q K^T and P V MatMuls of two activations, Div by sqrt(dh),
+    Softmax, residual Add, LayerNorm) and a feed-forward part (MatMul+Add, GELU in its Erf form,
+    MatMul+Add, residual Add, LayerNorm); output the hidden states (N,S,D). Opset 17."""
+    rng = np.random.default_rng(seed)
+    dh = d // heads
+    inits: dict[str, np.ndarray] = {}
+    nodes = []
+
+    def const(name, array):
+        inits[name] = np.asarray(array)
+        return name
+
+    def weight(name, *shape, scale=None):
+        return const(name, (rng.normal(size=shape) * (scale or 1 / np.sqrt(shape[0]))).astype(np.float32))
+
+    def op(kind, ins, out, **attrs):
+        nodes.append(node(kind, ins, [out], out, **attrs))
+        return out
+
+    def dense(x, name, k, n):
+        y = op("MatMul", [x, weight(f"{name}.W", k, n)], f"{name}/MatMul")
+        return op("Add", [y, weight(f"{name}.b", n, scale=0.02)], f"{name}/Add")
+
+    def norm(x, name):
+        return op("LayerNormalization", [x, const(f"{name}.g", (1 + 0.1 * rng.normal(size=d)).astype(np.float32)),
+                                         weight(f"{name}.b", d, scale=0.02)], f"{name}/LN", axis=-1, epsilon=1e-5)
+
+    def heads_of(x, name):  # (N, S, D) -> (N, H, S, dh)
+        r = op("Reshape", [x, const(f"{name}.shape", np.array([0, seq, heads, dh], np.int64))], f"{name}/Reshape")
+        return op("Transpose", [r], f"{name}/Transpose", perm=[0, 2, 1, 3])
+
+    words = op("Gather", [weight("emb.words", vocab, d, scale=1.0), "ids"], "emb/Gather", axis=0)
+    h = norm(op("Add", [words, weight("emb.positions", seq, d, scale=0.5)], "emb/Add"), "emb")
+    for i in range(layers):
+        p = f"l{i}"
+        q, k, v = (heads_of(dense(h, f"{p}.{t}", d, d), f"{p}.{t}h") for t in "qkv")
+        kt = op("Transpose", [k], f"{p}/kT", perm=[0, 1, 3, 2])
+        scores = op("Div", [op("MatMul", [q, kt], f"{p}/QK"), const(f"{p}.sqrt_dh", np.array(np.sqrt(dh), np.float32))],
+                    f"{p}/scale")
+        ctx = op("MatMul", [op("Softmax", [scores], f"{p}/Softmax", axis=-1), v], f"{p}/PV")
+        ctx = op("Reshape", [op("Transpose", [ctx], f"{p}/ctxT", perm=[0, 2, 1, 3]),
+                             const(f"{p}.ctx_shape", np.array([0, seq, d], np.int64))], f"{p}/ctx")
+        h = norm(op("Add", [dense(ctx, f"{p}.o", d, d), h], f"{p}/res1"), f"{p}.ln1")
+        up = dense(h, f"{p}.up", d, ffn)
+        erf = op("Erf", [op("Div", [up, const(f"{p}.sqrt2", np.array(np.sqrt(2), np.float32))], f"{p}/gelu_div")],
+                 f"{p}/gelu_erf")
+        gelu = op("Mul", [op("Mul", [up, op("Add", [erf, const(f"{p}.one", np.array(1, np.float32))], f"{p}/gelu_add")],
+                             f"{p}/gelu_mul"), const(f"{p}.half", np.array(0.5, np.float32))], f"{p}/gelu")
+        h = norm(op("Add", [dense(gelu, f"{p}.down", ffn, d), h], f"{p}/res2"), f"{p}.ln2")
+    nodes.append(node("Identity", [h], ["hidden"], "out"))
+    return model(nodes, [vi("ids", ["N", seq], TensorProto.INT64)], [vi("hidden", ["N", seq, d])], inits, opset=17)

@@ -5,7 +5,7 @@ there is more than one activation width to choose from, the units without weight
 Softmax), whose candidates are widths `aN` alone. Costs per (unit u, candidate c = (w, a)), with P_u
 parameters, K_u output channels, M_u MACs:
 
-    weight-bytes  stored bytes of codes + float32 scales + zero points (`quantize.stored_weight_bytes`),
+    weight-bytes  stored bytes of codes + float32 scales + zero points (`quantize.layer_weight_bytes`),
                   4 P_u for a float layer, 0 without weights;   relative (`0.25x`): of the float32 bytes
     avg-bits      P_u * w  (32 for float);     the limit is avg-bits x sum_u P_u
     bitops        M_u * w * a for a layer, M_u * a * a without weights (a MatMul of two activations), a
@@ -31,7 +31,7 @@ from onnxmpq.allocate import Budget, Link, Problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.points import Points, Unit
 from onnxmpq.profiles import Profile
-from onnxmpq.quantize import cast_to_int8, layer_formats, stored_weight_bytes
+from onnxmpq.quantize import layer_formats, layer_weight_bytes, weight_cast
 from onnxmpq.types import Candidate, QuantOptions
 
 FLOAT_BITS = 32
@@ -45,8 +45,9 @@ def unit_cost(kind: str, unit: Unit, cand: Candidate, channels: int, options: Qu
         if spec is None:
             return 0.0
         wfmt, afmt = layer_formats(spec, cand, options)
-        return float(stored_weight_bytes(wfmt, spec.params, channels, cast_to_int8(wfmt, afmt, options))
-                     if wfmt else 4 * spec.params)
+        if wfmt is None:
+            return 4.0 * spec.params
+        return float(layer_weight_bytes(spec, wfmt, channels, weight_cast(spec, wfmt, afmt, options)))
     if kind == "avg-bits":
         return float(spec.params * w) if spec else 0.0
     if kind == "bitops":

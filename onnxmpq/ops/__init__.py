@@ -152,6 +152,9 @@ class NodeQuant:
 class Handler:
     """Base of the op handlers: no weight, no quantization, no guard."""
 
+    weight_zero_points = True  # the weight's DequantizeLinear reads stored zero points
+    casts_sub_byte = False     # sub-byte codes always reach the op through a Cast to INT8
+
     def describe(self, view: NodeView) -> LayerSpec | None:
         return None
 
@@ -183,6 +186,9 @@ class Handler:
 
 
 class OpHandler(Protocol):
+    weight_zero_points: bool
+    casts_sub_byte: bool
+
     def describe(self, view: NodeView) -> LayerSpec | None: ...
     def quant(self, view: NodeView) -> NodeQuant | None: ...
     def reason(self, view: NodeView) -> str: ...

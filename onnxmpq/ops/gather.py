@@ -19,6 +19,8 @@ from onnxmpq.types import LayerSpec
 
 @register("Gather")
 class GatherHandler(Handler):
+    weight_zero_points = False  # symmetric rows: the blocked DequantizeLinear takes no zero point
+    casts_sub_byte = True       # onnxruntime's Gather takes no INT4/INT2 (the Cast of the table folds at load)
     def describe(self, view: NodeView) -> LayerSpec | None:
         table = view.float_const(0)
         indices = view.input(1)
@@ -45,7 +47,8 @@ class GatherHandler(Handler):
     def write_weight(self, editor, layer: LayerSpec, qweight, guard: bool, cast: bool) -> None:
         """Gather(codes) -> DequantizeLinear with the looked-up rows' scales (see the module docstring);
         sub-byte codes are cast to INT8 first (onnxruntime folds the Cast of the constant at load)."""
-        codes, scales, _ = editor.weight_codes(f"{layer.weight}_{layer.name}", qweight, layer.weight, cast)
+        codes, scales, _ = editor.weight_codes(f"{layer.weight}_{layer.name}", qweight, layer.weight, cast,
+                                               zero_point=False)
         if cast:
             codes = editor.node("Cast", [codes], f"{codes}_int8", to=TensorProto.INT8)
         node = editor.nodes[layer.name]
