@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from onnxmpq import calibrate, graph, progress, qdq
+from onnxmpq import calibrate, graph, progress, qdq, runtime
 from onnxmpq.quantize import build
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
@@ -220,7 +220,8 @@ def materialize(model: Model, assignment, calib, options: QuantOptions, rounding
 
 
 def verification(model: Model, output: Path, calib, used: int, preprocess=None, chosen=None) -> dict:
-    """The written file against the float model on held-out calibration samples, and its latency."""
+    """The written file against the float model on held-out calibration samples, its latency beside the
+    float model's (timed in alternation, batch 1), and the kernels onnxruntime runs it on after load."""
     from onnxmpq import latency
     from onnxmpq.verify import Judge, held_out_batches
 
@@ -228,8 +229,10 @@ def verification(model: Model, output: Path, calib, used: int, preprocess=None, 
     feeds, held_out = held_out_batches(source, used, 256)
     fidelity = Judge(model.proto, feeds, held_out).score(str(output))
     first = {k: v[:1] for k, v in feeds[0].items()}
-    out = {**fidelity.to_dict(), "latency_ms": latency.time_model(str(output), first),
-           "float_latency_ms": latency.time_model(model.proto, first), "latency_batch": 1}
+    quantized_ms, float_ms = latency.time_pair(str(output), model.proto, first)
+    kernels = runtime.census(str(output))
+    out = {**fidelity.to_dict(), "latency_ms": quantized_ms, "float_latency_ms": float_ms, "latency_batch": 1,
+           "kernels": {"integer_compute": kernels.int_compute, "float_compute": kernels.float_compute}}
     if chosen is not None and chosen.latency is not None:
         out["predicted_latency_ms"] = chosen.latency.predict(chosen.assignment)
     return out
@@ -263,9 +266,11 @@ def write_report(report: Report, path: str | os.PathLike) -> None:
 
 
 def inspect(model) -> dict:
-    """The quantizable layers of any model (float or QDQ) with their bits, sizes and MACs."""
+    """The quantizable layers of any model (float or QDQ) with their bits, sizes and MACs, and every
+    quantized activation tensor with its width, scale and zero point."""
     model = load(model)
     layers = qdq.read_layers(model.proto)
+    tensors = qdq.read_tensors(model.proto)
     params = sum(layer.params for layer in layers) or 1
     rows = [{"name": l.name, "op_type": l.op_type, "weight_bits": l.weight_bits, "act_bits": l.act_bits,
              "params": l.params, "macs": l.macs, "weight_bytes": l.weight_bytes,
@@ -275,6 +280,8 @@ def inspect(model) -> dict:
     return {"model": str(model.path), "opset": model.opset, "layers": rows,
             "weight_bytes": qdq.weight_bytes(layers),
             "avg_weight_bits": sum(l.params * (l.weight_bits or FLOAT_BITS) for l in layers) / params,
+            "tensors": [t.to_dict() for t in tensors],
+            "requantizes": sum(1 for t in tensors if t.requantized_from is not None),
             "skipped": [{"name": n, "reason": r} for n, r in model.skipped]}
 
 

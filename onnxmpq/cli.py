@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import Counter
 import json
 import sys
 from pathlib import Path
@@ -230,6 +231,15 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
     emit(as_json, report.to_dict(), _quantize_summary(report))
 
 
+def _float_ops_summary(float_ops) -> list[str]:
+    """One line per reason the graph's other ops stay float, with how many and a few names."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in float_ops:
+        by_reason.setdefault(reason, []).append(name)
+    return [f"  float ops: {len(names)} x {reason} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for reason, names in by_reason.items()]
+
+
 def _sweep_summary(frontier: dict) -> str:
     lines = [f"Pareto sweep of {frontier['kind']}: {len(frontier['points'])} points -> {frontier['json']}, "
              f"{frontier['plot']}",
@@ -263,8 +273,12 @@ def _quantize_summary(report) -> str:
                      f"agreement {v['agreement']:.4f} (drop {v['drop']:.4f}), SQNR {v['sqnr_db']:.1f} dB; "
                      f"latency {v['latency_ms']:.2f} ms (float {v['float_latency_ms']:.2f})"
                      + (f", predicted {v['predicted_latency_ms']:.2f}" if "predicted_latency_ms" in v else ""))
+        k = v["kernels"]
+        lines.append(f"  kernels after onnxruntime's optimisation: {k['integer_compute']} integer, "
+                     f"{k['float_compute']} float Conv/MatMul/Gemm")
     lines += [f"  note: {n}" for n in report.notes]
     lines += [f"  float: {n} ({r})" for n, r in report.skipped]
+    lines += _float_ops_summary(report.float_ops)
     return "\n".join(lines)
 
 
@@ -297,6 +311,11 @@ def inspect(model, as_json):
     rows += [f"{l['name'][:48]:<48} {l['op_type']:<13} {l['weight_bits'] or '-':>3} {l['act_bits'] or '-':>3} "
              f"{l['params']:>10,d} {l['macs']:>12,d} {l['weight_bytes']:>10,d}" for l in info["layers"]]
     rows.append(f"weight bytes {info['weight_bytes']:,d}; avg weight bits {info['avg_weight_bits']:.2f}")
+    if info["tensors"]:
+        widths = Counter(t["bits"] for t in info["tensors"])
+        rows.append(f"quantized activation tensors {len(info['tensors'])} ("
+                    + ", ".join(f"{n} at {b} bits" for b, n in sorted(widths.items()))
+                    + f"), {info['requantizes']} requantize(s); `--json` lists them with scale and zero point")
     emit(as_json, info, "\n".join(rows))
 
 

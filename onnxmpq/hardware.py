@@ -15,6 +15,11 @@ broken rule gives one `Violation` with one of these rule ids:
                        layer "(model)")
     tie                a node whose op type is in `tie` reads DequantizeLinear outputs that differ in
                        scale, zero point or type (values compared, not names)
+    float-tensor       a float activation read by an op the target runs on integer kernels (Conv, MatMul,
+                       Gemm, Add/Mul of two activations, Concat, pooling, LeakyRelu, Sigmoid, Softmax, and
+                       the profile's `integer_ops`), under a profile with `float_layers: false`
+    requantize         a tensor read at another width or scale than it is stored at (a DQ feeding a Q),
+                       under a profile with `requantize: false`
 
 Example:
     >>> violations = check(onnx.load("model_q.onnx"), profiles.load("int8-only"))
@@ -35,7 +40,11 @@ from onnxmpq import profiles, qdq
 from onnxmpq.profiles import Profile
 from onnxmpq.types import Candidate
 
-RULES = ("pair", "float-layer", "per-channel", "symmetric-weights", "pin", "max-distinct-bits", "tie")
+RULES = ("pair", "float-layer", "per-channel", "symmetric-weights", "pin", "max-distinct-bits", "tie", "float-tensor",
+         "requantize")
+INTEGER_OPS = ("Conv", "MatMul", "Gemm", "Concat", "AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid",
+               "Softmax")
+TWO_INPUT_INTEGER_OPS = ("Add", "Mul")  # integer kernels only with both inputs activations
 MODEL = "(model)"
 
 
@@ -64,6 +73,8 @@ def check(proto: onnx.ModelProto, profile: Profile | str) -> list[Violation]:
     out += _missing_pins(layers, profile)
     out += _distinct_bits(layers, profile)
     out += _ties(proto.graph, profile)
+    out += _float_tensors(proto.graph, profile)
+    out += _requantizes(proto, profile)
     return out
 
 
@@ -174,6 +185,42 @@ def _ties(graph: onnx.GraphProto, profile: Profile) -> list[Violation]:
                                  "type (the range covering them all), or choose a profile without tie: "
                                  f"[{node.op_type}]."))
     return out
+
+
+def _float_tensors(graph: onnx.GraphProto, profile: Profile) -> list[Violation]:
+    """Float activations read by the ops the target runs on integers (see the module docstring)."""
+    if profile.float_layers:
+        return []
+    consts = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    integer = set(INTEGER_OPS) | set(profile.integer_ops)
+    out = []
+    for index, node in enumerate(graph.node):
+        acts = [name for name in node.input if name and name not in consts
+                and not (name in producers and producers[name].op_type == "DequantizeLinear"
+                         and producers[name].input[0] in consts)]  # a weight's DQ is no activation
+        if not (node.op_type in integer or "all" in integer or
+                (node.op_type in TWO_INPUT_INTEGER_OPS and len(acts) == 2)):
+            continue
+        for name in acts:
+            producer = producers.get(name)
+            if producer is None or producer.op_type != "DequantizeLinear":
+                label = node.name or f"{node.op_type}#{index}"
+                out.append(Violation(label, "float-tensor", f"{node.op_type} reads {name!r} in float; profile "
+                                     f"{profile.name} runs {node.op_type} on integer kernels only.",
+                                     "quantize the tensor (onnxmpq quantize writes Q/DQ on every tensor an "
+                                     "integer op reads), or choose a profile with float_layers: true."))
+    return out
+
+
+def _requantizes(proto: onnx.ModelProto, profile: Profile) -> list[Violation]:
+    if profile.requantize:
+        return []
+    return [Violation(t.quantizer or t.name, "requantize", f"tensor {t.name!r} is stored at {t.requantized_from} "
+                      f"bits and read again at {t.bits} bits (a DQ feeding a Q); profile {profile.name} takes "
+                      "each tensor at one width.", "give the units that read and write it one activation width "
+                      "(onnxmpq quantize --profile with this profile ties them).")
+            for t in qdq.read_tensors(proto) if t.requantized_from is not None]
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

@@ -94,14 +94,25 @@ def _once(sess, feed) -> float:
     return time.perf_counter() - start
 
 
+def _alternate(first, second, feed, runs: int) -> tuple[float, float]:
+    """Median ms of each of two sessions over alternating runs (a machine that slows down mid-way slows
+    both alike)."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(_once(first, feed))
+        b.append(_once(second, feed))
+    return float(np.median(a) * 1e3), float(np.median(b) * 1e3)
+
+
 def paired_delta(ref_sess, proto, feed, runs: int = RUNS, threads: int = 2) -> float:
     """median(T_variant) - median(T_ref) in ms over alternating runs of the two sessions."""
-    sess = _warm(proto, feed, threads)
-    ref, var = [], []
-    for _ in range(runs):
-        ref.append(_once(ref_sess, feed))
-        var.append(_once(sess, feed))
-    return float((np.median(var) - np.median(ref)) * 1e3)
+    ref, var = _alternate(ref_sess, _warm(proto, feed, threads), feed, runs)
+    return var - ref
+
+
+def time_pair(a, b, feed: Mapping[str, np.ndarray], runs: int = RUNS, threads: int = 2) -> tuple[float, float]:
+    """Median ms per run of models `a` and `b` (protos or paths), timed in alternation in this process."""
+    return _alternate(_warm(a, feed, threads), _warm(b, feed, threads), feed, runs)
 
 
 def kernel_class(unit, cand: Candidate, options: QuantOptions) -> tuple:

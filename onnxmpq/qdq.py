@@ -1,4 +1,5 @@
-"""Read the precisions of any QDQ model: onnxmpq's own, onnxruntime's `quantize_static`, or another tool's.
+"""Read the precisions of any QDQ model: onnxmpq's own, onnxruntime's `quantize_static`, or another tool's:
+the weighted layers (`read_layers`) and every activation quantizer (`read_tensors`).
 
 For every Conv, ConvTranspose, Gemm and MatMul the weight input is traced back through shape-only ops
 (Reshape, Transpose, Identity, Squeeze, Unsqueeze) to a DequantizeLinear of an integer initializer;
@@ -81,6 +82,12 @@ def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
         if node.op_type in _PASS_THROUGH and node.input and node.input[0] in stubs:
             stubs[node.output[0]] = stubs[node.input[0]]
             weight_q[node.output[0]] = weight_q[node.input[0]]
+    for node in graph.node:  # an embedding looked up in integer codes, dequantized after (`ops.gather`)
+        dq = _row_dequantizer(node, stored, producers, graph)
+        if dq is not None:
+            codes = stored[node.input[0]]
+            stubs[node.input[0]] = TensorProto(name=node.input[0], data_type=TensorProto.FLOAT, dims=codes.dims)
+            weight_q[node.input[0]] = (dq, codes)
     index = dataclasses.replace(GraphIndex.of(graph), consts={**consts, **stubs})
     meta = _metadata_bits(proto)
     layers = []
@@ -95,6 +102,20 @@ def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
         wbytes = _weight_bytes(weight_q.get(spec.weight), consts, spec.weight)
         layers.append(QLayer(spec.name, spec.op_type, spec.params, spec.macs, wq, aq, wbytes, spec.activation))
     return layers
+
+
+def _row_dequantizer(node, stored, producers, graph):
+    """For a Gather of integer codes whose rows feed a DequantizeLinear with looked-up scales: a stand-in DQ
+    node reading the codes with the scale table (for `_weight_quantizer` and `_weight_bytes`), else None."""
+    if node.op_type != "Gather" or not node.input or node.input[0] not in stored:
+        return None
+    dq = next((n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0]), None)
+    scales = producers.get(dq.input[1]) if dq is not None else None
+    while scales is not None and scales.op_type in ("Unsqueeze", "Reshape"):
+        scales = producers.get(scales.input[0])
+    if scales is None or scales.op_type != "Gather":
+        return None
+    return onnx.helper.make_node("DequantizeLinear", [node.input[0], scales.input[0]], [node.output[0]], axis=0)
 
 
 def _casts_of_constants(graph, consts) -> dict[str, TensorProto]:
@@ -189,6 +210,75 @@ def weight_bytes(layers: list[QLayer]) -> int:
     return sum(layer.weight_bytes for layer in layers)
 
 
-def float_layers(layers: list[QLayer]) -> list[QLayer]:
-    return [layer for layer in layers if layer.weight is None]
+@dataclass(frozen=True)
+class QTensor:
+    """One activation quantizer of a QDQ model: a QuantizeLinear of a computed tensor and its DQ.
+
+    Attributes:
+        name: the float tensor quantized (for a requantize, the one before its first DQ).
+        bits, type_name, signed: the width and ONNX type of the codes.
+        scale, zero_point: the quantizer's parameters (first value, where per channel).
+        channels: how many scales (1 = per tensor).
+        requantized_from: the width it was stored at, when this Q reads a DQ output with other parameters
+            (a requantize).
+        quantizer: the QuantizeLinear node's name.
+    """
+
+    name: str
+    bits: int
+    type_name: str
+    signed: bool
+    scale: float | None
+    zero_point: int | None
+    channels: int = 1
+    requantized_from: int | None = None
+    quantizer: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_tensors(proto: onnx.ModelProto) -> list[QTensor]:
+    """Every activation quantizer of the top-level graph, in graph order (a Q whose input is computed, not a
+    constant: weights are read by `read_layers`)."""
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    out = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in consts:
+            continue
+        source, source_bits = node.input[0], None
+        dtype = _q_type(node, consts)
+        scale = _first(consts.get(node.input[1]))
+        zp = _first(consts.get(node.input[2])) if len(node.input) > 2 and node.input[2] else 0
+        dq = producers.get(source)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in producers:
+            first = producers[dq.input[0]]
+            if first.op_type == "QuantizeLinear":
+                source = first.input[0]
+                first_zp = _first(consts.get(first.input[2])) if len(first.input) > 2 and first.input[2] else 0
+                if (_q_type(first, consts), _first(consts.get(first.input[1])), first_zp) != (dtype, scale, zp):
+                    source_bits = _q_bits(first, consts)  # a no-op DQ -> Q (same parameters) is no requantize
+        channels = int(np.prod(consts[node.input[1]].dims)) if node.input[1] in consts else 1
+        out.append(QTensor(source, _BITS.get(dtype, 8), TensorProto.DataType.Name(dtype), dtype in _SIGNED,
+                           None if scale is None else float(scale), None if zp is None else int(zp), channels,
+                           source_bits, node.name))
+    return out
+
+
+def _q_type(q, consts) -> int:
+    zp = consts.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+    return zp.data_type if zp is not None else _q_output_type(q, consts)
+
+
+def _q_bits(q, consts) -> int:
+    return _BITS.get(_q_type(q, consts), 8)
+
+
+def _first(tensor: TensorProto | None):
+    if tensor is None:
+        return None
+    values = numpy_helper.to_array(tensor).ravel()
+    return values[0] if values.size else None
 

@@ -61,6 +61,9 @@ def render(r: dict, figures: dict[str, bytes]) -> str:
                                     f"SQNR {v['sqnr_db']:.1f} dB" +
                                     (f"; latency {v['latency_ms']:.2f} ms (float {v['float_latency_ms']:.2f})"
                                      if "latency_ms" in v else "")))
+        if v.get("kernels"):
+            summary.append(("kernels", f"{v['kernels']['integer_compute']} integer, {v['kernels']['float_compute']} "
+                                       "float Conv/MatMul/Gemm after onnxruntime's load-time optimisation"))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>onnxmpq report</title>"
              f"<style>{STYLE}</style></head><body><h1>onnxmpq report: {esc(Path(r['model']).name)}</h1>",
              "<table class='kv'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary)
@@ -76,10 +79,39 @@ def render(r: dict, figures: dict[str, bytes]) -> str:
                      f"<td>{l['macs']:,}</td><td>{l['weight_bytes']:,}</td><td class='l'>{esc(l['weight_type'])}</td>"
                      f"<td class='l'>{esc(l['act_type'])}</td></tr>")
     parts.append("</table>")
+    parts += _tensor_tables(r)
     if r.get("notes"):
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in r["notes"]) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _tensor_tables(r: dict) -> list[str]:
+    """The units without weights, the quantized tensors and the ops left float, as HTML tables."""
+    esc = html.escape
+    parts = []
+    if r.get("units"):
+        parts.append("<h2>Units without weights</h2><table><tr><th>unit</th><th>op</th><th>A</th><th>MACs</th>"
+                     "<th>integer kernel</th></tr>" + "".join(
+                         f"<tr><td class='l'>{esc(u['name'])}</td><td class='l'>{esc(u['op_type'])}</td>"
+                         f"<td>{u['act_bits'] or 'float'}</td><td>{u['macs']:,}</td>"
+                         f"<td class='l'>{esc(u['kernel'] or 'none (float between DQ and Q)')}</td></tr>"
+                         for u in r["units"]) + "</table>")
+    if r.get("tensors"):
+        parts.append("<h2>Quantized tensors</h2><table><tr><th>tensor</th><th>group</th><th>bits</th><th>type</th>"
+                     "<th>scale</th><th>zero point</th><th>written by</th><th>requantized to</th></tr>" + "".join(
+                         f"<tr><td class='l'>{esc(t['name'])}</td><td class='l'>{esc(t['group'])}</td>"
+                         f"<td>{t['bits'] or 'float'}</td><td class='l'>{esc(t['type'])}</td>"
+                         f"<td>{'' if t['scale'] is None else format(t['scale'], '.4g')}</td>"
+                         f"<td>{'' if t['zero_point'] is None else t['zero_point']}</td>"
+                         f"<td class='l'>{esc(t['source'] or 'graph input / float op')}</td>"
+                         f"<td>{', '.join(map(str, t['requantized'])) or '-'}</td></tr>" for t in r["tensors"])
+                     + "</table>")
+    if r.get("float_ops"):
+        parts.append("<h2>Ops left float</h2><table><tr><th>node</th><th>why</th></tr>" + "".join(
+            f"<tr><td class='l'>{esc(f['name'])}</td><td class='l'>{esc(f['reason'])}</td></tr>"
+            for f in r["float_ops"]) + "</table>")
+    return parts
 
 
 def png_of(draw, *args, **kwargs) -> bytes:

@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from onnxmpq import types
 from onnxmpq.calibrate.ranges import Histogram
 
 F = TensorProto.FLOAT
@@ -204,6 +205,21 @@ def group_stats(m, feed, options=None) -> dict:
 
     options = options or QuantOptions()
     return activation_stats(m.proto, feed, m.points(options).groups())
+
+
+class ArraySource:
+    """A DataSource over in-memory arrays (what `calibrate.read` gives, for tests that skip the readers)."""
+
+    def __init__(self, **arrays):
+        self.arrays = arrays
+
+    def batches(self, batch_size):
+        n = len(next(iter(self.arrays.values())))
+        for i in range(0, n, batch_size):
+            yield types.Batch({k: v[i:i + batch_size] for k, v in self.arrays.items()})
+
+    def __len__(self):
+        return len(next(iter(self.arrays.values())))
 
 
 # ---------------------------------------------------------------- shared helpers of the CLI and checker tests

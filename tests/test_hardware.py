@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ort_reader, uniform
-from onnxmpq import api, calibrate, hardware, profiles, qdq
+from conftest import ArraySource, build_cnn, feed_for, ort_reader, uniform
+from onnxmpq import api, calibrate, graph, hardware, profiles, qdq
 from onnxmpq.quantize import build
-from onnxmpq.types import Candidate, QuantOptions
+from onnxmpq.types import Candidate, QuantOptions, Scope
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
@@ -109,7 +109,9 @@ def test_weight_only_layers_are_judged_as_float_activations(mpq):
     assert {(l.weight_bits, l.act_bits) for l in qdq.read_layers(model)} == {(4, None)}
     assert hardware.check(model, "any") == []  # `any` lists float activations
     violations = hardware.check(model, "npu-w4w8-a8a16")
-    assert rules(violations) == {"pair": LAYERS}
+    # and, the profile having no float layers, every tensor the integer ops read in float (20 layers, 9 Adds x 2,
+    # the pooling)
+    assert rules(violations) == {"pair": LAYERS, "float-tensor": LAYERS + 18 + 1}
     assert violations[0].message == "Conv at W4 (float activations) is not allowed by profile npu-w4w8-a8a16."
     assert "at W4A8 " in violations[0].fix  # the nearest allowed pair keeps the 4-bit weights
 
@@ -270,3 +272,41 @@ def test_concat_with_equal_scales_complies():
 def test_concat_with_equal_scales_but_other_type_breaks_tie():
     violations = hardware.check(concat_model(0.1, 0.1, TensorProto.INT8), "int8-only")
     assert [v.rule for v in violations] == ["tie"] and "INT8" in violations[0].message
+
+
+# --- tensors: float between integer ops, requantizes ----------------------------------------------------
+
+
+def test_the_older_layer_scope_leaves_float_tensors_an_integer_only_target_refuses(tmp_path):
+    out = tmp_path / "layers.onnx"
+    api.quantize(RESNET, out, CALIB, rounding="nearest", limit=32, options=QuantOptions(scope=Scope.LAYERS))
+    violations = hardware.check(onnx.load(out), "int8-only")
+    assert rules(violations) == {"float-tensor": 19}  # 9 Adds read 2 float tensors each, the pooling reads 1
+    assert {v.layer.rsplit("/", 1)[-1] for v in violations} == {"Add", "GlobalAveragePool"}
+    assert hardware.check(onnx.load(out), "cpu-ort") == []  # a profile with float layers takes them
+
+
+def test_onnxmpq_and_onnxruntime_w8a8_leave_no_float_tensor(mpq, ort):
+    assert hardware.check(mpq("w8a8"), "int8-only") == []
+    assert "float-tensor" not in rules(hardware.check(ort(True), "int8-only"))
+
+
+def test_requantize_is_flagged_only_where_the_profile_forbids_it(tmp_path):
+    m = graph.from_proto(build_cnn())
+    stats = calibrate.collect(m, ArraySource(x=feed_for(m.proto, 16)["x"]), m.points().groups())
+    q, _ = build(m, {"conv1": Candidate(8, 16), "conv2": Candidate(8, 8), "fc": Candidate(8, 8)}, stats)
+    strict = profiles.parse("ops: {default: {weights: [8], activations: [8, 16]}}\nrequantize: false\n")
+    violations = hardware.check(q, strict)
+    assert rules(violations) == {"requantize": 1}
+    assert "'r1'" in violations[0].message and "16 bits" in violations[0].message and "8 bits" in violations[0].message
+    loose = profiles.parse("ops: {default: {weights: [8], activations: [8, 16]}}\n")
+    assert hardware.check(q, loose) == []
+    tensors = {t.name: t for t in qdq.read_tensors(q)}
+    assert tensors["r1"].requantized_from == 16 and tensors["r1"].bits == 8
+    assert tensors["x"].requantized_from is None and tensors["x"].bits == 16
+
+
+def test_read_tensors_of_onnxruntime_qdq(ort):
+    tensors = qdq.read_tensors(ort(True))  # signed 8-bit activations here (QInt8)
+    assert len(tensors) == 38 and all(t.bits == 8 and t.type_name == "INT8" and t.signed for t in tensors)
+    assert all(t.scale > 0 and -128 <= t.zero_point <= 127 and t.requantized_from is None for t in tensors)

@@ -191,3 +191,32 @@ def test_encoder_allocation_puts_some_units_at_16_bits(tmp_path):
 def api_budget(text):
     from onnxmpq.allocate import parse_budget
     return parse_budget(text)
+
+
+def test_inspect_lists_every_quantized_tensor_and_the_embedding(tmp_path):
+    import json
+
+    from conftest import cli
+
+    m = graph.from_proto(build_encoder())
+    feed = {"ids": np.random.default_rng(4).integers(0, 50, (32, 8)).astype(np.int64)}
+    assignment = uniform(m, 8, 8)
+    assignment["l0.ln1/LN"] = Candidate(None, 16)  # one LayerNorm at 16 bits: requantizes around it
+    q, written = build(m, assignment, group_stats(m, feed))
+    path = tmp_path / "enc.onnx"
+    onnx.save(q, str(path))
+    code, out, _ = cli("inspect", path, "--json")
+    assert code == 0
+    info = json.loads(out)
+    layers = {l["name"]: l for l in info["layers"]}
+    assert layers["emb/Gather"]["weight_bits"] == 8 and layers["emb/Gather"]["act_bits"] is None
+    assert layers["emb/Gather"]["weight_bytes"] == 50 * 32 + 4 * 50
+    tensors = info["tensors"]
+    assert {t["name"] for t in tensors} >= {t.name for t in written.tensors if t.bits}
+    ln_out = next(t for t in written.tensors if t.name == "l0.ln1/LN")
+    assert ln_out.bits == 16 and ln_out.requantized == (8,)  # the next projections read it at 8 bits
+    requantized = [t for t in tensors if t["requantized_from"] == 16]
+    assert [t["name"] for t in requantized] == ["l0.ln1/LN"] and requantized[0]["bits"] == 8
+    assert info["requantizes"] == sum(len(t.requantized) for t in written.tensors)
+    for t in tensors:
+        assert t["scale"] > 0 and t["type_name"] in ("UINT8", "UINT16") and t["bits"] in (8, 16)

@@ -171,8 +171,12 @@ def test_html_has_the_sections_and_balanced_tags(budgeted):
     assert not page.mismatched, page.mismatched[:3]
     assert page.stack == []
     assert page.h1 == ["onnxmpq report: resnet20_cifar10.onnx"]
-    for heading in ("Bits per layer", "Sensitivity", "Pareto", "Layers"):
+    for heading in ("Bits per layer", "Sensitivity", "Pareto", "Layers", "Units without weights", "Quantized tensors"):
         assert sum(h.startswith(heading) for h in page.h2) == 1, (heading, page.h2)
+    data = json.loads((folder / "report.json").read_text())
+    assert len(data["units"]) == 10 and len(data["tensors"]) == text.count("<td class='l'>graph input") + sum(
+        1 for t in data["tensors"] if t["source"])
+    assert data["verification"]["kernels"] == {"integer_compute": 20, "float_compute": 0}
     assert len(page.imgs) == text.count("<img") == 3
     figures = [h for h in page.h2 if h.split()[0] in ("Bits", "Sensitivity", "Pareto")]
     assert [img["section"] for img in page.imgs] == figures

@@ -16,7 +16,7 @@ import pytest
 from scipy.ndimage import uniform_filter
 
 import onnxmpq
-from conftest import arr, model, node, vi
+from conftest import ArraySource, arr, model, node, vi
 from onnxmpq import calibrate, graph
 from onnxmpq.calibrate import with_outputs
 from onnxmpq.formats import weight_format
@@ -27,20 +27,6 @@ from onnxmpq.types import Batch, Candidate, QuantOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-class ArraySource:
-    """A DataSource over in-memory arrays."""
-
-    def __init__(self, **arrays):
-        self.arrays = arrays
-
-    def batches(self, batch_size):
-        n = len(next(iter(self.arrays.values())))
-        for i in range(0, n, batch_size):
-            yield Batch({k: v[i:i + batch_size] for k, v in self.arrays.items()})
-
-    def __len__(self):
-        return len(next(iter(self.arrays.values())))
 
 
 def build_convnet(c=16):
