@@ -36,7 +36,8 @@ def load(model: str | os.PathLike | Model) -> Model:
 
 
 def assign(model: Model, weight_bits: int | None, act_bits: int | None,
-           layer_bits: Mapping[str, Candidate] | None = None, options: QuantOptions = QuantOptions()) -> dict[str, Candidate]:
+           layer_bits: Mapping[str, Candidate] | None = None,
+           options: QuantOptions = QuantOptions()) -> dict[str, Candidate]:
     """Uniform precision for every unit (weight bits for the weighted layers, activation bits for all),
     then the per-unit overrides by name."""
     points = model.points(options)
@@ -182,7 +183,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         units=results.units, tensors=results.tensors, float_ops=results.floats,
         file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
-        notes=storage_notes(results.layers) + notes, allocation=_allocation_dict(chosen, budgets, settings, {s.name for s in model.layers}),
+        notes=storage_notes(results.layers) + notes,
+        allocation=_allocation_dict(chosen, budgets, settings, {s.name for s in model.layers}),
         verification=checked,
         settings={"rounding": str(rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)),
                   "weight_range": str(options.weight_range), "act_range": str(options.act_range),

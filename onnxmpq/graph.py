@@ -2,9 +2,10 @@
 
 `load(path)` reads the protobuf (external data only from inside the model's folder), turns weights held
 in `Constant` nodes into initializers, upgrades opsets older than 13 (per-channel DequantizeLinear needs
-13), folds a BatchNormalization after a Conv into it (`folding`), runs shape inference and returns a `Model`: the proto plus the `LayerSpec` of every weighted layer
-(Conv, ConvTranspose, Gemm, MatMul with a constant weight, Gather on a constant table) and, on request,
-its quantization points (`Model.points`). Layers inside If/Loop/Scan bodies stay float and are listed in
+13), runs shape inference, folds BatchNormalization and bias Adds into their layers (`folding`) and
+returns a `Model`: the proto plus the `LayerSpec` of every weighted layer (Conv, ConvTranspose, Gemm,
+MatMul with a constant weight, Gather on a constant table) and, on request, its quantization points
+(`Model.points`). Layers inside If/Loop/Scan bodies stay float and are listed in
 `Model.skipped` with the reason.
 """
 

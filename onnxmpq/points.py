@@ -178,7 +178,8 @@ def _declarations(index: GraphIndex, layers) -> tuple[dict[str, NodeQuant], list
         decl = handler.quant(view) if handler else None
         if decl is not None:
             decls[node.name] = decl
-        elif node.op_type not in SHAPE_OPS and any(index.is_float(i) and not index.is_const(i) for i in node.input if i):
+        elif node.op_type not in SHAPE_OPS and any(index.is_float(i) and not index.is_const(i)
+                                                    for i in node.input if i):
             floats.append((node.name, handler.reason(view) if handler else f"no handler for {node.op_type}"))
     return decls, floats
 
@@ -200,17 +201,9 @@ def _graph_points(index: GraphIndex, layers, decls: dict[str, NodeQuant], floats
         kind = decl.kind
         if kind == Kind.ACTIVATION:
             owner = writer_of.get(decl.reads[0])
-            t = decl.reads[0]
-            if owner is not None and len(index.consumers.get(t, [])) == 1 and t not in index.outputs:
-                unit = units[owner]
-                unit["writes"] = [decl.writes[0] if w == t else w for w in unit["writes"]]
-                unit["output"] = decl.writes[0]
-                unit["nodes"].append(node.name)
-                del source[t]  # no point between the unit and its activation
-                writer_of[decl.writes[0]] = owner
-                source[decl.writes[0]] = owner
-                if unit["tied"]:
-                    groups.join(t, decl.writes[0])
+            if owner is not None and _absorb(units[owner], node, decl, index, groups):
+                del source[decl.reads[0]]  # no point between the unit and its activation
+                writer_of[decl.writes[0]] = source[decl.writes[0]] = owner
                 continue
             kind = Kind.PASS
         if kind == Kind.PASS:
@@ -230,6 +223,20 @@ def _graph_points(index: GraphIndex, layers, decls: dict[str, NodeQuant], floats
                 groups.join(decl.reads[0], t)
     required = _required(units, groups, integer_ops, set(layers))
     return _assemble(index, layers, units, groups, source, required, floats)
+
+
+def _absorb(unit: dict, node: onnx.NodeProto, decl: NodeQuant, index: GraphIndex, groups: _Union) -> bool:
+    """Takes a Relu/Clip into the unit writing its input when it is that tensor's only reader (and the
+    tensor no graph output): the unit then writes the activation's output."""
+    t = decl.reads[0]
+    if len(index.consumers.get(t, [])) != 1 or t in index.outputs:
+        return False
+    unit["writes"] = [decl.writes[0] if w == t else w for w in unit["writes"]]
+    unit["output"] = decl.writes[0]
+    unit["nodes"].append(node.name)
+    if unit["tied"]:
+        groups.join(t, decl.writes[0])
+    return True
 
 
 def _required(units: dict[str, dict], groups: _Union, integer_ops: frozenset[str], weighted: set[str]) -> set[str]:
@@ -272,8 +279,8 @@ def _assemble(index, layers, units, groups: _Union, source, required: set[str], 
             floats.append((name, "no integer kernel reads or writes its tensors: it runs in float"))
             continue
         inputs = decl.reads or tuple(i for i in node.input if i and not index.is_const(i))
-        op_type = "Gelu" if decl.covers and node.op_type == "Erf" else node.op_type
-        out.append(Unit(name, op_type, reads, writes, tuple(inputs), unit["output"], spec, decl.kernel,
+        out.append(Unit(name, decl.op_type or node.op_type, reads, writes, tuple(inputs), unit["output"], spec,
+                        decl.kernel,
                         spec.macs if spec else decl.macs, tuple(unit["nodes"]), decl.note))
         for t in reads:
             readers.setdefault(t, []).append(name)

@@ -106,7 +106,8 @@ class Written:
         return sum(t.elements * t.bits * b for t in self.tensors if t.bits for b in t.requantized)
 
 
-def layer_formats(layer: LayerSpec | None, cand: Candidate, options: QuantOptions) -> tuple[IntFormat | None, IntFormat | None]:
+def layer_formats(layer: LayerSpec | None, cand: Candidate,
+                  options: QuantOptions) -> tuple[IntFormat | None, IntFormat | None]:
     wfmt = weight_format(cand.weight_bits, options.int2_container == "int4") if cand.weight_bits and layer else None
     afmt = act_format(cand.act_bits) if cand.act_bits else None
     return wfmt, afmt
@@ -152,7 +153,8 @@ def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str,
             afmt = act_format(stored[unit.layer.activation])
         layers.append(_write_layer(editor, unit, cand, (wfmt, afmt), params, options, (weights or {}).get(unit.name)))
     editor.finish()
-    others = tuple(UnitResult(u.name, u.op_type, width[u.name], u.macs, u.kernel) for u in points.units if u.layer is None)
+    others = tuple(UnitResult(u.name, u.op_type, width[u.name], u.macs, u.kernel)
+                   for u in points.units if u.layer is None)
     metadata = {u.name: [assignment.get(u.name, FLOAT).weight_bits if u.layer else None, width[u.name]]
                 for u in points.units}
     _set_metadata(proto, METADATA_KEY, json.dumps(metadata))
@@ -238,8 +240,8 @@ def _write_layer(editor: Editor, unit: Unit, cand: Candidate, fmts, params: _Par
                 editor.replace_input(spec.name, spec.bias, out)
         channels = qweight.scale.size
         wbytes = layer_weight_bytes(spec, qweight.fmt, channels, cast)
-        wtype = qweight.fmt.type_name + (f" ({qweight.fmt.bits}-bit range)" if qweight.fmt.bits != qweight.fmt.container_bits
-                                         else "")
+        narrowed = qweight.fmt.bits != qweight.fmt.container_bits
+        wtype = qweight.fmt.type_name + (f" ({qweight.fmt.bits}-bit range)" if narrowed else "")
         wtype += CAST_SUFFIX if cast and not handler.casts_sub_byte else (GUARD_SUFFIX if guard else "")
     else:
         weight = editor.array(spec.weight)
@@ -263,7 +265,8 @@ def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
 
 
 def _check_codes(spec: LayerSpec, qweight: QuantizedWeight, fmt: IntFormat) -> None:
-    if qweight.fmt.bits != fmt.bits or qweight.codes.min(initial=0) < fmt.qmin or qweight.codes.max(initial=0) > fmt.qmax:
+    codes = qweight.codes
+    if qweight.fmt.bits != fmt.bits or codes.min(initial=0) < fmt.qmin or codes.max(initial=0) > fmt.qmax:
         raise OnnxmpqError(f"the rounded codes of layer {spec.name!r} do not fit its {fmt.bits}-bit grid.",
                            "round the layer at the bit-width it is written with.")
 

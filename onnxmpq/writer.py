@@ -134,9 +134,9 @@ class Editor:
         s_name = self.init(f"{q_name}_scale", self.scale(qweight.scale, like))
         if not zero_point:
             return q_name, s_name, None
+        zeros = np.zeros(channels, np.int8)
         z = helper.make_tensor("", TensorProto.INT8 if cast else fmt.onnx_type, [channels],
-                               np.zeros(channels, np.int8).tobytes() if cast else pack(np.zeros(channels, np.int8), fmt),
-                               raw=True)
+                               zeros.tobytes() if cast else pack(zeros, fmt), raw=True)
         return q_name, s_name, self.init(f"{q_name}_zero_point", z)
 
     def dequantized_weight(self, weight: str, layer: str, qweight: QuantizedWeight, guard: bool, cast: bool) -> str:

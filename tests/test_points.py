@@ -167,8 +167,8 @@ def test_bias_adds_join_conv_and_2d_matmul():
     assert [n.op_type for n in m.proto.graph.node] == ["Conv", "Flatten", "Gemm"]
     assert [(l.op_type, bool(l.bias)) for l in m.layers] == [("Conv", True), ("Gemm", True)]
     feed = feed_for(proto, 3)
-    np.testing.assert_allclose(ReferenceEvaluator(m.proto).run(None, feed)[0], ReferenceEvaluator(proto).run(None, feed)[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ReferenceEvaluator(m.proto).run(None, feed)[0],
+                               ReferenceEvaluator(proto).run(None, feed)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_bias_add_with_two_readers_or_a_batched_matmul_stays_apart():

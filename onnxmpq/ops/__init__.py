@@ -135,6 +135,7 @@ class NodeQuant:
         macs: multiply-accumulates per sample of a node without weights (a MatMul of two activations).
         covers: further nodes the unit takes in (the Erf form of GELU: Div, Erf, Add, Mul, Mul); their
             tensors stay float inside, the unit writes the last one's output.
+        op_type: the unit's op type when it is a pattern ("Gelu"), else the node's.
         note: a line for the report on how the node is written.
     """
 
@@ -146,6 +147,7 @@ class NodeQuant:
     shared: bool = False
     macs: int = 0
     covers: tuple[str, ...] = ()
+    op_type: str | None = None
     note: str = ""
 
 

@@ -63,7 +63,7 @@ class ErfHandler(Handler):
         if chain is None:
             return None
         covered = (scale.name, add.name) + tuple(n.name for n in chain)
-        return NodeQuant(Kind.COMPUTE, (x,), (chain[-1].output[0],), covers=covered,
+        return NodeQuant(Kind.COMPUTE, (x,), (chain[-1].output[0],), covers=covered, op_type="Gelu",
                          note="GELU (Erf form) quantized as one unit; onnxruntime fuses it into Gelu")
 
 
