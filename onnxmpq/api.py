@@ -73,12 +73,13 @@ def first_shapes(source) -> dict[str, tuple[int, ...]]:
 def calibration_stats(model: Model, assignment: Mapping[str, Candidate], source, options: QuantOptions, *,
                       batch_size: int = 32) -> dict:
     """Statistics of the tensor groups that `assignment` quantizes (empty when none is)."""
-    groups = model.points(options).groups_of(
-        name for name, cand in assignment.items() if cand.act_bits)
+    points = model.points(options)
+    groups = points.groups_of(name for name, cand in assignment.items() if cand.act_bits)
     if not groups:
         return {}
     with progress.bar("calibrate", len(source)) as advance:
-        return calibrate.collect(model, source, groups, batch_size=batch_size, on_batch=advance)
+        return calibrate.collect(model, source, groups, batch_size=batch_size, on_batch=advance,
+                                 logits=points.logits)
 
 
 def round_weights(model: Model, assignment, source, stats, options: QuantOptions, batch_size: int = 32):
@@ -329,8 +330,9 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
         batches = [dict(b.inputs) for b in source.batches(batch_size)]
         if any(c.act_bits for c in candidates):
             with progress.bar("calibrate", len(source)) as advance:
-                stats = calibrate.collect(model, source, model.points(options).groups(),
-                                          batch_size=batch_size, on_batch=advance)
+                points = model.points(options)
+                stats = calibrate.collect(model, source, points.groups(), batch_size=batch_size,
+                                          on_batch=advance, logits=points.logits)
     elif not data_free:
         raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", "pass --calib PATH.")
     settings = {"metrics": list(metrics), "candidates": [c.key for c in candidates], "rounding": str(rounding),

@@ -74,7 +74,7 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
                              [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")])
     source = calibrate.read(calib, m, limit=64)
     m = graph.specialize(m, api.first_shapes(source))
-    stats = calibrate.collect(m, source, m.points().groups())
+    stats = calibrate.collect(m, source, m.points().groups(), logits=m.points().logits)
     feed = {k: v[:1] for k, v in next(iter(source.batches(1))).inputs.items()}
     with progress.bar("latency", len(m.points().units), unit="unit") as advance:
         table = latency.profile(m, cands, stats, feed, QuantOptions(weight_layout=weight_layout), runs, threads,

@@ -87,7 +87,8 @@ class Context:
         self.judge = Judge(model.proto, feeds, held_out)
         self.first = {k: v[:1] for k, v in feeds[0].items()} if feeds else {}
         calib_source = calibrate.read(calib, model, limit=settings.limit, preprocess=preprocess)
-        self.stats = calibrate.collect(model, calib_source, model.points(options).groups())
+        points = model.points(options)
+        self.stats = calibrate.collect(model, calib_source, points.groups(), logits=points.logits)
 
     def drop(self, assignment: Mapping[str, Candidate], options: QuantOptions) -> float:
         proto, _ = build(self.model, assignment, self.stats, options)

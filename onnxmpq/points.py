@@ -76,6 +76,10 @@ class Points:
         source: point tensor -> the unit that writes it (None: a graph input or a float producer).
         readers: point tensor -> the units that read it quantized.
         floats: nodes that stay float, with why.
+        elements: point tensor -> elements per sample (for the costs).
+        logits: group -> the axis over which its only tensor is a Softmax's logits, for groups whose
+            every reader is that Softmax (their range may stop below the rows' maxima, see
+            `calibrate.ranges.LOGIT_SPAN`).
     """
 
     scope: Scope
@@ -85,6 +89,7 @@ class Points:
     readers: Mapping[str, tuple[str, ...]]
     floats: tuple[tuple[str, str], ...] = ()
     elements: Mapping[str, int] = field(default_factory=dict)
+    logits: Mapping[str, int] = field(default_factory=dict)
 
     def unit(self, name: str) -> Unit:
         for unit in self.units:
@@ -284,6 +289,24 @@ def _assemble(index, layers, units, groups: _Union, source, required: set[str], 
                         spec.macs if spec else decl.macs, tuple(unit["nodes"]), decl.note))
         for t in reads:
             readers.setdefault(t, []).append(name)
-    return Points(Scope.GRAPH, tuple(out), {t: group_name[groups.find(t)] for t in sorted(points, key=order.get)},
-                  {t: source.get(t) for t in points}, {t: tuple(r) for t, r in readers.items()},
-                  tuple(floats), {t: index.elements(t) for t in points})
+    group = {t: group_name[groups.find(t)] for t in sorted(points, key=order.get)}
+    return Points(Scope.GRAPH, tuple(out), group, {t: source.get(t) for t in points},
+                  {t: tuple(r) for t, r in readers.items()}, tuple(floats), {t: index.elements(t) for t in points},
+                  _logits(index, units, group))
+
+
+def _logits(index: GraphIndex, units: dict[str, dict], group: Mapping[str, str]) -> dict[str, int]:
+    """Group -> logits axis, where a Softmax is the only node reading the group's only tensor."""
+    sizes: dict[str, int] = {}
+    for g in group.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    out = {}
+    for name, unit in units.items():
+        axis, reads = unit["decl"].logits_axis, unit["decl"].reads
+        if axis is None or not reads or reads[0] not in group:
+            continue
+        t = reads[0]
+        if sizes[group[t]] == 1 and t not in index.outputs and \
+                [n.name for n in index.consumers.get(t, [])] == [name]:
+            out[group[t]] = axis
+    return out

@@ -40,6 +40,7 @@ KEYS = ("name", "description", "ops", "pairs", "per_channel", "symmetric_weights
         "max_distinct_bits", "pin", "tie", "requantize", "integer_ops")
 OP_KEYS = ("weights", "activations")
 ALL_WEIGHTS = (2, 3, 4, 5, 6, 7, 8)
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops whose integer kernels carry the MACs
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,13 @@ BUILTINS: dict[str, Profile] = {p.name: p for p in [
             "through a Cast to INT8 so they run on those kernels too; 16-bit activations run as dequantize "
             "+ float; layers may stay float; asymmetric (uint8) weights run too.", symmetric_weights=False,
             tie=("Concat",)),
+    Profile("cpu-ort-integer", {**{op: _rule(ALL_WEIGHTS, (8,)) for op in MAC_OPS},
+                                "default": _rule(ALL_WEIGHTS, (8, 16))},
+            "onnxruntime's CPU provider with every multiply-accumulate on an integer kernel: as cpu-ort, but "
+            "Conv, ConvTranspose, Gemm and MatMul (weights and the two-activation MatMuls of attention) "
+            "read and write 8-bit activations; the units between them (LayerNormalization, Softmax, the "
+            "residual and mask Adds) may take 16 bits, read by the 8-bit kernels through a requantize.",
+            symmetric_weights=False, tie=("Concat",)),
     Profile("int8-only", {"default": _rule((8,), (8,))},
             "An int8-only accelerator (the common NPU/DSP case): W8A8 everywhere, per-channel symmetric "
             "weights, no float layer or float tensor between integer ops, no requantize, inputs of a Concat "

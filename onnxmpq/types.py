@@ -114,7 +114,8 @@ class TensorStats:
     """Streaming statistics of one activation tensor over the calibration set.
 
     `hist[i]` counts values in [edges[i], edges[i+1]); `min`/`max` are exact; `zeros` counts exact
-    zeros (ReLU outputs), which every asymmetric grid represents without error.
+    zeros (ReLU outputs), which every asymmetric grid represents without error; `floor`, for a
+    Softmax's logits only, is the smallest maximum of a row (over the Softmax axis) seen.
     """
 
     name: str
@@ -124,6 +125,7 @@ class TensorStats:
     edges: np.ndarray
     count: int = 0
     zeros: int = 0
+    floor: float | None = None
 
 
 class Scope(StrEnum):

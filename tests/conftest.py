@@ -176,15 +176,16 @@ def feed_for(proto: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str,
     return out
 
 
-def activation_stats(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names) -> dict:
+def activation_stats(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names, logits=None) -> dict:
     """Exact statistics of the named tensors, or of each group {name: [tensors]} (one histogram over its
-    tensors), computed with onnx's reference evaluator (not onnxruntime)."""
+    tensors; row maxima for the groups in `logits`), computed with onnx's reference evaluator (not
+    onnxruntime)."""
     values = ReferenceEvaluator(proto).run(None, feed, intermediate=True)
     values = {**feed, **values}
     groups = names if isinstance(names, dict) else {name: [name] for name in names}
     stats = {}
     for name, members in groups.items():
-        hist = Histogram(name)
+        hist = Histogram(name, floor_axis=(logits or {}).get(name))
         for member in members:
             hist.update(values[member])
         stats[name] = hist.stats()
@@ -204,7 +205,8 @@ def group_stats(m, feed, options=None) -> dict:
     from onnxmpq.types import QuantOptions
 
     options = options or QuantOptions()
-    return activation_stats(m.proto, feed, m.points(options).groups())
+    points = m.points(options)
+    return activation_stats(m.proto, feed, points.groups(), points.logits)
 
 
 class ArraySource:
@@ -258,11 +260,13 @@ def ort_reader(samples: np.ndarray, name: str = "input"):
 
 
 def build_encoder(layers: int = 2, d: int = 32, heads: int = 2, seq: int = 8, vocab: int = 50, ffn: int = 64,
-                  seed: int = 0):
+                  seed: int = 0, mask: bool = False):
     """A BERT-style encoder: ids(N,S) -Gather(word table)- + position table - LayerNorm, then `layers` blocks
     of self-attention (MatMul+Add projections, Q K^T and P V MatMuls of two activations, Div by sqrt(dh),
     Softmax, residual Add, LayerNorm) and a feed-forward part (MatMul+Add, GELU in its Erf form,
-    MatMul+Add, residual Add, LayerNorm); output the hidden states (N,S,D). Opset 17."""
+    MatMul+Add, residual Add, LayerNorm); output the hidden states (N,S,D). Opset 17. With `mask`, a
+    second input attention_mask (N,S) int64 enters as BERT's exports write it: (1 - Cast(mask)) * -10000,
+    unsqueezed to (N,1,1,S) and added to the scaled scores before the Softmax."""
     rng = np.random.default_rng(seed)
     dh = d // heads
     inits: dict[str, np.ndarray] = {}
@@ -293,12 +297,19 @@ def build_encoder(layers: int = 2, d: int = 32, heads: int = 2, seq: int = 8, vo
 
     words = op("Gather", [weight("emb.words", vocab, d, scale=1.0), "ids"], "emb/Gather", axis=0)
     h = norm(op("Add", [words, weight("emb.positions", seq, d, scale=0.5)], "emb/Add"), "emb")
+    if mask:
+        keep = op("Cast", ["attention_mask"], "mask/Cast", to=TensorProto.FLOAT)
+        neg = op("Mul", [op("Sub", [const("mask.one", np.array(1, np.float32)), keep], "mask/Sub"),
+                         const("mask.big", np.array(-10000, np.float32))], "mask/Mul")
+        extended = op("Unsqueeze", [neg, const("mask.axes", np.array([1, 2], np.int64))], "mask/Unsqueeze")
     for i in range(layers):
         p = f"l{i}"
         q, k, v = (heads_of(dense(h, f"{p}.{t}", d, d), f"{p}.{t}h") for t in "qkv")
         kt = op("Transpose", [k], f"{p}/kT", perm=[0, 1, 3, 2])
         scores = op("Div", [op("MatMul", [q, kt], f"{p}/QK"), const(f"{p}.sqrt_dh", np.array(np.sqrt(dh), np.float32))],
                     f"{p}/scale")
+        if mask:
+            scores = op("Add", [scores, extended], f"{p}/mask")
         ctx = op("MatMul", [op("Softmax", [scores], f"{p}/Softmax", axis=-1), v], f"{p}/PV")
         ctx = op("Reshape", [op("Transpose", [ctx], f"{p}/ctxT", perm=[0, 2, 1, 3]),
                              const(f"{p}.ctx_shape", np.array([0, seq, d], np.int64))], f"{p}/ctx")
@@ -310,4 +321,7 @@ def build_encoder(layers: int = 2, d: int = 32, heads: int = 2, seq: int = 8, vo
                              f"{p}/gelu_mul"), const(f"{p}.half", np.array(0.5, np.float32))], f"{p}/gelu")
         h = norm(op("Add", [dense(gelu, f"{p}.down", ffn, d), h], f"{p}/res2"), f"{p}.ln2")
     nodes.append(node("Identity", [h], ["hidden"], "out"))
-    return model(nodes, [vi("ids", ["N", seq], TensorProto.INT64)], [vi("hidden", ["N", seq, d])], inits, opset=17)
+    inputs = [vi("ids", ["N", seq], TensorProto.INT64)]
+    if mask:
+        inputs.append(vi("attention_mask", ["N", seq], TensorProto.INT64))
+    return model(nodes, inputs, [vi("hidden", ["N", seq, d])], inits, opset=17)

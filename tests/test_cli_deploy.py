@@ -30,7 +30,7 @@ from onnxmpq.latency import LatencyTable
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
-BUILTIN_NAMES = {"any", "cpu-ort", "int8-only", "npu-w4a8", "npu-w4w8-a8a16"}
+BUILTIN_NAMES = {"any", "cpu-ort", "cpu-ort-integer", "int8-only", "npu-w4a8", "npu-w4w8-a8a16"}
 LAYERS = 20  # 19 Conv + 1 Gemm
 VIOLATION_LINE = re.compile(r"^  (?P<layer>\S+): \[(?P<rule>[a-z-]+)\] (?P<message>.+) Fix: (?P<fix>.+)$")
 

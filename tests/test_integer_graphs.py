@@ -5,6 +5,7 @@ row, and a BERT-style encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,42 @@ def test_encoder_w8a8_every_matmul_integer_and_close_to_float():
     ids = np.random.default_rng(7).integers(0, 50, (32, 8)).astype(np.int64)
     a, b = run_ort(m.proto, {"ids": ids})[0].ravel(), run_ort(q, {"ids": ids})[0].ravel()
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.99
+
+
+def masked_feed(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Token ids with BERT's attention mask: each row keeps a random 2..8 of its 8 tokens."""
+    rng = np.random.default_rng(seed)
+    keep = rng.integers(2, 9, n)
+    return {"ids": rng.integers(0, 50, (n, 8)).astype(np.int64),
+            "attention_mask": (np.arange(8)[None, :] < keep[:, None]).astype(np.int64)}
+
+
+def cosine(a, b) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_masked_encoder_w8a8_keeps_the_logits_range_off_the_mask():
+    """The masked scores (-10000 at padded keys) feed only the Softmax: their group is declared logits and
+    its range stops LOGIT_SPAN below the smallest row maximum, not at -10000, so W8A8 stays close to float;
+    with the full range (the floor dropped) the scores lose their resolution."""
+    m = graph.from_proto(build_encoder(mask=True))
+    points = m.points()
+    masked = {points.group[f"l{i}/mask"] for i in range(2)}
+    assert set(points.logits) == masked and set(points.logits.values()) == {-1}
+    stats = group_stats(m, masked_feed(64, 3))
+    for g in masked:
+        assert stats[g].min <= -9000 and stats[g].floor > -50
+    q, _ = build(m, uniform(m, 8, 8), stats)
+    onnx.checker.check_model(q, full_check=True)
+    unfloored = {g: dataclasses.replace(s, floor=None) for g, s in stats.items()}
+    q_full, _ = build(m, uniform(m, 8, 8), unfloored)
+    test = masked_feed(32, 9)
+    ref = run_ort(m.proto, test)[0]
+    keep = test["attention_mask"].astype(bool)  # padded positions' outputs are not used
+    good, full = run_ort(q, test)[0][keep], run_ort(q_full, test)[0][keep]
+    assert cosine(ref[keep], good) >= 0.99 and cosine(ref[keep], full) < cosine(ref[keep], good) - 0.01
+    assert cosine(ref[keep], ReferenceEvaluator(q).run(None, test)[0][keep]) >= 0.99  # the exact QDQ arithmetic
 
 
 def test_encoder_allocation_puts_some_units_at_16_bits(tmp_path):

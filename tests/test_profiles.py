@@ -34,7 +34,7 @@ def line_of(message: str) -> int:
 
 
 def test_builtin_names():
-    assert set(BUILTINS) == {"any", "cpu-ort", "int8-only", "npu-w4a8", "npu-w4w8-a8a16"}
+    assert set(BUILTINS) == {"any", "cpu-ort", "cpu-ort-integer", "int8-only", "npu-w4a8", "npu-w4w8-a8a16"}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))

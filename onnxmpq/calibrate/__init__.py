@@ -54,15 +54,17 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 
 def collect(model: Model, source: DataSource, groups: Mapping[str, Sequence[str]] | Sequence[str], *,
-            batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
+            batch_size: int = 32, on_batch: Callable[[int], None] | None = None,
+            logits: Mapping[str, int] | None = None) -> dict[str, TensorStats]:
     """Streams `source` through the float model and returns the statistics of each group: one histogram
-    over the values of all its tensors (a list of names stands for one group per tensor)."""
+    over the values of all its tensors (a list of names stands for one group per tensor). Groups in
+    `logits` (`points.Points.logits`: group -> Softmax axis) also record their smallest row maximum."""
     if not isinstance(groups, Mapping):
         groups = {name: [name] for name in groups}
     feeds = {spec.name for spec in model.inputs}
     fetch = list(dict.fromkeys(t for members in groups.values() for t in members if t not in feeds))
     sess = runtime.session(with_outputs(model.proto, fetch))
-    hists = {name: Histogram(name) for name in groups}
+    hists = {name: Histogram(name, floor_axis=(logits or {}).get(name)) for name in groups}
     seen = 0
     for batch in source.batches(batch_size):
         outputs = dict(zip(fetch, runtime.run(sess, dict(batch.inputs), fetch))) if fetch else {}

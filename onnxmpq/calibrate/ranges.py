@@ -16,12 +16,19 @@ tensor whatever the calibration set's size. `choose_range` turns it into [lo, hi
   grid holds zero exactly, and a ReLU's spike at zero would otherwise decide the choice. Only ranges holding at least 2^b bins
   are candidates (fewer would make every P equal its Q); when none does (16 bits), minmax.
 
+Softmax logits (`floor` set: the smallest row maximum seen): softmax(x)_i = e^(x_i - m) / sum_j e^(x_j - m)
+with m the row's maximum, so a value below m - LOGIT_SPAN weighs under e^-LOGIT_SPAN (1e-7) of the row's
+largest term, and clipping it up to m - LOGIT_SPAN changes the output by at most n e^-LOGIT_SPAN for a row of
+n. The histogram is cut at floor - LOGIT_SPAN before any method runs: an attention mask's -10000 then no
+longer decides an 8-bit scale (40 per step uncut).
+
 `act_params` turns a range into the asymmetric unsigned scale and zero point:
 s = (hi - lo) / (2^b - 1), z = clip(round(-lo / s), 0, 2^b - 1), with lo <= 0 <= hi enforced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,14 +39,17 @@ from onnxmpq.types import ActRange, TensorStats
 
 BINS = 2048
 RANGE_GRID = np.linspace(1.0, 0.05, 96)
+LOGIT_SPAN = 16.0
 
 
 class Histogram:
     """Streaming histogram of one tensor (see the module docstring)."""
 
-    def __init__(self, name: str, bins: int = BINS):
+    def __init__(self, name: str, bins: int = BINS, floor_axis: int | None = None):
         self.name = name
         self.bins = bins
+        self.floor_axis = floor_axis
+        self.floor: float | None = None
         self.counts = np.zeros(bins, dtype=np.float64)
         self.lo = self.hi = None
         self.min = np.inf
@@ -48,7 +58,11 @@ class Histogram:
         self.zeros = 0
 
     def update(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        values = np.asarray(values, dtype=np.float32)
+        if self.floor_axis is not None and values.size and values.ndim:
+            row_floor = float(values.max(axis=self.floor_axis % values.ndim).min())
+            self.floor = row_floor if self.floor is None else min(self.floor, row_floor)
+        values = values.reshape(-1)
         if values.size == 0:
             return
         vmin, vmax = float(values.min()), float(values.max())
@@ -91,7 +105,7 @@ class Histogram:
             raise OnnxmpqError(f"tensor {self.name!r} saw no calibration values.",
                                "give at least one calibration sample.")
         return TensorStats(self.name, self.min, self.max, self.counts.copy(), self.edges, self.count,
-                           self.zeros)
+                           self.zeros, self.floor)
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,7 @@ def act_params(lo: float, hi: float, fmt: IntFormat) -> ActParams:
 def choose_range(stats: TensorStats, fmt: IntFormat, method: ActRange,
                  percentile: float = 99.99) -> tuple[float, float]:
     """The [lo, hi] range of `stats` for the activation format `fmt` (see the module docstring)."""
+    stats = cut_logits(stats)
     if method == ActRange.MINMAX:
         return stats.min, stats.max
     if method == ActRange.PERCENTILE:
@@ -127,6 +142,18 @@ def choose_range(stats: TensorStats, fmt: IntFormat, method: ActRange,
         errors = [_mse_error(stats, fmt, a) for a in RANGE_GRID]
     best = RANGE_GRID[int(np.argmin(errors))]
     return best * min(stats.min, 0.0), best * max(stats.max, 0.0)
+
+
+def cut_logits(stats: TensorStats) -> TensorStats:
+    """Softmax logits without the values below floor - LOGIT_SPAN (see the module docstring)."""
+    if stats.floor is None or stats.min >= stats.floor - LOGIT_SPAN:
+        return stats
+    lo = stats.floor - LOGIT_SPAN
+    first = min(int(np.searchsorted(stats.edges, lo, side="right")) - 1, stats.hist.size - 1)
+    hist = stats.hist[first:].copy()
+    edges = stats.edges[first:].copy()
+    edges[0] = lo
+    return dataclasses.replace(stats, min=lo, hist=hist, edges=edges, count=int(hist.sum()))
 
 
 def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:

@@ -137,6 +137,9 @@ class NodeQuant:
             tensors stay float inside, the unit writes the last one's output.
         op_type: the unit's op type when it is a pattern ("Gelu"), else the node's.
         note: a line for the report on how the node is written.
+        logits_axis: the node reads reads[0] as logits over this axis (Softmax): a value more than
+            `calibrate.ranges.LOGIT_SPAN` below its row's maximum leaves the output unchanged, so the
+            tensor's range may stop there (an attention mask's -10000 would otherwise take the range).
     """
 
     kind: Kind
@@ -149,6 +152,7 @@ class NodeQuant:
     covers: tuple[str, ...] = ()
     op_type: str | None = None
     note: str = ""
+    logits_axis: int | None = None
 
 
 class Handler:

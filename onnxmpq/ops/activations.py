@@ -3,7 +3,8 @@
 - Relu, Clip (constant bounds): applied by the producing kernel. Right after a COMPUTE node that it alone
   reads from, there is no Q/DQ between the two and the Q after the activation clips (onnxruntime removes
   the Relu/Clip in front of a Q whose range it implies); elsewhere it passes its input's scale through.
-- LeakyRelu, Sigmoid, Softmax: onnxruntime has QLinearLeakyRelu, QLinearSigmoid and QLinearSoftmax.
+- LeakyRelu, Sigmoid, Softmax: onnxruntime has QLinearLeakyRelu, QLinearSigmoid and QLinearSoftmax. A
+  Softmax declares its input as logits, whose range may stop LOGIT_SPAN below the smallest row maximum.
 - HardSigmoid, HardSwish, Tanh, Erf, Gelu: run in float between their DQ and Q.
 - GELU written with Erf, y = 0.5 x (1 + erf(x / sqrt(2))) (Div or Mul by the constant, Erf, Add 1, two
   Muls in either order): one unit reading x and writing y, its inner tensors float, so that onnxruntime
@@ -37,6 +38,10 @@ class UnaryHandler(Handler):
     def quant(self, view: NodeView) -> NodeQuant | None:
         if not view.is_activation(0):
             return None
+        if view.node.op_type == "Softmax":
+            # the row is the axis (opset >= 13) or axis..last (older: a superset, so a row maximum over
+            # this one axis is never above the true one and the floor stays safe); -1 by default
+            return view.compute(kernel=KERNELS["Softmax"], logits_axis=int(view.attr("axis", -1)))
         return view.compute(kernel=KERNELS.get(view.node.op_type))
 
     def reason(self, view: NodeView) -> str:
