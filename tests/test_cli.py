@@ -17,7 +17,7 @@ from onnxmpq.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
-TEST_IMAGES = ROOT.parent / "shared" / "data" / "cifar10" / "test"
+TEST_IMAGES = ROOT / "data" / "cifar10-test"
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -70,7 +70,6 @@ def test_inspect_reads_back_the_bits(w4a8, capsys):
     assert info["weight_bytes"] == report["weight_bytes"]
 
 
-@pytest.mark.skipif(not TEST_IMAGES.is_dir(), reason="CIFAR-10 test images not present")
 def test_evaluate_with_labels_and_reference(w4a8, capsys):
     out, _ = w4a8
     code, stdout, _ = run(capsys, "evaluate", out, "--data", TEST_IMAGES, "--reference", MODEL,
