@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from onnxmpq import calibrate, graph, progress, qdq, runtime
+from onnxmpq import calibrate, graph, paths, progress, qdq, runtime
 from onnxmpq.quantize import build
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
@@ -61,7 +61,19 @@ def read_allocation(path: str | os.PathLike) -> dict[str, Candidate]:
     if not isinstance(layers, list) or not all(isinstance(e, dict) and "name" in e for e in layers):
         raise OnnxmpqError(f"allocation file {str(path)!r} has no list of layers with names.",
                            'expected {"layers": [{"name": ..., "weight_bits": 4, "act_bits": 8}, ...]}.')
-    return {e["name"]: Candidate(e.get("weight_bits"), e.get("act_bits")) for e in layers}
+    return {str(e["name"]): Candidate(_allocation_bits(e, "weight_bits", path), _allocation_bits(e, "act_bits", path))
+            for e in layers}
+
+
+def _allocation_bits(entry: dict, key: str, path) -> int | None:
+    """A width from an allocation entry: an integer 2..16, or null/absent for float."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+        raise OnnxmpqError(f"allocation file {str(path)!r}: layer {entry['name']!r} has {key} {value!r}, "
+                           "not an integer from 2 to 16.", f"write {key} as a number such as 8, or null for float.")
+    return value
 
 
 def first_shapes(source) -> dict[str, tuple[int, ...]]:
@@ -88,26 +100,6 @@ def round_weights(model: Model, assignment, source, stats, options: QuantOptions
     with progress.bar("gptq", todo, unit="layer") as advance:
         return sequential.round_model(model, assignment, source, stats, options, batch_size=max(batch_size, 64),
                                       on_layer=lambda name: advance(1))
-
-
-def check_new_file(path, inputs) -> None:
-    """An output path must not be one of the inputs, and its folder must exist (checked before work starts)."""
-    path = Path(path)
-    for other in inputs:
-        if isinstance(other, (str, os.PathLike)) and path.resolve() == Path(other).resolve():
-            raise OnnxmpqError(f"the output path {str(path)!r} is one of the inputs or outputs of this run.",
-                               "write to a new file; inputs are never overwritten.")
-    if not path.parent.is_dir():
-        raise OnnxmpqError(f"output folder {str(path.parent)!r} does not exist.", "create it first or choose another path.")
-
-
-def check_new_folder(path) -> None:
-    """A folder to write into: it may exist as a folder or be creatable (checked before work starts)."""
-    path = Path(path)
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OnnxmpqError(f"cannot make folder {str(path)!r}: {str(existing)!r} is a file.",
-                           "choose another --report-dir.")
 
 
 def with_profile_rules(options: QuantOptions, profile) -> QuantOptions:
@@ -150,9 +142,11 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     options = with_profile_rules(options, settings.profile if allocation is not None else None)
     model = load(model)
     output = Path(output)
-    check_new_file(output, [model.path, calib])
+    from onnxmpq.report import FILES
+    paths.check_writes({"the output": output, **paths.folder_files(report_dir, FILES, "report folder")},
+                       {"model": model.path, "calibration data": calib})
     if report_dir is not None:
-        check_new_folder(report_dir)
+        paths.check_new_folder(report_dir)
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")

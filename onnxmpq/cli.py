@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from onnxmpq import __version__, api, progress
+from onnxmpq import __version__, api, paths, progress
 from onnxmpq.calibrate import Preprocess
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.export import write_json
@@ -196,9 +196,8 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
     from onnxmpq import plan
     from onnxmpq.allocate import parse_budget
 
-    for path in (report_path,):
-        if path:
-            api.check_new_file(path, [model, calib, output])
+    _check_quantize_paths(model, output, calib, allocation, latency_file, profile, report_path, report_dir, sweep,
+                          sweep_models)
     overrides = api.read_allocation(allocation) if allocation else {}
     overrides.update(parse_layer_bits(layer_bits))
     options = QuantOptions(WeightRange(weight_range), ActRange(act_range), percentile, int2_container, bias,
@@ -229,6 +228,20 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
     if report_path:
         write_json(report.to_dict(stable=stable_report), report_path)
     emit(as_json, report.to_dict(), _quantize_summary(report))
+
+
+def _check_quantize_paths(model, output, calib, allocation, latency_file, profile, report_path, report_dir, sweep,
+                          sweep_models) -> None:
+    """Every file `quantize` writes against every file it reads (see onnxmpq.paths), before any work."""
+    from onnxmpq import report, sweep as sweeps
+
+    writes = {"--report": report_path, **paths.folder_files(report_dir, report.FILES, "--report-dir")}
+    writes.update(sweeps.outputs(output, sweep, sweep_models) if sweep else {"-o/--output": output})
+    profile_file = profile if profile and Path(profile).exists() else None
+    paths.check_writes(writes, {"model": model, "--calib": calib, "--allocation": allocation,
+                                "--latency": latency_file, "--profile": profile_file})
+    if report_dir is not None:
+        paths.check_new_folder(report_dir)
 
 
 def _float_ops_summary(float_ops) -> list[str]:
@@ -373,9 +386,7 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
         raise OnnxmpqError("--metric names no metric.", "write e.g. --metric sqnr,kl.")
     weight_bits = [b for b in (_bits(v.strip(), "--bits") for v in bits.split(",")) if b]
     acts = [_bits(v.strip(), "--act-bits") for v in act_bits.split(",")]
-    for path in (output, plot):
-        if path:
-            api.check_new_file(path, [model, calib])
+    paths.check_writes({"-o/--output": output, "--plot": plot}, {"model": model, "--calib": calib})
     tables = api.sensitivity(model, calib, metrics=metrics, weight_bits=weight_bits, act_bits=acts,
                              separate=separate, rounding=rounding, limit=limit, workers=workers,
                              executor=executor, address=address, cache_dir=cache_dir,

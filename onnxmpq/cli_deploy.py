@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from onnxmpq import api, hardware, profiles
+from onnxmpq import api, hardware, paths, profiles
 from onnxmpq.cli import _bits, cli, emit, quantize, quiet_option
 from onnxmpq.errors import OnnxmpqError
 
@@ -69,7 +69,7 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
     from onnxmpq.types import QuantOptions
 
     m = api.load(model)
-    api.check_new_file(output, [model, calib])
+    paths.check_writes({"-o/--output": output}, {"model": model, "--calib": calib})
     cands = parse_candidates([b for b in (_bits(v.strip(), "--bits") for v in bits.split(",")) if b],
                              [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")])
     source = calibrate.read(calib, m, limit=64)

@@ -65,16 +65,29 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_thresho
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(obj, path: str | os.PathLike) -> None:
-    """Writes `obj` as indented JSON atomically."""
+def write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Writes `data` to `path` atomically: into a fresh file of a staging folder made by mkdtemp (mode
+    0700, a name no one can plant a link at), then renamed over `path`, which replaces a link at `path`
+    by the file instead of writing through it."""
     path = Path(path)
     tmp = _tmp_dir(path)
     try:
         staged = tmp / path.name
-        staged.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        with open(staged, "xb") as stream:
+            stream.write(data)
         os.replace(staged, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Writes `text` as UTF-8 atomically (see write_bytes)."""
+    write_bytes(text.encode("utf-8"), path)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    """Writes `obj` as indented JSON atomically (see write_bytes)."""
+    write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,19 @@ from typing import Sequence
 from onnxmpq.types import SensitivityTable
 
 
+def _save(fig, path) -> None:
+    """PNG into a file object, or atomically into a file (export.write_bytes: no fixed temporary name)."""
+    if hasattr(path, "write"):
+        fig.savefig(path, dpi=110, format="png")
+        return
+    import io
+
+    from onnxmpq.export import write_bytes
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    write_bytes(buffer.getvalue(), path)
+
+
 def sensitivity_plot(tables: Sequence[SensitivityTable], path: str | Path) -> None:
     """Score per layer (network order) per candidate, one panel per metric, log scale where positive."""
     import matplotlib
@@ -28,7 +41,7 @@ def sensitivity_plot(tables: Sequence[SensitivityTable], path: str | Path) -> No
         ax.legend(fontsize=7, ncol=min(6, len(table.candidates)))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path if hasattr(path, "write") else str(path), dpi=110, format="png")
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -62,7 +75,7 @@ def pareto_plot(points: Sequence[dict], front: Sequence[int], path: str | Path, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path if hasattr(path, "write") else str(path), dpi=110, format="png")
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -82,5 +95,5 @@ def bits_plot(layers: Sequence[dict], path: str | Path, title: str = "bits per l
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path if hasattr(path, "write") else str(path), dpi=110, format="png")
+    _save(fig, path)
     plt.close(fig)

@@ -16,8 +16,9 @@ import io
 import json
 from pathlib import Path
 
-from onnxmpq.export import write_json
+from onnxmpq.export import write_json, write_text
 
+FILES = ("report.json", "report.html")  # what write() puts in a report folder
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}td.l{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
@@ -30,12 +31,7 @@ def write(report_dict: dict, folder: str | Path, figures: dict[str, bytes], stab
     folder.mkdir(parents=True, exist_ok=True)
     write_json(report_dict, folder / "report.json")
     page = render(report_dict, figures)
-    tmp = folder / ".report.html.tmp"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(folder / "report.html")
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(page, folder / "report.html")
     return folder / "report.html"
 
 

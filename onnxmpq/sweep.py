@@ -17,6 +17,7 @@ import numpy as np
 
 from onnxmpq.allocate import Budget, parse_budget
 from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq import paths
 
 
 def parse_range(spec: str) -> tuple[str, list[float], bool]:
@@ -48,6 +49,27 @@ def frontier(points: list[dict]) -> list[int]:
                                      (points[i]["weight_bytes"], points[i]["drop"]) for j in ok)]
 
 
+def _json_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.sweep.json")
+
+
+def _plot_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.sweep.png")
+
+
+def _model_path(output: Path, value: float) -> Path:
+    return output.with_name(f"{output.stem}.{value:g}.onnx")
+
+
+def outputs(output, spec: str, write_models: bool) -> dict[str, Path]:
+    """Every file a sweep writes, by role: its JSON, its plot and (`write_models`) one model per value."""
+    output = Path(output)
+    files = {"the sweep's JSON": _json_path(output), "the sweep's plot": _plot_path(output)}
+    if write_models:
+        files.update({f"the sweep model at {value:g}": _model_path(output, value) for value in parse_range(spec)[1]})
+    return files
+
+
 def run(model, output, calib, spec: str, settings, *, options, rounding, batch_size: int = 32, preprocess=None,
         write_models: bool = False) -> dict:
     from onnxmpq import api, plan, progress
@@ -61,7 +83,7 @@ def run(model, output, calib, spec: str, settings, *, options, rounding, batch_s
     if calib is None:
         raise OnnxmpqError("a sweep needs calibration data.", "pass --calib PATH.")
     output = Path(output)
-    api.check_new_file(output, [model.path, calib])
+    paths.check_writes(outputs(output, spec, write_models), {"model": model.path, "calibration data": calib})
     rounding = Rounding(rounding).resolve(settings.weight_bits, True)
     table = api.table_source(model, calib, settings, rounding, options, preprocess)
 
@@ -83,15 +105,14 @@ def run(model, output, calib, spec: str, settings, *, options, rounding, batch_s
             point = {"value": value, **summarize(results), **judge.score(proto).to_dict(),
                      "status": chosen.allocation.status, "bits": {n: c.key for n, c in chosen.assignment.items()}}
             if write_models:
-                path = output.with_name(f"{output.stem}.{value:g}.onnx")
+                path = _model_path(output, value)
                 save_model(proto, path)
                 point["model"] = str(path)
             points.append(point)
             advance(1)
     out = {"kind": kind, "relative": relative, "metric": settings.effective_metric, "method": settings.method,
            "rounding": str(rounding), "points": points, "frontier": frontier(points),
-           "json": str(output.with_name(f"{output.stem}.sweep.json")),
-           "plot": str(output.with_name(f"{output.stem}.sweep.png"))}
+           "json": str(_json_path(output)), "plot": str(_plot_path(output))}
     write_json(out, out["json"])
     from onnxmpq.plots import pareto_plot
     pareto_plot(points, out["frontier"], out["plot"], f"{model.path.name if model.path else 'model'}: {kind} sweep")

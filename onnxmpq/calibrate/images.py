@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -20,6 +21,8 @@ from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Batch, InputSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DECODERS = ("JPEG", "PNG", "BMP", "WEBP")  # the Pillow plugins tried, whatever a file's name says
+MAX_PIXELS = 64 * 2 ** 20                   # 67 MP: larger than a 48 MP camera frame
 METADATA_KEY = "onnxmpq.preprocess"
 _CHOICES = {
     "resize": ("stretch", "shorter", "none"),
@@ -163,12 +166,28 @@ def _fail(path: Path, problem: str, hint: str) -> OnnxmpqError:
 
 
 def _decode(path: Path, mode: str) -> Image.Image:
-    """Opens one image file and converts it to `mode` ("RGB" or "L")."""
+    """Opens one image file with the DECODERS plugins only and converts it to `mode` ("RGB" or "L").
+
+    Pillow would otherwise try every plugin it has, some of which shell out (EPS goes to Ghostscript);
+    an image whose header claims more than MAX_PIXELS pixels is refused before its pixels are decoded,
+    and a PNG text chunk that inflates past Pillow's MAX_TEXT_CHUNK is refused by Pillow (ValueError).
+    """
     try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise _fail(path, f"cannot be decoded ({exc})", "remove or replace the broken file.") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=DECODERS) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise _fail(path, f"claims {image.width}x{image.height} pixels, more than onnxmpq decodes "
+                                f"({MAX_PIXELS:,})", "downscale the image or remove it.")
+                return image.convert(mode)
+    except UnidentifiedImageError:
+        raise _fail(path, "is not a JPEG, PNG, BMP or WebP image (the only formats onnxmpq decodes)",
+                    "convert it to PNG or JPEG, or remove it from the folder.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _fail(path, f"is too large to decode ({exc})", "downscale the image or remove it.") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise _fail(path, f"cannot be decoded ({type(exc).__name__}: {exc})",
+                    "remove or replace the broken file.") from None
 
 
 def _center_crop(image: Image.Image, size: tuple[int, int], path: Path) -> Image.Image:
