@@ -50,9 +50,10 @@ def assign(model: Model, weight_bits: int | None, act_bits: int | None,
 
 def read_allocation(path: str | os.PathLike) -> dict[str, Candidate]:
     """Per-layer bits from JSON: a report's `layers` list, or {"layers": {name: {"weight_bits", "act_bits"}}}."""
+    hint = "pass a JSON file written by onnxmpq (a report or an allocation)."
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(paths.read_regular(path, "allocation file", hint))
+    except ValueError as exc:
         raise OnnxmpqError(f"cannot read allocation file {str(path)!r}: {exc}.",
                            "pass a JSON file written by onnxmpq (a report or an allocation).") from None
     layers = data.get("layers") if isinstance(data, dict) else None
@@ -332,7 +333,7 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     settings = {"metrics": list(metrics), "candidates": [c.key for c in candidates], "rounding": str(rounding),
                 "options": repr(options), "naive": naive}
     key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
-    if key and (hit := cache.load(cache_dir, key)) is not None:
+    if key and (hit := cache.load(cache_dir, key, list(metrics), settings["candidates"])) is not None:
         return hit
     points = model.points(options)
     several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free

@@ -129,19 +129,15 @@ def run(ctx, config):
 
 def config_args(path: str, overrides: list[str]) -> tuple[list[str], str | None]:
     """quantize's argument list from the YAML config, with the command line's options replacing its own."""
-    import yaml
-
+    from onnxmpq import yamlfile
     from onnxmpq.profiles import _key_lines
 
     try:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OnnxmpqError(f"cannot read config {path!r}: {exc}.", "pass a readable YAML file.") from None
-    except yaml.YAMLError as exc:
-        raise OnnxmpqError(f"config {path} is not valid YAML: {getattr(exc, 'problem', exc)}.",
-                           "fix the YAML syntax.") from None
+        text = paths.read_regular(path, "config", "pass a YAML file.").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OnnxmpqError(f"cannot read config {path!r}: {exc}.", "pass a UTF-8 YAML file.") from None
+    data, node = yamlfile.parse(text, f"config {path}", "fix the YAML syntax.")
+    lines = _key_lines(node)
     if not isinstance(data, dict) or "model" not in data or "output" not in data:
         raise OnnxmpqError(f"config {path} must be a mapping with at least `model` and `output`.",
                            "see the README's section 'As a pipeline step' for an example.")

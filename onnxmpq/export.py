@@ -9,13 +9,14 @@ it is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx
 
@@ -23,6 +24,7 @@ from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.quantize import LayerResult, TensorResult, UnitResult, Written
 
 PROTO_LIMIT = 2**31 - 1
+STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft")
 FLOAT_BITS = 32
 
 
@@ -36,6 +38,38 @@ def _tmp_dir(path: Path) -> Path:
         raise OnnxmpqError(f"cannot write in {str(parent)!r}: {exc.strerror}.", "choose a writable folder.") from None
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A full disk, a file-size limit (RLIMIT_FSIZE) or an I/O error while staging: one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        raise OnnxmpqError(f"cannot write {str(path)!r}: {exc.strerror or exc}; nothing was written.",
+                           "free space (or raise the file-size limit) or choose another folder.") from None
+
+
+def _check_loads(proto: onnx.ModelProto, staged: Path) -> None:
+    """The staged model must load in onnxruntime's CPU provider (graph optimisations off: only the load
+    is checked), unless it holds ops of a custom domain that only the user's runtime has."""
+    from onnxmpq import runtime
+
+    if any(n.domain not in STANDARD_DOMAINS for n in proto.graph.node):
+        return
+    try:
+        runtime.session(staged, threads=1, optimize=False)
+    except OnnxmpqError as exc:
+        opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
+        raise OnnxmpqError(f"the quantized model would not load in onnxruntime {_ort_version()} ({exc.message}); "
+                           "nothing was written.", f"the model declares opset {opset}: export it at an opset this "
+                           "onnxruntime supports, or update onnxruntime.") from None
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_threshold: int = PROTO_LIMIT) -> int:
     """Checks and writes `proto` to `path` atomically; returns the bytes on disk (model + external data)."""
     path = Path(path)
@@ -44,17 +78,19 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_thresho
         staged = tmp / path.name
         data_name = path.name + ".data"
         external = proto.ByteSize() > external_threshold
-        if external:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(proto)  # onnx.save rewrites the tensors it externalises
-            onnx.save(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data_name, size_threshold=0)
-        else:
-            onnx.save(proto, str(staged))
+        with _write_errors(path):
+            if external:
+                copy = onnx.ModelProto()
+                copy.CopyFrom(proto)  # onnx.save rewrites the tensors it externalises
+                onnx.save(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                          location=data_name, size_threshold=0)
+            else:
+                onnx.save(proto, str(staged))
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise InternalError(f"onnxmpq wrote an invalid model: {exc}") from exc
+        _check_loads(proto, staged)
         size = staged.stat().st_size
         if (tmp / data_name).exists():
             size += (tmp / data_name).stat().st_size
@@ -73,7 +109,7 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> None:
     tmp = _tmp_dir(path)
     try:
         staged = tmp / path.name
-        with open(staged, "xb") as stream:
+        with _write_errors(path), open(staged, "xb") as stream:
             stream.write(data)
         os.replace(staged, path)
     finally:

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 from google.protobuf.message import DecodeError
 
+from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.folding import fold_batchnorm, fold_bias_add
 from onnxmpq.index import GraphIndex
@@ -85,9 +86,7 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 def load(path: str | os.PathLike) -> Model:
     """Read, check and prepare a model from disk (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxmpqError(f"model file {str(path)!r} does not exist.", "check the path to the .onnx file.")
+    path = paths.regular_file(path, "model file", "check the path to the .onnx file.")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:

@@ -67,9 +67,11 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path) -> "LatencyTable":
+        from onnxmpq import paths
+
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as exc:
+            return cls.from_dict(json.loads(paths.read_regular(path, "latency table", "write one with `onnxmpq profile-latency`.")))
+        except ValueError as exc:
             raise OnnxmpqError(f"cannot read latency table {str(path)!r}: {exc}.",
                                "write one with `onnxmpq profile-latency`.") from None
 

@@ -10,6 +10,7 @@ folder's report.json", so a user sees which two options collide.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Mapping
 
@@ -68,3 +69,53 @@ def folder_files(folder: PathLike | None, names: tuple[str, ...], role: str) -> 
     if folder is None or not Path(folder).is_dir():
         return {}
     return {f"the {role} file {name}": Path(folder) / name for name in names}
+
+
+MAX_SIDE_FILE = 64 * 2 ** 20  # a JSON or YAML file onnxmpq reads whole (allocations, profiles, configs, caches)
+
+
+def kind(path: PathLike) -> str:
+    """What is at `path`, in words: "a file", "a folder", "a FIFO", ..., or "nothing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "nothing"
+    for test, word in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def regular_file(path: PathLike, what: str, hint: str) -> Path:
+    """`path` if it is a regular file (through links); else an error saying what is there instead."""
+    found = kind(path)
+    if found == "nothing":
+        raise OnnxmpqError(f"{what} {str(path)!r} does not exist.", hint)
+    if found != "a file":
+        raise OnnxmpqError(f"{what} {str(path)!r} is {found}, not a regular file.", hint)
+    return Path(path)
+
+
+def read_regular(path: PathLike, what: str, hint: str, limit: int = MAX_SIDE_FILE) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened non-blocking and checked with fstat
+    on the open descriptor, so a FIFO or device put there (even after a check) never blocks the run."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise OnnxmpqError(f"{what} {str(path)!r} does not exist.", hint) from None
+    except OSError as exc:
+        raise OnnxmpqError(f"cannot open {what} {str(path)!r}: {exc.strerror}.", hint) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OnnxmpqError(f"{what} {str(path)!r} is {kind(path)}, not a regular file.", hint)
+    with os.fdopen(fd, "rb") as stream:
+        if info.st_size > limit:
+            raise OnnxmpqError(f"{what} {str(path)!r} is {info.st_size:,} bytes, more than the {limit:,} onnxmpq "
+                               "reads for such a file.", hint)
+        try:
+            return stream.read(limit + 1)[:limit]
+        except OSError as exc:
+            raise OnnxmpqError(f"cannot read {what} {str(path)!r}: {exc.strerror}.", hint) from None

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Candidate
 
@@ -152,31 +153,24 @@ def load(spec: str | os.PathLike | Profile | None) -> Profile:
     if str(spec) in BUILTINS:
         return BUILTINS[str(spec)]
     path = Path(spec)
-    if not path.is_file():
-        raise OnnxmpqError(f"profile {str(spec)!r} is neither a built-in profile nor a file.",
-                           f"use one of {', '.join(BUILTINS)} (see `onnxmpq profiles`) or a YAML file.")
+    hint = f"use one of {', '.join(BUILTINS)} (see `onnxmpq profiles`) or a YAML file."
+    if not path.exists():
+        raise OnnxmpqError(f"profile {str(spec)!r} is neither a built-in profile nor a file.", hint)
+    data = paths.read_regular(path, "profile", hint)
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OnnxmpqError(f"cannot read profile {str(path)!r}: {exc}.", "pass a readable YAML file.") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OnnxmpqError(f"cannot read profile {str(path)!r}: {exc}.", "pass a UTF-8 YAML file.") from None
     return parse(text, str(path))
 
 
 def parse(text: str, source: str = "<profile>") -> Profile:
     """Validates and builds a Profile from YAML text; every error names the key and its line."""
-    import yaml
+    from onnxmpq import yamlfile
 
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None and mark.line >= len(text.splitlines()):  # an error found at the end of input
-            mark = getattr(exc, "context_mark", None) or mark
-        where = f" line {min(mark.line + 1, max(len(text.splitlines()), 1))}" if mark else ""
-        raise OnnxmpqError(f"profile {source}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.",
-                           "fix the YAML syntax (see `onnxmpq profiles npu-w4a8` for an example).") from None
-    return _Validator(source, lines).profile(data)
+    data, node = yamlfile.parse(text, f"profile {source}",
+                                "fix the YAML syntax (see `onnxmpq profiles npu-w4a8` for an example).")
+    return _Validator(source, _key_lines(node)).profile(data)
 
 
 def _key_lines(node, path: tuple = ()) -> dict[tuple, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -210,3 +211,176 @@ def test_allocation_with_bad_numbers(cnn, tmp_path, capsys, entry, message):
     code, _, err = run(capsys, "quantize", cnn[0], "-o", tmp_path / "q.onnx", "--calib", cnn[1], "-w", "8",
                        "--allocation", path)
     assert_refused(code, err, message)
+
+
+# --- special files, size limits, YAML ----------------------------------------------------------------
+
+def _watchdog(seconds: int = 20):
+    def fire(signum, frame):
+        raise TimeoutError(f"hung for {seconds} s")
+    signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+
+
+@pytest.fixture()
+def no_hang():
+    _watchdog()
+    yield
+    signal.alarm(0)
+
+
+@pytest.mark.parametrize("which", ["model", "calib"])
+def test_a_fifo_or_folder_where_a_file_belongs(cnn, tmp_path, capsys, no_hang, which):
+    fifo = tmp_path / ("p.onnx" if which == "model" else "p.npz")
+    os.mkfifo(fifo)
+    args = [fifo, "--calib", cnn[1]] if which == "model" else [cnn[0], "--calib", fifo]
+    code, _, err = run(capsys, "quantize", *args[:1], "-o", tmp_path / "q.onnx", *args[1:], "-w", "8", "-a", "8")
+    assert_refused(code, err, "is a FIFO (named pipe), not a")
+    folder = tmp_path / "d.onnx"
+    folder.mkdir()
+    code, _, err = run(capsys, "inspect", folder)  # click's own path check: a usage error
+    assert code in (1, 2) and "d.onnx' is a directory" in err and "Traceback" not in err, err
+
+
+def test_a_fifo_as_allocation_or_profile_never_blocks(cnn, tmp_path, capsys, no_hang):
+    fifo = tmp_path / "a.json"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "quantize", cnn[0], "-o", tmp_path / "q.onnx", "--calib", cnn[1], "--allocation", fifo)
+    assert_refused(code, err, "is a FIFO (named pipe), not a regular file")
+    yml = tmp_path / "p.yaml"
+    os.mkfifo(yml)
+    code, _, err = run(capsys, "check", cnn[0], "--profile", yml)
+    assert_refused(code, err, "is a FIFO (named pipe), not a regular file")
+
+
+def _cache_entry(tmp_path: Path, cnn, capsys) -> Path:
+    cache = tmp_path / "cache"
+    code, _, err = run(capsys, "sensitivity", cnn[0], "--calib", cnn[1], "--bits", "4,8", "--cache", cache)
+    assert code == 0, err
+    [entry] = list(cache.glob("*.json"))
+    return entry
+
+
+def _rerun(tmp_path, cnn, capsys) -> tuple[int, str, str]:
+    return run(capsys, "sensitivity", cnn[0], "--calib", cnn[1], "--bits", "4,8", "--cache", tmp_path / "cache",
+               "--json")
+
+
+def _rewrite(entry: Path, change) -> None:
+    from onnxmpq.sensitivity.cache import _checksum
+    data = json.loads(entry.read_text())
+    change(data["tables"])
+    data["checksum"] = _checksum(data["tables"])  # the checksum matches: only the contents are wrong
+    entry.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage", ["fifo", "folder", "string-scores", "missing-candidate", "other-metric"])
+def test_cache_entries_that_cannot_be_trusted_are_rebuilt(cnn, tmp_path, capsys, no_hang, damage):
+    entry = _cache_entry(tmp_path, cnn, capsys)
+    if damage in ("fifo", "folder"):
+        entry.unlink()
+        os.mkfifo(entry) if damage == "fifo" else entry.mkdir()
+    elif damage == "string-scores":
+        _rewrite(entry, lambda tables: tables[0]["layers"][0]["scores"].update({tables[0]["candidates"][0]: "big"}))
+    elif damage == "missing-candidate":
+        _rewrite(entry, lambda tables: tables[0]["layers"][0]["scores"].pop(tables[0]["candidates"][0]))
+    else:
+        _rewrite(entry, lambda tables: tables[0].update(metric="kl"))
+    code, out, err = _rerun(tmp_path, cnn, capsys)
+    assert code == 0, err
+    assert "is unusable" in err or "not caching" in err
+    table = json.loads(out)
+    assert all(isinstance(v, float) for layer in table["layers"] for v in layer["scores"].values())
+
+
+def _zip_member_damage(path: Path, how: str) -> None:
+    """Damages the first member of a stored (uncompressed) .npz in place."""
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"PK\x03\x04"
+    name_len, extra_len = struct.unpack("<HH", data[26:30])
+    body = 30 + name_len + extra_len
+    if how == "crc":
+        data[body + 200] ^= 0xFF  # a payload byte: the CRC no longer matches
+    elif how == "encrypted":
+        data[6] |= 1
+        central = data.rfind(b"PK\x01\x02")
+        data[central + 8] |= 1
+    elif how == "method":
+        data[8] = 99
+        data[data.rfind(b"PK\x01\x02") + 10] = 99
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["crc", "encrypted", "method", "deflate"])
+def test_damaged_npz_members_are_one_line(cnn, tmp_path, capsys, how):
+    calib = tmp_path / "bad.npz"
+    x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32)
+    if how == "deflate":
+        np.savez_compressed(calib, x=x)
+        data = bytearray(calib.read_bytes())
+        for i in range(80, 400):
+            data[i] = 0x55  # garbage inside the deflate stream
+        calib.write_bytes(bytes(data))
+    else:
+        np.savez(calib, x=x)
+        _zip_member_damage(calib, how)
+    code, _, err = run(capsys, "quantize", cnn[0], "-o", tmp_path / "q.onnx", "--calib", calib, "-w", "8", "-a", "8")
+    assert_refused(code, err, "bad.npz")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+YAML_BOMBS = {
+    "self-alias": "name: x\nops: &a\n  Conv: *a\n",
+    "laughs": "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+    "deep": "ops: " + "[" * 5000 + "]" * 5000 + "\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(YAML_BOMBS))
+def test_yaml_alias_bombs_in_profiles_and_configs(cnn, tmp_path, capsys, no_hang, kind):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(YAML_BOMBS[kind])
+    code, _, err = run(capsys, "check", cnn[0], "--profile", profile)
+    assert_refused(code, err, "p.yaml")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {cnn[0]}\noutput: {tmp_path / 'q.onnx'}\n" + YAML_BOMBS[kind].replace("name: x\n", ""))
+    code, _, err = run(capsys, "run", config)
+    assert_refused(code, err, "c.yaml")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_disk_full_while_writing_is_one_line(cnn, tmp_path):
+    import resource
+    import shutil
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    out = tmp_path / "q.onnx"
+    exe = shutil.which("onnxmpq") or str(Path(sys.executable).with_name("onnxmpq"))
+    done = subprocess.run([exe, "quantize", str(cnn[0]), "-o", str(out), "-w", "8", "-a", "float", "--no-verify"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "File too large" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists() and not list(tmp_path.glob(".onnxmpq-*"))
+
+
+def test_a_model_onnxruntime_would_not_load_is_never_written(cnn, tmp_path, capsys, monkeypatch):
+    from onnxmpq import runtime
+    from onnxmpq.errors import OnnxmpqError
+
+    real = runtime.session
+
+    def old_runtime(model, threads=None, optimize=True, spin=True):  # an onnxruntime that predates the opset
+        if not optimize:
+            raise OnnxmpqError("onnxruntime cannot run the model: opset 21 is not supported")
+        return real(model, threads, optimize, spin)
+
+    monkeypatch.setattr(runtime, "session", old_runtime)
+    out = tmp_path / "q.onnx"
+    code, _, err = run(capsys, "quantize", cnn[0], "-o", out, "-w", "8", "-a", "float", "--no-verify")
+    assert_refused(code, err, "would not load in onnxruntime")
+    assert not out.exists()

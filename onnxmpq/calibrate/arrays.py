@@ -7,8 +7,10 @@ Pickled (object) arrays are never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Mapping, Sequence
@@ -18,6 +20,7 @@ import numpy.lib.format as npformat
 import onnx
 from onnx import numpy_helper
 
+from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Batch, InputSpec
 
@@ -141,10 +144,26 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
                            "save it with numpy.savez or numpy.savez_compressed.") from None
 
 
+@contextlib.contextmanager
+def _member_errors(where: str) -> Iterator[None]:
+    """A damaged zip member as one clear error: a bad CRC or broken deflate stream (BadZipFile,
+    zlib.error, EOFError), an encrypted member (RuntimeError), an unknown compression method
+    (NotImplementedError)."""
+    try:
+        yield
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise OnnxmpqError(f"{where} is damaged ({type(exc).__name__}: {exc}).", "re-create the file.") from None
+    except RuntimeError as exc:
+        raise OnnxmpqError(f"{where} cannot be read ({exc}).", "save it unencrypted with numpy.savez.") from None
+    except NotImplementedError as exc:
+        raise OnnxmpqError(f"{where} uses a compression onnxmpq cannot read ({exc}).",
+                           "save it with numpy.savez or numpy.savez_compressed.") from None
+
+
 def _npz_blocks(path: Path, key: str, rows: int | None) -> Iterator[np.ndarray]:
     """Yields member `key` of an .npz in blocks of `rows` along dim 0 (None: whole), reading sequentially."""
     where = f"array {key!r} in {str(path)!r}"
-    with _open_zip(path) as archive, archive.open(key + ".npy") as stream:
+    with _open_zip(path) as archive, _member_errors(where), archive.open(key + ".npy") as stream:
         shape, fortran, dtype = _read_header(stream, where)
         if fortran or not shape or rows is None:
             data = _read_exact(stream, int(np.prod(shape)) * dtype.itemsize, where)
@@ -207,16 +226,13 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], bool, np.dtype]
         headers = {}
         for info in archive.infolist():
             if info.filename.endswith(".npy"):
-                with archive.open(info) as stream:
+                with _member_errors(f"{info.filename!r} in {str(path)!r}"), archive.open(info) as stream:
                     headers[info.filename[:-4]] = _read_header(stream, f"{info.filename!r} in {str(path)!r}")
     return headers
 
 
 def _existing_file(source: object, kind: str) -> Path:
-    path = Path(source)  # type: ignore[arg-type]
-    if not path.is_file():
-        raise OnnxmpqError(f"{kind} file {str(path)!r} does not exist.", "check the data path.")
-    return path
+    return paths.regular_file(source, f"{kind} file", "check the data path.")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

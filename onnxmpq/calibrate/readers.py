@@ -32,6 +32,7 @@ from onnxmpq.calibrate.arrays import (
     rebatch,
 )
 from onnxmpq.calibrate.images import IMAGE_SUFFIXES, ImageFolderReader, Preprocess, has_images
+from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.registry import Registry
 from onnxmpq.types import Batch, InputSpec
@@ -267,6 +268,8 @@ def _describe(folder: Path) -> str:
 def _detect_path(path: Path) -> str:
     if not path.exists():
         raise OnnxmpqError(f"data path {str(path)!r} does not exist.", f"pass {_EXPECTED}.")
+    if not path.is_file() and not path.is_dir():
+        raise OnnxmpqError(f"data path {str(path)!r} is {paths.kind(path)}, not a file or folder.", f"pass {_EXPECTED}.")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in ARRAY_SUFFIXES:

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from onnxmpq import __version__, progress
+from onnxmpq import __version__, paths, progress
+from onnxmpq.errors import OnnxmpqError
 from onnxmpq.export import write_json
 from onnxmpq.types import SensitivityTable
 
@@ -36,23 +37,46 @@ def _checksum(tables: list[dict]) -> str:
     return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
 
 
-def load(directory: str | Path, key: str) -> list[SensitivityTable] | None:
-    """The cached tables, or None when absent, stale or corrupt (then a line on stderr says so)."""
+def load(directory: str | Path, key: str, metrics: Sequence[str] = (),
+         candidates: Sequence[str] = ()) -> list[SensitivityTable] | None:
+    """The cached tables, or None when absent, stale or corrupt (then a line on stderr says so). An entry
+    is used only when it is a regular file (a FIFO there never blocks), its key and checksum match, and
+    it holds one table per metric in `metrics`, each scoring every one of `candidates` with a number."""
     path = Path(directory) / f"{key}.json"
-    if not path.exists():
+    if paths.kind(path) == "nothing":
         return None
     try:
-        entry = json.loads(path.read_text())
+        entry = json.loads(paths.read_regular(path, "sensitivity cache entry", "remove it."))
         if not isinstance(entry, dict) or entry.get("key") != key or entry.get("checksum") != _checksum(entry["tables"]):
             raise ValueError("key or checksum mismatch")
-        return [SensitivityTable.from_dict(t) for t in entry["tables"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        tables = [SensitivityTable.from_dict(t) for t in entry["tables"]]
+        _check_tables(tables, metrics, candidates)
+        return tables
+    except (OnnxmpqError, ValueError, KeyError, TypeError, AttributeError) as exc:
         progress.log(f"warning: sensitivity cache entry {path.name} is unusable ({exc}); rebuilding it")
         return None
 
 
+def _check_tables(tables: Sequence[SensitivityTable], metrics: Sequence[str], candidates: Sequence[str]) -> None:
+    if metrics and [t.metric for t in tables] != list(metrics):
+        raise ValueError(f"it holds metrics {[t.metric for t in tables]}, not {list(metrics)}")
+    for table in tables:
+        if candidates and list(table.candidates) != list(candidates):
+            raise ValueError(f"it holds candidates {list(table.candidates)}, not {list(candidates)}")
+        for layer in table.layers:
+            if not isinstance(layer.name, str) or set(layer.scores) != set(table.candidates):
+                raise ValueError(f"layer {layer.name!r} does not score every candidate")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in layer.scores.values()):
+                raise ValueError(f"layer {layer.name!r} has a score that is not a number")
+
+
 def store(directory: str | Path, key: str, tables: Sequence[SensitivityTable]) -> None:
+    """Writes an entry; a folder or special file where the entry belongs is left alone (with a warning)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key}.json"
+    if paths.kind(path) not in ("nothing", "a file"):
+        progress.log(f"warning: sensitivity cache entry {path.name} is {paths.kind(path)}; not caching this table")
+        return
     data = [t.to_dict() for t in tables]
-    write_json({"key": key, "checksum": _checksum(data), "tables": data}, directory / f"{key}.json")
+    write_json({"key": key, "checksum": _checksum(data), "tables": data}, path)
