@@ -173,6 +173,7 @@ def run(ctx: common.Context) -> str:
                   "calibration 16 lines; candidates W4/5/6/8 x A8/A16\n",
                   common.table(["allocation", "metric", "rounding", "avg W bits", "CER %", "exact %", "weight bytes",
                                 "BitOps", "s"], rows_ocr), ""]
+        _partial(parts)
         parts += ["### Pareto frontier, ResNet-20 (nearest rounding, kl, ilp; drop = 1 - top-1 agreement with float "
                   "on the 256 calibration samples, the set holding no more)\n", pareto(tmp), "",
                   "![ResNet-20 Pareto frontier](benchmarks/results/pareto_resnet20.png)\n"]

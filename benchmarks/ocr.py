@@ -198,9 +198,11 @@ def predict(model: str | Path | bytes, images: np.ndarray, batch_size: int = 50,
 
 
 def score(model: str | Path | bytes, images: np.ndarray, texts: list[str], batch_size: int = 50) -> dict:
-    """CER and exact match of `model` (path or serialized bytes) on `images` against `texts`."""
+    """CER and exact match of `model` (path or serialized bytes) on `images` against `texts`; `cer_rstrip`:
+    the CER with trailing spaces dropped from the predictions (the lines have none)."""
     preds = predict(model, images, batch_size)
-    return {"cer": cer(preds, list(texts)), "exact": exact_match(preds, list(texts)), "samples": len(texts)}
+    return {"cer": cer(preds, list(texts)), "exact": exact_match(preds, list(texts)), "samples": len(texts),
+            "cer_rstrip": cer([p.rstrip() for p in preds], list(texts))}
 
 
 def write_sets(out_dir: str | Path) -> tuple[Path, Path]:

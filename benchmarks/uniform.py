@@ -62,7 +62,7 @@ def ocr_rows(ctx: common.Context, tmp: Path) -> list[list]:
 
     def score(path):
         s = ocr.score(path, x, texts)
-        return [s["cer"], s["exact"]]
+        return [s["cer"], s["cer_rstrip"], s["exact"]]
 
     rows = [["float", *_sizes(model), *score(model)]]
     from onnxruntime.quantization import QuantType
@@ -73,7 +73,7 @@ def ocr_rows(ctx: common.Context, tmp: Path) -> list[list]:
             bits = 16 if act == QuantType.QUInt16 else 8
             rows.append([f"onnxruntime quantize_static W8A{bits} ({method})", *_sizes(out), *score(out)])
         except Exception as exc:  # report, do not hide, a baseline that fails
-            rows.append([f"onnxruntime quantize_static ({method}, {act}) failed: {type(exc).__name__}", 0, 0, "-", "-"])
+            rows.append([f"onnxruntime quantize_static ({method}, {act}) failed: {type(exc).__name__}", 0, 0, "-", "-", "-"])
     ocr_configs = [("onnxmpq W8A8 (act mse)", 8, 8, QuantOptions()),
                    ("onnxmpq W8A8 (act percentile 99.99)", 8, 8, QuantOptions(act_range=ActRange.PERCENTILE)),
                    ("onnxmpq W8A8 (act entropy)", 8, 8, QuantOptions(act_range=ActRange.ENTROPY)),
@@ -86,10 +86,24 @@ def ocr_rows(ctx: common.Context, tmp: Path) -> list[list]:
         out = tmp / f"ocr_{wb}_{ab}_{opts.act_range}.onnx"
         onnxmpq.quantize(model, out, calib_path, weight_bits=wb, act_bits=ab, options=opts, rounding="nearest")
         rows.append([label, *_sizes(out), *score(out)])
-    out = tmp / "ocr_8_8_all.onnx"
-    onnxmpq.quantize(model, out, calib_all_path, weight_bits=8, act_bits=8, rounding="nearest")
-    rows.append([f"onnxmpq W8A8 (act mse, all {len(calib_all)} calibration lines)", *_sizes(out), *score(out)])
+    for start, stop in CALIB_SUBSETS:
+        subset, out = tmp / f"ocr_calib_{start}_{stop}.npz", tmp / f"ocr_8_8_{start}_{stop}.onnx"
+        np.savez(subset, x=calib_all[start:stop])
+        onnxmpq.quantize(model, out, subset, weight_bits=8, act_bits=8, rounding="nearest")
+        rows.append([f"onnxmpq W8A8 (act mse, calibration lines {start}-{stop - 1})", *_sizes(out), *score(out)])
     return rows
+
+
+CALIB_SUBSETS = ((32, 64), (64, 96), (96, 128), (0, 128))  # W8A8's CER against the calibration lines drawn
+OCR_READING = (
+    "Reading: W8A8's CER on this model moves between about 0.5% and 5% with the calibration lines drawn "
+    "(the subset rows), and most of the spread is spurious trailing spaces (the `CER rstrip` column drops "
+    "them): quantization shifts the blank-vs-space margin of the CTC head on the paper-coloured margin "
+    "after the text the same way on every line. The CER responds to one tensor's 8-bit step chaotically, "
+    "not monotonically, so a single figure is a draw; W8A16 and the A8/A16 allocation (section Allocation) "
+    "are stable. Folding the learnable affine (Conv * s + b) into its Conv at load "
+    "(`folding.fold_conv_scale`) removed the double rounding that made the worst draws (9.2% -> 5.3% "
+    "for all 128 lines on 100 of these lines).\n")
 
 
 def run(ctx: common.Context) -> str:
@@ -117,6 +131,7 @@ def run(ctx: common.Context) -> str:
         parts += [f"### PP-OCRv4 recognition ({len(x)} rendered lines; calibration: the first "
                   f"{ORT_OCR_CALIB} of {len(calib)} rendered calibration lines, since onnxruntime's "
                   "quantize_static holds every activation of every calibration batch in memory (3.5 GB "
-                  "peak for 16 lines); onnxmpq streams, and its last row uses all of them)\n",
-                  common.table(["model", "file bytes", "weight bytes", "CER", "exact match"], ocr_rows(ctx, Path(tmp))), ""]
+                  "peak for 16 lines); onnxmpq streams, and its last rows use other subsets and all of them)\n",
+                  common.table(["model", "file bytes", "weight bytes", "CER", "CER rstrip", "exact match"],
+                               ocr_rows(ctx, Path(tmp))), "", OCR_READING]
     return "\n".join(parts)

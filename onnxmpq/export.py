@@ -12,30 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import onnx
 
+from onnxmpq import staging
 from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.quantize import LayerResult, TensorResult, UnitResult, Written
 
 PROTO_LIMIT = 2**31 - 1
 STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft")
 FLOAT_BITS = 32
-
-
-def _tmp_dir(path: Path) -> Path:
-    parent = path.parent
-    if not parent.is_dir():
-        raise OnnxmpqError(f"output folder {str(parent)!r} does not exist.", "create it first or choose another path.")
-    try:
-        return Path(tempfile.mkdtemp(prefix=".onnxmpq-", dir=parent))
-    except OSError as exc:
-        raise OnnxmpqError(f"cannot write in {str(parent)!r}: {exc.strerror}.", "choose a writable folder.") from None
 
 
 @contextlib.contextmanager
@@ -73,8 +62,7 @@ def _ort_version() -> str:
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_threshold: int = PROTO_LIMIT) -> int:
     """Checks and writes `proto` to `path` atomically; returns the bytes on disk (model + external data)."""
     path = Path(path)
-    tmp = _tmp_dir(path)
-    try:
+    with staging.folder(path) as tmp:
         staged = tmp / path.name
         data_name = path.name + ".data"
         external = proto.ByteSize() > external_threshold
@@ -97,23 +85,18 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_thresho
             os.replace(tmp / data_name, path.parent / data_name)
         os.replace(staged, path)
         return size
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Writes `data` to `path` atomically: into a fresh file of a staging folder made by mkdtemp (mode
-    0700, a name no one can plant a link at), then renamed over `path`, which replaces a link at `path`
-    by the file instead of writing through it."""
+    """Writes `data` to `path` atomically: into a fresh file of a staging folder (`onnxmpq.staging`: made
+    by mkdtemp, mode 0700, a name no one can plant a link at), then renamed over `path`, which replaces
+    a link at `path` by the file instead of writing through it."""
     path = Path(path)
-    tmp = _tmp_dir(path)
-    try:
+    with staging.folder(path) as tmp:
         staged = tmp / path.name
         with _write_errors(path), open(staged, "xb") as stream:
             stream.write(data)
         os.replace(staged, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

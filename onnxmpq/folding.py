@@ -7,7 +7,13 @@ Conv's output read by it alone) becomes part of the Conv, as exporters usually d
     W'[c] = W[c] * g_c,   B'[c] = (B[c] - mean_c) * g_c + beta_c,   g_c = gamma_c / sqrt(var_c + eps)
 
 so that no Q/DQ pair ever sits between the two (onnxruntime fuses them at load only in float graphs).
+`fold_conv_scale`: a constant Mul right after a Conv (a scalar, or one value per output channel: the
+"learnable affine" blocks of PP-LCNet/PP-OCR after a Conv without BN) joins the Conv, W'[c] = W[c] * s_c,
+B'[c] = B[c] * s_c. Left apart, the Conv's output and the product are both quantized and every value is
+rounded twice; when the product's step is a little wider than s times the Conv output's, neighbouring
+codes merge (measured on PP-OCRv4: one such tensor decided the CER between 0.8% and 9%).
 `fold_bias_add`: a bias written as a separate Add after a Conv or a 2-D MatMul joins the layer.
+`fold_all` applies them until none applies ((Conv * s) + b folds whole, in either order).
 """
 
 from __future__ import annotations
@@ -60,6 +66,68 @@ def _eligible(conv: onnx.NodeProto, bn: onnx.NodeProto, index: GraphIndex) -> bo
     return all(int(np.prod(index.consts[name].dims)) == channels for name in bn.input[1:5])
 
 
+def fold_all(graph: onnx.GraphProto) -> int:
+    """Every fold of this module, repeated until none applies; returns how many nodes were folded away."""
+    total = 0
+    while done := fold_batchnorm(graph) + fold_conv_scale(graph) + fold_bias_add(graph):
+        total += done
+    return total
+
+
+def fold_conv_scale(graph: onnx.GraphProto) -> int:
+    """Folds a constant per-channel or scalar Mul right after a Conv into its weight and bias, in place;
+    returns how many it folded."""
+    index = GraphIndex.of(graph)
+    done = []
+    for mul in [n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2]:
+        for data, const in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+            conv = index.producer.get(data)
+            if conv is None or conv.op_type != "Conv" or index.float_const(const) is None \
+                    or len(index.consumers.get(data, [])) != 1 or data in index.outputs:
+                continue
+            if _scale_conv(graph, index, conv, index.value(const), mul):
+                done.append(mul)
+                break
+    for mul in done:
+        graph.node.remove(mul)
+    return len(done)
+
+
+def _channel_values(index: GraphIndex, conv, value: np.ndarray) -> np.ndarray | None:
+    """`value` as one number per output channel of `conv` when it broadcasts along the channel axis only
+    (a scalar, (C,1,..,1) or (1,C,1,..,1)); else None."""
+    weight = index.float_const(conv.input[1]) if len(conv.input) > 1 else None
+    out_shape = index.shapes.get(conv.output[0])
+    if weight is None or conv.domain not in ("", "ai.onnx") or out_shape is None:
+        return None
+    channels, rank, dims = weight.dims[0], len(out_shape), list(value.shape)
+    if value.size == 1 and len(dims) <= rank:
+        return np.full(channels, value.reshape(-1)[0], value.dtype)
+    if value.size == channels and (dims == [channels] + [1] * (rank - 2) or dims == [1, channels] + [1] * (rank - 2)):
+        return value.reshape(-1)
+    return None
+
+
+def _scale_conv(graph, index: GraphIndex, conv, value: np.ndarray, mul) -> bool:
+    scale = _channel_values(index, conv, value)
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    if scale is None or (has_bias and index.float_const(conv.input[2]) is None):
+        return False
+    weight = index.value(conv.input[1])
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    new_w = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
+    w_name = f"{conv.name}_weight_scale_folded"
+    graph.initializer.append(numpy_helper.from_array(new_w, w_name))
+    if has_bias:
+        b_name = f"{conv.name}_bias_scale_folded"
+        bias = index.value(conv.input[2]).astype(np.float64) * scale
+        graph.initializer.append(numpy_helper.from_array(bias.astype(weight.dtype), b_name))
+        conv.input[2] = b_name
+    conv.input[1] = w_name
+    conv.output[0] = mul.output[0]
+    return True
+
+
 def fold_bias_add(graph: onnx.GraphProto) -> int:
     """Folds a constant Add right after a layer into the layer's bias, in place; returns how many:
 
@@ -88,21 +156,15 @@ def fold_bias_add(graph: onnx.GraphProto) -> int:
 
 
 def _fold_conv_bias(graph, index: GraphIndex, conv, value: np.ndarray, add) -> bool:
-    weight = index.float_const(conv.input[1]) if len(conv.input) > 1 else None
-    out_shape = index.shapes.get(conv.output[0])
-    if weight is None or conv.domain not in ("", "ai.onnx") or out_shape is None:
+    add_c = _channel_values(index, conv, value)
+    if add_c is None:
         return False
-    channels, rank = weight.dims[0], len(out_shape)
-    dims = list(value.shape)
-    per_channel = value.size == channels and len(dims) <= rank and (
-        dims == [channels] + [1] * (rank - 2) or dims == [1, channels] + [1] * (rank - 2))
-    if not per_channel:
-        return False
+    channels = add_c.size
     bias = index.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, value.dtype)
     if len(conv.input) > 2 and conv.input[2] and index.float_const(conv.input[2]) is None:
         return False
     name = f"{conv.name}_bias_add_folded"
-    graph.initializer.append(numpy_helper.from_array((bias + value.reshape(-1)).astype(value.dtype), name))
+    graph.initializer.append(numpy_helper.from_array((bias + add_c).astype(value.dtype), name))
     del conv.input[2:]
     conv.input.append(name)
     conv.output[0] = add.output[0]

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.folding import fold_batchnorm, fold_bias_add
+from onnxmpq.folding import fold_all
 from onnxmpq.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 from onnxmpq.types import InputSpec, LayerSpec
@@ -149,7 +149,7 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     proto.ir_version = max(proto.ir_version, 7)  # IR >= 4 lets initializers stay out of the inputs
     _fold_weight_chains(proto)
     proto = infer_shapes(proto)  # the folds below need shapes
-    if fold_batchnorm(proto.graph) + fold_bias_add(proto.graph):
+    if fold_all(proto.graph):
         keep_initializers(proto.graph, names_read(proto.graph))
         proto = infer_shapes(proto)
     layers, skipped = find_layers(proto)

@@ -384,3 +384,56 @@ def test_a_model_onnxruntime_would_not_load_is_never_written(cnn, tmp_path, caps
     code, _, err = run(capsys, "quantize", cnn[0], "-o", out, "-w", "8", "-a", "float", "--no-verify")
     assert_refused(code, err, "would not load in onnxruntime")
     assert not out.exists()
+
+
+# --- staging folders left behind ----------------------------------------------------------------------
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(cnn, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from onnxmpq import staging
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = staging.start_time(child.pid)
+    child.kill()
+    child.wait()
+    dead = tmp_path / f".onnxmpq-{child.pid}-{started}-abc123"
+    dead.mkdir()
+    (dead / "q.onnx").write_bytes(b"half a model")  # what SIGKILL mid-write leaves
+    live = tmp_path / f".onnxmpq-{os.getppid()}-{staging.start_time(os.getppid())}-def456"
+    live.mkdir()  # a running process's (our parent's) staging folder
+    other = tmp_path / ".onnxmpq-notes"
+    other.mkdir()  # not a staging name: not ours to remove
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    (tmp_path / f".onnxmpq-{child.pid}-{started}-link99").symlink_to(victim)  # a link is never followed
+    code, _, err = run(capsys, "quantize", cnn[0], "-o", tmp_path / "q.onnx", "-w", "8", "-a", "float", "--no-verify")
+    assert code == 0, err
+    assert not dead.exists()
+    assert live.is_dir() and other.is_dir() and (victim / "keep.txt").read_text() == "keep"
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+
+
+def test_an_interrupt_while_staging_is_cleaned_up_by_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    from onnxmpq import export
+
+    script = (  # Ctrl-C lands right after mkdtemp made the folder, before onnxmpq holds its name
+        "import sys, tempfile\n"
+        "real = tempfile.mkdtemp\n"
+        "def interrupted(*a, **k):\n"
+        "    print(real(*a, **k)); raise KeyboardInterrupt\n"
+        "tempfile.mkdtemp = interrupted\n"
+        "from onnxmpq import export\n"
+        "export.write_text('x', sys.argv[1])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.txt")], capture_output=True, text=True)
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
+    left = Path(done.stdout.strip())
+    assert left.is_dir() and left.parent == tmp_path  # the interrupted process left it behind ...
+    export.write_text("y", tmp_path / "b.txt")
+    assert not left.exists()  # ... and the next write into that folder removed it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt"]

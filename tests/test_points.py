@@ -182,6 +182,40 @@ def test_a_bias_add_with_two_readers_or_a_batched_matmul_stays_apart():
     assert [n.op_type for n in graph.from_proto(proto).proto.graph.node] == ["Conv", "Add", "Relu"]
 
 
+@pytest.mark.parametrize("scale_shape, bias_shape", [((1,), (1,)), ((1, 3, 1, 1), (3, 1, 1)), ((), (1, 1, 1, 1))],
+                         ids=["scalars", "per-channel", "rank-0-and-rank-4"])
+@pytest.mark.parametrize("order", ["mul-add", "add-mul"])
+def test_a_scale_and_shift_after_conv_fold_into_it(scale_shape, bias_shape, order):
+    """PP-OCR's learnable affine after a Conv: (Conv * s) + b, or (Conv + b) * s, becomes one Conv."""
+    s = (np.abs(arr(7, 3).reshape(-1)[: int(np.prod(scale_shape))]) + 0.5).reshape(scale_shape)
+    ops = [node("Conv", ["x", "W", "B"], ["c"], "conv")]
+    if order == "mul-add":
+        ops += [node("Mul", ["c", "S"], ["m"], "scale"), node("Add", ["Sh", "m"], ["y"], "shift")]
+    else:
+        ops += [node("Add", ["c", "Sh"], ["m"], "shift"), node("Mul", ["S", "m"], ["y"], "scale")]
+    proto = model(ops, [vi("x", ["N", 2, 5, 5])], [vi("y", ["N", 3, 3, 3])],
+                  {"W": arr(1, 3, 2, 3, 3), "B": arr(2, 3), "S": s.astype(np.float32), "Sh": arr(3, *bias_shape)})
+    m = graph.from_proto(proto)
+    assert [n.op_type for n in m.proto.graph.node] == ["Conv"] and m.proto.graph.node[0].output[0] == "y"
+    feed = feed_for(proto, 3)
+    want = ReferenceEvaluator(proto).run(None, feed)[0]
+    np.testing.assert_allclose(ReferenceEvaluator(m.proto).run(None, feed)[0], want, rtol=1e-5, atol=1e-5)
+    got = ort.InferenceSession(m.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mul_that_is_not_per_channel_or_has_two_readers_stays_apart():
+    # a (C,) constant broadcasts along the last (width) axis, not the channels
+    proto = model([node("Conv", ["x", "W"], ["c"], "conv"), node("Mul", ["c", "S"], ["y"], "scale")],
+                  [vi("x", ["N", 2, 5, 5])], [vi("y", ["N", 3, 3, 3])], {"W": arr(1, 3, 2, 3, 3), "S": arr(2, 3)})
+    assert [n.op_type for n in graph.from_proto(proto).proto.graph.node] == ["Conv", "Mul"]
+    proto = model([node("Conv", ["x", "W"], ["c"], "conv"), node("Mul", ["c", "S"], ["y"], "scale"),
+                   node("Relu", ["c"], ["z"], "relu")],
+                  [vi("x", ["N", 2, 5, 5])], [vi("y", ["N", 3, 3, 3]), vi("z", ["N", 3, 3, 3])],
+                  {"W": arr(1, 3, 2, 3, 3), "S": arr(2, 1)})
+    assert [n.op_type for n in graph.from_proto(proto).proto.graph.node] == ["Conv", "Mul", "Relu"]
+
+
 def test_int_inputs_are_never_points():
     m = graph.from_proto(build_cnn())
     assert m.points().source["x"] is None
