@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 from google.protobuf.message import DecodeError
 
-from onnxmpq import paths
+from onnxmpq import integrity, paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.folding import fold_all
 from onnxmpq.index import GraphIndex
@@ -140,7 +140,9 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     if len(proto.graph.node) == 0:
         raise OnnxmpqError("the model's graph has no nodes.", "export the model again; there is nothing to quantize.")
     _name_nodes(proto.graph)
-    _check_single_writers(proto.graph)
+    integrity.check_single_writers(proto.graph)
+    integrity.check_required_inputs(proto.graph, default_opset(proto))
+    integrity.check_tensor_sizes(_all_tensors(proto))
     if default_opset(proto) < MIN_OPSET:
         proto = convert_opset(proto, MIN_OPSET)
         _name_nodes(proto.graph)  # the converter's own new nodes
@@ -221,17 +223,6 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     for mine, theirs in zip(proto.graph.output, inferred.graph.output):
         mine.CopyFrom(theirs)
     return proto
-
-
-def _check_single_writers(graph: onnx.GraphProto) -> None:
-    """ONNX graphs are in SSA form: every tensor has one producer (a node output, input or initializer)."""
-    seen = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    for node in graph.node:
-        for name in node.output:
-            if name and name in seen:
-                raise OnnxmpqError(f"tensor {name!r} is written twice (node {node.name!r} and an earlier one); "
-                                   "ONNX graphs give every tensor one producer.", "export the model again.")
-            seen.add(name)
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:

@@ -127,13 +127,26 @@ def _casts_of_constants(graph, consts) -> dict[str, TensorProto]:
 
 
 def _metadata_bits(proto: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
+    """{layer: (weight bits, act bits)} from `onnxmpq.layers`; metadata of any other form (edited by hand
+    or by another tool) is ignored with a warning, and the widths come from the tensor types alone."""
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
             try:
-                return {k: tuple(v) for k, v in json.loads(prop.value).items()}
-            except (ValueError, TypeError):
+                data = json.loads(prop.value)
+                if not isinstance(data, dict) or not all(_is_pair(v) for v in data.values()):
+                    raise ValueError("not a {layer: [weight bits, act bits]} mapping")
+                return {str(k): (v[0], v[1]) for k, v in data.items()}
+            except (ValueError, TypeError, RecursionError) as exc:
+                from onnxmpq import progress
+                progress.log(f"warning: ignoring the model's {METADATA_KEY} metadata ({exc}); widths are read "
+                             "from the tensor types")
                 return {}
     return {}
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 32) for v in value)
 
 
 def _zero_points(node, consts) -> np.ndarray | None:

@@ -437,3 +437,51 @@ def test_an_interrupt_while_staging_is_cleaned_up_by_the_next_run(tmp_path):
     export.write_text("y", tmp_path / "b.txt")
     assert not left.exists()  # ... and the next write into that folder removed it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt"]
+
+
+# --- damaged models and metadata ---------------------------------------------------------------------
+
+def _short_weight(proto: onnx.ModelProto) -> onnx.ModelProto:
+    weight = next(t for t in proto.graph.initializer if t.name == "W2")
+    data = onnx.numpy_helper.to_array(weight).tobytes()
+    weight.ClearField("float_data")
+    weight.raw_data = data[:100]
+    return proto
+
+
+def _empty_input(proto: onnx.ModelProto) -> onnx.ModelProto:
+    proto.graph.node[0].input[0] = ""
+    return proto
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_short_weight, "tensor 'W2' (4x8x3x3, FLOAT) holds 100 bytes where its shape needs 1152"),
+    (_empty_input, "node 'conv1' (Conv) has no tensor for its required input 0"),
+], ids=["weight-shorter-than-dims", "empty-input-name"])
+@pytest.mark.parametrize("command", ["quantize", "inspect", "check"])
+def test_damaged_models_are_one_line(tmp_path, capsys, damage, message, command):
+    path = tmp_path / "bad.onnx"
+    onnx.save(damage(build_cnn()), path)
+    args = {"quantize": ["quantize", path, "-o", tmp_path / "q.onnx", "-w", "8", "-a", "float"],
+            "inspect": ["inspect", path], "check": ["check", path, "--profile", "int8-only"]}[command]
+    code, _, err = run(capsys, *args)
+    assert_refused(code, err, message)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("value", ['[1, 2]', '{"conv1": "eight"}', '{"conv1": [8]}', '{"conv1": [true, 8]}', "{" * 3000,
+                                   'not json'], ids=["list", "string", "short", "bool", "deep", "text"])
+def test_malformed_onnxmpq_metadata_is_ignored_with_a_warning(cnn, tmp_path, capsys, value):
+    out = tmp_path / "q.onnx"
+    code, _, err = run(capsys, "quantize", cnn[0], "-o", out, "--calib", cnn[1], "-w", "4", "-a", "8",
+                       "--rounding", "nearest", "--no-verify")
+    assert code == 0, err
+    proto = onnx.load(str(out))
+    next(p for p in proto.metadata_props if p.key == "onnxmpq.layers").value = value
+    onnx.save(proto, str(out))
+    code, stdout, err = run(capsys, "inspect", out, "--json")
+    assert code == 0 and "ignoring the model's onnxmpq.layers metadata" in err, err
+    layers = {entry["name"]: entry for entry in json.loads(stdout)["layers"]}
+    assert layers["conv1"]["weight_bits"] == 4  # read from the INT4 tensor type instead
+    code, _, err = run(capsys, "check", out, "--profile", "npu-w4a8")
+    assert code in (0, 2) and "Traceback" not in err, err
