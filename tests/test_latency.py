@@ -275,3 +275,22 @@ def test_measured_latency_budget_with_a_float_layer_kept(tiny_files):
     report = quantize_tiny(tiny_files, "kept", keep={"fc": Candidate(None, None)})
     assert report.allocation["fixed"] == {"fc": "float"}
     assert report.verification["predicted_latency_ms"] == pytest.approx(report.allocation["costs"]["latency-ms"])
+
+
+def test_latency_budget_over_two_activation_widths(resnet):
+    """With A8 and A16 the problem has `aN` columns for the units without weights; a table measured with
+    the same --bits/--act-bits has no weighted layer at `a8` (float weights), so no layer is offered it."""
+    from onnxmpq.sensitivity import parse_candidates
+
+    points = resnet.points()
+    layers = {u.name: ({"w8a8": -0.04, "w8a16": 0.0} if u.layer else {"a8": -0.02, "a16": 0.0}) for u in points.units}
+    table = LatencyTable("w8a16", 3.0, 1.0, layers, 1, 2, 30)
+    cands = parse_candidates((8,), (8, 16))
+    problem = api.allocation_problem(resnet, None, cands, [parse_budget("latency-ms=2.5")], latency=table)
+    assert {"a8", "a16"} <= set(problem.candidates)
+    weighted = [i for i, name in enumerate(problem.layers) if points.unit(name).layer]
+    for i in weighted:  # a weighted layer is offered only what the table timed
+        assert [problem.candidates[c] for c in np.flatnonzero(problem.allowed[i])] == ["w8a8", "w8a16"]
+    alloc = solve(problem, "ilp")
+    chosen = {n: Candidate(8 if points.unit(n).layer else None, int(k.rsplit("a", 1)[1])) for n, k in alloc.choice.items()}
+    assert alloc.costs["latency-ms"] == pytest.approx(table.predict(chosen)) and alloc.costs["latency-ms"] <= 2.5 + 1e-9

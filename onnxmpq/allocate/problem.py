@@ -83,14 +83,17 @@ def build_problem(model, table, candidates: Sequence[Candidate], budgets: Sequen
     fixed = _fixed_units(points, candidates, columns, profile, keep or {})
     free = [u for u in points.units if u.name not in fixed]
     channels = {u.name: consts[u.layer.weight].dims[u.layer.channel_axis] if u.layer else 0 for u in points.units}
-    allowed = np.array([[_admits(profile, u, c) for c in columns] for u in free], bool).reshape(len(free), len(columns))
+    timed = latency if any(b.kind == "latency-ms" for b in budgets) else None
+    allowed = np.array([[_admits(profile, u, c) and _measured(timed, u, c, candidates) for c in columns]
+                        for u in free], bool).reshape(len(free), len(columns))
     scores = np.array([[rows[u.name].scores.get(c.key, 0.0) if u.name in rows else 0.0 for c in columns]
                        for u in free], float).reshape(len(free), len(columns))
     costs, limits, units, offsets = {}, {}, {}, {}
     for budget in budgets:
         kind = budget.kind
-        cost = np.array([[unit_cost(kind, u, c, channels[u.name], options, latency) for c in columns] for u in free],
-                        float).reshape(len(free), len(columns))
+        cost = np.array([[unit_cost(kind, u, c, channels[u.name], options, latency)
+                          if ok or kind != "latency-ms" else 0.0 for c, ok in zip(columns, row)]
+                         for u, row in zip(free, allowed)], float).reshape(len(free), len(columns))
         offset = sum(unit_cost(kind, points.unit(n), c, channels[n], options, latency) for n, c in fixed.items())
         units[kind], limit = _unit_and_limit(points, budget)
         if kind == "latency-ms":
@@ -118,6 +121,16 @@ def _admits(profile: Profile, unit: Unit, cand: Candidate) -> bool:
     if unit.layer is None:
         return cand.weight_bits is None and profile.allows_act(unit.op_type, cand.act_bits)
     return profile.allows(unit.op_type, cand)
+
+
+def _measured(latency, unit: Unit, cand: Candidate, candidates: Sequence[Candidate]) -> bool:
+    """Whether a latency-ms budget can price `cand` for `unit`: an asked-for candidate always (a missing
+    entry is then an error), an extra `aN` column of a weighted layer (float weights) only when the table
+    timed it (profile-latency times the asked-for candidates)."""
+    if latency is None or unit.layer is None or cand in candidates:
+        return True
+    row = latency.layers.get(unit.name)
+    return row is None or cand.key in row
 
 
 def _unit_and_limit(points: Points, budget: Budget) -> tuple[float, float]:
