@@ -1,24 +1,66 @@
-"""Progress bars on stderr (tqdm), silent when stderr is not a terminal or when asked to be quiet."""
+"""Progress on stderr: a tqdm bar on a terminal; on anything else (CI logs, a file) plain lines for the
+long stages only, so a run of many minutes is never silent and a short one prints nothing:
+
+- every EVERY seconds of a stage, "stage: done/total units, elapsed s, ETA s" with
+  ETA = elapsed * (total - done) / done;
+- at its end, when it took at least LINE_AFTER seconds, "stage: done units in elapsed s".
+
+`-q` (QUIET) silences both.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 
 from tqdm import tqdm
 
 QUIET = False
+LINE_AFTER = 5.0  # seconds: a shorter stage prints no line on a non-terminal
+EVERY = 30.0      # seconds between the lines of a long stage
 
 
 def enabled() -> bool:
+    """Whether a bar is drawn (a terminal and not quiet)."""
     return not QUIET and sys.stderr.isatty()
+
+
+class _Lines:
+    """The non-terminal form of a bar: counts, and prints the lines of the module docstring."""
+
+    def __init__(self, desc: str, total: int | None, unit: str):
+        self.desc, self.total, self.unit = desc, total if total and total > 0 else None, unit
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= EVERY:
+            self.last = now
+            elapsed = now - self.start
+            of = f"/{self.total}" if self.total else ""
+            eta = (f", ETA {elapsed * (self.total - self.done) / self.done:.0f} s"
+                   if self.total and self.done else "")
+            log(f"{self.desc}: {self.done}{of} {self.unit}s, {elapsed:.0f} s{eta}")
+
+    def close(self) -> None:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= LINE_AFTER:
+            log(f"{self.desc}: {self.done} {self.unit}s in {elapsed:.1f} s")
 
 
 @contextmanager
 def bar(desc: str, total: int | None = None, unit: str = "sample"):
-    """Yields a callback `advance(n)`; draws a bar only when `enabled()`."""
-    if not enabled():
+    """Yields a callback `advance(n)`: a bar on a terminal, lines elsewhere, nothing when quiet."""
+    if QUIET:
         yield lambda n=1: None
+        return
+    if not enabled():
+        lines = _Lines(desc, total, unit)
+        yield lines
+        lines.close()
         return
     with tqdm(total=total if total and total > 0 else None, desc=desc, unit=unit, file=sys.stderr,
               leave=False, dynamic_ncols=True) as t:
@@ -28,4 +70,4 @@ def bar(desc: str, total: int | None = None, unit: str = "sample"):
 def log(message: str) -> None:
     """A line of progress on stderr unless quiet."""
     if not QUIET:
-        print(message, file=sys.stderr)
+        print(message, file=sys.stderr, flush=True)
