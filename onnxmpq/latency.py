@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxmpq.calibrate.ranges import ActParams
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.formats import IntFormat, pack
+from onnxmpq.formats import pack
 from onnxmpq.graph import keep_initializers, names_read, node_reads
 from onnxmpq.rounding import QuantizedWeight
 

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import activation_stats, feed_for, group_stats, vi
+from conftest import feed_for, group_stats, vi
 from onnxmpq import api, graph, qdq
 from onnxmpq.cli import main
 from onnxmpq.quantize import build

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import (MODELS, activation_stats, arr, build_cnn, build_constant_weights, build_gemm, feed_for,
+from conftest import (MODELS, arr, build_cnn, build_constant_weights, build_gemm, feed_for,
                       group_stats, model, node, uniform, vi)
 from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError

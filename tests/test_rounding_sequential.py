@@ -23,7 +23,7 @@ from onnxmpq.formats import weight_format
 from onnxmpq.quantize import build, layer_formats
 from onnxmpq.rounding import QuantizedWeight, round_nearest, sequential
 from onnxmpq.rounding.gptq import GptqSettings
-from onnxmpq.types import Batch, Candidate, QuantOptions
+from onnxmpq.types import Candidate, QuantOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 

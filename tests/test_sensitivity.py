@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from scipy.special import rel_entr, softmax
 
-from conftest import (MODELS, activation_stats, arr, group_stats, build_cnn, build_constant_weights, build_unnamed, feed_for,
+from conftest import (MODELS, arr, group_stats, build_cnn, build_constant_weights, build_unnamed, feed_for,
                       model, node, vi)
 from onnxmpq import api, graph, progress, sensitivity
 from onnxmpq.errors import OnnxmpqError
