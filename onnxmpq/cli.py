@@ -285,7 +285,9 @@ def _quantize_summary(report) -> str:
         lines.append(f"  verified on {v['samples']} {'held-out' if v['held_out'] else 'calibration'} samples: "
                      f"agreement {v['agreement']:.4f} (drop {v['drop']:.4f}), SQNR {v['sqnr_db']:.1f} dB; "
                      f"latency {v['latency_ms']:.2f} ms (float {v['float_latency_ms']:.2f})"
-                     + (f", predicted {v['predicted_latency_ms']:.2f}" if "predicted_latency_ms" in v else ""))
+                     + (f", predicted {v['predicted_latency_ms']:.2f}" if "predicted_latency_ms" in v else "")
+                     + (f" ({v['predicted_latency_now_ms']:.2f} at this run's float speed)"
+                        if "predicted_latency_now_ms" in v else ""))
         k = v["kernels"]
         lines.append(f"  kernels after onnxruntime's optimisation: {k['integer_compute']} integer, "
                      f"{k['float_compute']} float Conv/MatMul/Gemm")

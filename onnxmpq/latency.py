@@ -6,7 +6,9 @@ l and candidate c the whole model is timed with only l switched to c; the additi
     T(assignment) = T_ref + sum_l d[l, c_l],   d[l, c] = T(ref with l at c) - T_ref   (d[l, ref] = 0)
 
 Timing is the median over `runs` single-batch runs after a warm-up, with onnxruntime's default
-optimisations and `threads` intra-op threads; each d[l, c] is measured paired, the variant's and the
+optimisations and `threads` intra-op threads; T_ref is timed in alternation with the float model, the
+way verification times a written model against float (timed alone, a model runs with warmer caches
+and reads up to 25% faster than verification then measures it); each d[l, c] is measured paired, the variant's and the
 reference's runs alternating, so a machine that slows down mid-way shifts both alike. Candidates that give a layer the same ONNX types (weight
 container, Cast layout, activation type; e.g. W3 and W4 both in INT4) run the same kernels, so one
 measurement serves them all. BitOps miss what this sees: an INT4 Conv without the INT8 Cast runs as
@@ -137,8 +139,7 @@ def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np
     acts = [Candidate(None, a) for a in dict.fromkeys(c.act_bits for c in candidates)]
     base = {u.name: ref if u.layer else Candidate(None, ref.act_bits) for u in points.units}
     ref_proto = build(model, base, stats, options)[0]
-    t_ref = time_model(ref_proto, feed, runs, threads)
-    t_float = time_model(model.proto, feed, runs, threads)
+    t_ref, t_float = time_pair(ref_proto, model.proto, feed, runs, threads)  # as verification times a model
     ref_sess = _warm(ref_proto, feed, threads)
     layers = {}
     for unit in points.units:

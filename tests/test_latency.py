@@ -271,6 +271,21 @@ def test_measured_latency_budget(tiny_files):
     assert report.verification["predicted_latency_ms"] == pytest.approx(costs)
 
 
+def test_predicted_latency_is_rescaled_by_the_float_speed_now(tiny_files):
+    """T_now = T_pred * float_ms(now) / float_ms(table): a table measured on a machine running float at
+    2 ms predicts 5 ms; verification measures float again and rescales the prediction by the same ratio."""
+    from types import SimpleNamespace
+
+    report = quantize_tiny(tiny_files, "rescaled")
+    chosen = {layer.name: Candidate(layer.weight_bits, layer.act_bits) for layer in report.layers}
+    table = LatencyTable("w8a8", 5.0, 2.0, {}, 1, 2, 30)
+    model = api.load(tiny_files / "cnn.onnx")
+    v = api.verification(model, Path(report.output), tiny_files / "calib.npz", 32,
+                         chosen=SimpleNamespace(latency=table, assignment=chosen))
+    assert v["predicted_latency_ms"] == 5.0
+    assert v["predicted_latency_now_ms"] == pytest.approx(5.0 * v["float_latency_ms"] / 2.0)
+
+
 def test_measured_latency_budget_with_a_float_layer_kept(tiny_files):
     report = quantize_tiny(tiny_files, "kept", keep={"fc": Candidate(None, None)})
     assert report.allocation["fixed"] == {"fc": "float"}
