@@ -237,7 +237,9 @@ def _check_quantize_paths(model, output, calib, allocation, latency_file, profil
 
     writes = {"--report": report_path, **paths.folder_files(report_dir, report.FILES, "--report-dir")}
     writes.update(sweeps.outputs(output, sweep, sweep_models) if sweep else {"-o/--output": output})
-    profile_file = profile if profile and Path(profile).exists() else None
+    from onnxmpq.profiles import BUILTINS
+
+    profile_file = profile if profile and profile not in BUILTINS and Path(profile).exists() else None
     paths.check_writes(writes, {"model": model, "--calib": calib, "--allocation": allocation,
                                 "--latency": latency_file, "--profile": profile_file})
     if report_dir is not None:

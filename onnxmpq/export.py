@@ -23,7 +23,7 @@ from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.quantize import LayerResult, TensorResult, UnitResult, Written
 
 PROTO_LIMIT = 2**31 - 1
-STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft")
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 FLOAT_BITS = 32
 
 
@@ -39,18 +39,24 @@ def _write_errors(path: Path) -> Iterator[None]:
 
 def _check_loads(proto: onnx.ModelProto, staged: Path) -> None:
     """The staged model must load in onnxruntime's CPU provider (graph optimisations off: only the load
-    is checked), unless it holds ops of a custom domain that only the user's runtime has."""
+    is checked). Skipped when the model imports an op domain beyond onnxruntime's CPU ones (its ops are
+    the user's runtime's); an op onnxruntime's CPU provider has no kernel for (NOT_IMPLEMENTED: a CUDA-
+    only com.microsoft op) is left to the user's runtime too. What is refused: a model onnxruntime
+    cannot even read, such as one declaring an opset newer than it supports."""
     from onnxmpq import runtime
 
-    if any(n.domain not in STANDARD_DOMAINS for n in proto.graph.node):
+    if any(i.domain not in STANDARD_DOMAINS for i in proto.opset_import):
         return
     try:
         runtime.session(staged, threads=1, optimize=False)
     except OnnxmpqError as exc:
+        if "NOT_IMPLEMENTED" in exc.message or "Could not find an implementation" in exc.message:
+            return
         opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
+        hint = (f"the model declares opset {opset}: export it at an opset this onnxruntime supports, or update "
+                "onnxruntime." if "opset" in exc.message.lower() else "report this with the model to onnxmpq.")
         raise OnnxmpqError(f"the quantized model would not load in onnxruntime {_ort_version()} ({exc.message}); "
-                           "nothing was written.", f"the model declares opset {opset}: export it at an opset this "
-                           "onnxruntime supports, or update onnxruntime.") from None
+                           "nothing was written.", hint) from None
 
 
 def _ort_version() -> str:

@@ -42,7 +42,8 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
         shape = (-1,) + (1,) * (weight.ndim - 1)
         new_w = (weight.astype(np.float64) * gain.reshape(shape)).astype(weight.dtype)
         new_b = ((bias - mean) * gain + beta).astype(weight.dtype)
-        w_name, b_name = f"{conv.input[1]}_bn_folded", f"{bn.name or conv.name}_bias_bn_folded"
+        w_name = fresh_name(graph, f"{conv.input[1]}_bn_folded")
+        b_name = fresh_name(graph, f"{bn.name or conv.name}_bias_bn_folded")
         graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
@@ -64,6 +65,17 @@ def _eligible(conv: onnx.NodeProto, bn: onnx.NodeProto, index: GraphIndex) -> bo
         return False
     channels = index.consts[conv.input[1]].dims[0]
     return all(int(np.prod(index.consts[name].dims)) == channels for name in bn.input[1:5])
+
+
+def fresh_name(graph: onnx.GraphProto, base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ...: a name no initializer, node output or input of `graph` has (a
+    fold applied twice to one layer must not write a second initializer of the same name)."""
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+        {i.name for i in graph.input}
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 def fold_all(graph: onnx.GraphProto) -> int:
@@ -116,10 +128,10 @@ def _scale_conv(graph, index: GraphIndex, conv, value: np.ndarray, mul) -> bool:
     weight = index.value(conv.input[1])
     shape = (-1,) + (1,) * (weight.ndim - 1)
     new_w = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
-    w_name = f"{conv.name}_weight_scale_folded"
+    w_name = fresh_name(graph, f"{conv.name}_weight_scale_folded")
     graph.initializer.append(numpy_helper.from_array(new_w, w_name))
     if has_bias:
-        b_name = f"{conv.name}_bias_scale_folded"
+        b_name = fresh_name(graph, f"{conv.name}_bias_scale_folded")
         bias = index.value(conv.input[2]).astype(np.float64) * scale
         graph.initializer.append(numpy_helper.from_array(bias.astype(weight.dtype), b_name))
         conv.input[2] = b_name
@@ -163,7 +175,7 @@ def _fold_conv_bias(graph, index: GraphIndex, conv, value: np.ndarray, add) -> b
     bias = index.value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, value.dtype)
     if len(conv.input) > 2 and conv.input[2] and index.float_const(conv.input[2]) is None:
         return False
-    name = f"{conv.name}_bias_add_folded"
+    name = fresh_name(graph, f"{conv.name}_bias_add_folded")
     graph.initializer.append(numpy_helper.from_array((bias + add_c).astype(value.dtype), name))
     del conv.input[2:]
     conv.input.append(name)
@@ -177,7 +189,7 @@ def _fold_matmul_bias(graph, index: GraphIndex, matmul, value: np.ndarray, add) 
     if weight is None or len(weight.dims) != 2 or x_shape is None or len(x_shape) != 2 \
             or index.is_const(matmul.input[0]) or value.size != weight.dims[1] or value.ndim > 2:
         return False
-    name = f"{matmul.name}_bias_add_folded"
+    name = fresh_name(graph, f"{matmul.name}_bias_add_folded")
     graph.initializer.append(numpy_helper.from_array(value.reshape(-1), name))
     gemm = onnx.helper.make_node("Gemm", [matmul.input[0], matmul.input[1], name], [add.output[0]], name=matmul.name)
     matmul.CopyFrom(gemm)

@@ -4,7 +4,8 @@
 - every tensor has one writer (ONNX graphs are in SSA form);
 - a node's required (single) inputs have names: "" marks only an omitted optional input;
 - every initializer and tensor attribute holds the bytes its dims and type need:
-  n = prod(dims) elements take n * itemsize bytes, ceil(n / 2) for 4-bit types, ceil(n / 4) for 2-bit.
+  n = prod(dims) elements take n * itemsize bytes, ceil(n * bits / 8) for the sub-byte types (2, 4, 6 bits),
+  as raw data or packed in int32_data.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from onnx import TensorProto
 
 from onnxmpq.errors import OnnxmpqError
 
-_SUBBYTE = {TensorProto.INT4: 2, TensorProto.UINT4: 2}
-for _name in ("INT2", "UINT2"):
-    if hasattr(TensorProto, _name):
-        _SUBBYTE[getattr(TensorProto, _name)] = 4
+_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6}
+_SUBBYTE = {getattr(TensorProto, name): bits for name, bits in _BITS.items() if hasattr(TensorProto, name)}
 _UNSIZED = (TensorProto.STRING, TensorProto.UNDEFINED)
 
 
@@ -58,20 +57,22 @@ def check_tensor_sizes(tensors: Iterable[TensorProto]) -> None:
             continue
         n = math.prod(tensor.dims)
         if tensor.HasField("raw_data"):
-            per = _SUBBYTE.get(tensor.data_type)
-            try:
-                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-            except (KeyError, ValueError, TypeError):
-                continue
-            want = math.ceil(n / per) if per else n * itemsize
+            bits = _SUBBYTE.get(tensor.data_type)
+            if bits:
+                want = math.ceil(n * bits / 8)
+            else:
+                try:
+                    want = n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                except (KeyError, ValueError, TypeError):
+                    continue
             have = len(tensor.raw_data)
         else:
             field = onnx.helper.tensor_dtype_to_field(tensor.data_type) if tensor.data_type else None
             if field is None:
                 continue
             have, want = len(getattr(tensor, field)), n
-            if tensor.data_type in _SUBBYTE:
-                want = math.ceil(n / _SUBBYTE[tensor.data_type])
+            if tensor.data_type in _SUBBYTE:  # int32_data holds one packed byte per element
+                want = math.ceil(n * _SUBBYTE[tensor.data_type] / 8)
             elif tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
                 want = 2 * n
         if have != want:

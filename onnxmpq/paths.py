@@ -34,7 +34,7 @@ def check_writes(writes: Mapping[str, PathLike | None], reads: Mapping[str, Path
     """Refuses a run whose written files (role -> path; None: not written) meet its read files, or each
     other, or lie in a folder that does not exist."""
     out = {role: Path(p) for role, p in writes.items() if p is not None}
-    into = {role: Path(p) for role, p in reads.items() if p is not None}
+    into = {role: Path(p) for role, p in reads.items() if isinstance(p, (str, os.PathLike))}  # not a reader object
     for role, path in out.items():
         for other, source in into.items():
             if same_file(path, source):

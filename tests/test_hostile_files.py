@@ -376,7 +376,7 @@ def test_a_model_onnxruntime_would_not_load_is_never_written(cnn, tmp_path, caps
 
     def old_runtime(model, threads=None, optimize=True, spin=True):  # an onnxruntime that predates the opset
         if not optimize:
-            raise OnnxmpqError("onnxruntime cannot run the model: opset 21 is not supported")
+            raise OnnxmpqError("onnxruntime cannot run the model: opset 21 is under development")
         return real(model, threads, optimize, spin)
 
     monkeypatch.setattr(runtime, "session", old_runtime)
@@ -398,21 +398,24 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(cnn, tmp_path, 
     started = staging.start_time(child.pid)
     child.kill()
     child.wait()
-    dead = tmp_path / f".onnxmpq-{child.pid}-{started}-abc123"
+    host = staging.host_tag()
+    dead = tmp_path / f".onnxmpq-{host}-{child.pid}-{started}-abc123"
     dead.mkdir()
     (dead / "q.onnx").write_bytes(b"half a model")  # what SIGKILL mid-write leaves
-    live = tmp_path / f".onnxmpq-{os.getppid()}-{staging.start_time(os.getppid())}-def456"
+    live = tmp_path / f".onnxmpq-{host}-{os.getppid()}-{staging.start_time(os.getppid())}-def456"
     live.mkdir()  # a running process's (our parent's) staging folder
     other = tmp_path / ".onnxmpq-notes"
     other.mkdir()  # not a staging name: not ours to remove
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("keep")
-    (tmp_path / f".onnxmpq-{child.pid}-{started}-link99").symlink_to(victim)  # a link is never followed
+    (tmp_path / f".onnxmpq-{host}-{child.pid}-{started}-link99").symlink_to(victim)  # a link is never followed
+    elsewhere = tmp_path / f".onnxmpq-{'0' * 8 if host != '0' * 8 else '1' * 8}-{child.pid}-{started}-ghi789"
+    elsewhere.mkdir()  # the same pid and start on another host or container sharing this folder: kept
     code, _, err = run(capsys, "quantize", cnn[0], "-o", tmp_path / "q.onnx", "-w", "8", "-a", "float", "--no-verify")
     assert code == 0, err
     assert not dead.exists()
-    assert live.is_dir() and other.is_dir() and (victim / "keep.txt").read_text() == "keep"
+    assert live.is_dir() and other.is_dir() and elsewhere.is_dir() and (victim / "keep.txt").read_text() == "keep"
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
 
 
@@ -485,3 +488,22 @@ def test_malformed_onnxmpq_metadata_is_ignored_with_a_warning(cnn, tmp_path, cap
     assert layers["conv1"]["weight_bits"] == 4  # read from the INT4 tensor type instead
     code, _, err = run(capsys, "check", out, "--profile", "npu-w4a8")
     assert code in (0, 2) and "Traceback" not in err, err
+
+
+def test_the_path_checks_let_a_python_data_reader_through(cnn, tmp_path):
+    """A reader object (get_next) as calibration data is not a path to check against the outputs."""
+    from onnxmpq import api
+
+    class Reader:
+        def __init__(self):
+            self.rewind()
+
+        def rewind(self):
+            self.batches = iter([{"x": np.load(cnn[1])["x"][:4]}, {"x": np.load(cnn[1])["x"][4:]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    report = api.quantize(cnn[0], tmp_path / "q.onnx", Reader(), weight_bits=8, act_bits=8, verify=False)
+    assert report.file_bytes > 0
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)

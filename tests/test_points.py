@@ -223,3 +223,19 @@ def test_int_inputs_are_never_points():
     assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.INT64
     assert "ids" not in graph.from_proto(proto).points().group
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_chained_folds_never_reuse_an_initializer_name():
+    """Conv * s1 * s2 + b: three folds on one Conv, each writing a new, distinct initializer."""
+    proto = model([node("Conv", ["x", "W", "B"], ["c"], "conv"), node("Mul", ["c", "S1"], ["m1"], "s1"),
+                   node("Mul", ["m1", "S2"], ["m2"], "s2"), node("Add", ["m2", "Sh"], ["y"], "shift")],
+                  [vi("x", ["N", 2, 5, 5])], [vi("y", ["N", 3, 3, 3])],
+                  {"W": arr(1, 3, 2, 3, 3), "B": arr(2, 3), "S1": np.array([1.5], np.float32),
+                   "S2": np.array([[[-2.0]], [[0.5]], [[3.0]]], np.float32), "Sh": arr(3, 1)})
+    m = graph.from_proto(proto)
+    assert [n.op_type for n in m.proto.graph.node] == ["Conv"]
+    names = [t.name for t in m.proto.graph.initializer]
+    assert len(names) == len(set(names))
+    feed = feed_for(proto, 3)
+    np.testing.assert_allclose(ReferenceEvaluator(m.proto).run(None, feed)[0],
+                               ReferenceEvaluator(proto).run(None, feed)[0], rtol=1e-5, atol=1e-5)

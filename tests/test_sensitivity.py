@@ -613,3 +613,20 @@ def test_sequence_outputs_give_one_label_per_time_step_and_aligned_observers():
     np.testing.assert_array_equal(rows[7 * 2 + 5], feats[2, :, 0, 5])   # sample 2, step 5
     assert align_rows(rng.normal(size=(4, 6)), 4, 28) is None           # no time axis: not used
     assert align_rows(feats, 4, 4).shape == (4, 21)                     # class scores: one row per sample
+
+
+def test_cache_hits_for_units_without_weights_at_two_widths(tmp_path, capsys):
+    """An encoder at A8/A16: its Adds and Softmaxes score only a8/a16, and the entry is still reused."""
+    from conftest import build_encoder
+
+    proto = build_encoder()
+    path, calib = tmp_path / "enc.onnx", tmp_path / "calib.npz"
+    onnx.save(proto, path)
+    np.savez(calib, **feed_for(proto, 8))
+    kwargs = dict(metrics=["sqnr"], weight_bits=[8], act_bits=[8, 16], limit=8, cache_dir=tmp_path / "cache")
+    first = api.sensitivity(path, calib, **kwargs)
+    assert any(set(l.scores) == {"a8", "a16"} for l in first[0].layers)
+    capsys.readouterr()
+    again = api.sensitivity(path, calib, **kwargs)
+    assert "unusable" not in capsys.readouterr().err
+    assert again[0].to_dict() == first[0].to_dict()

@@ -41,7 +41,8 @@ def load(directory: str | Path, key: str, metrics: Sequence[str] = (),
          candidates: Sequence[str] = ()) -> list[SensitivityTable] | None:
     """The cached tables, or None when absent, stale or corrupt (then a line on stderr says so). An entry
     is used only when it is a regular file (a FIFO there never blocks), its key and checksum match, and
-    it holds one table per metric in `metrics`, each scoring every one of `candidates` with a number."""
+    it holds one table per metric in `metrics`, each listing every one of `candidates` and every layer
+    scoring some of them (each a number)."""
     path = Path(directory) / f"{key}.json"
     if paths.kind(path) == "nothing":
         return None
@@ -61,11 +62,16 @@ def _check_tables(tables: Sequence[SensitivityTable], metrics: Sequence[str], ca
     if metrics and [t.metric for t in tables] != list(metrics):
         raise ValueError(f"it holds metrics {[t.metric for t in tables]}, not {list(metrics)}")
     for table in tables:
-        if candidates and list(table.candidates) != list(candidates):
-            raise ValueError(f"it holds candidates {list(table.candidates)}, not {list(candidates)}")
+        if not set(candidates) <= set(table.candidates):
+            raise ValueError(f"it holds candidates {list(table.candidates)}, not all of {list(candidates)}")
+        weighted = {c for c in candidates if c.startswith("w")}
         for layer in table.layers:
-            if not isinstance(layer.name, str) or set(layer.scores) != set(table.candidates):
-                raise ValueError(f"layer {layer.name!r} does not score every candidate")
+            # a unit without weights scores only the aN columns, a weighted layer every asked-for wN(aM)
+            keys = set(layer.scores)
+            if not isinstance(layer.name, str) or not keys or not keys <= set(table.candidates):
+                raise ValueError(f"layer {layer.name!r} scores candidates the table does not list")
+            if any(k.startswith("w") for k in keys) and not weighted <= keys:
+                raise ValueError(f"layer {layer.name!r} does not score {sorted(weighted - keys)}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in layer.scores.values()):
                 raise ValueError(f"layer {layer.name!r} has a score that is not a number")
 
