@@ -324,10 +324,16 @@ def evaluate(model, data, reference, limit, batch_size, as_json, **kw):
 def inspect(model, as_json):
     """List MODEL's quantizable layers with their weight and activation bits."""
     info = api.inspect(model)
-    rows = [f"{'layer':<48} {'op':<13} {'W':>3} {'A':>3} {'params':>10} {'MACs':>12} {'bytes':>10}"]
-    rows += [f"{l['name'][:48]:<48} {l['op_type']:<13} {l['weight_bits'] or '-':>3} {l['act_bits'] or '-':>3} "
+    width = max([len("layer")] + [len(l["name"]) for l in info["layers"]])  # names are ids: never cut
+    rows = [f"{'layer':<{width}} {'op':<13} {'W':>3} {'A':>3} {'params':>10} {'MACs':>12} {'bytes':>10}"]
+    rows += [f"{l['name']:<{width}} {l['op_type']:<13} {l['weight_bits'] or '-':>3} {l['act_bits'] or '-':>3} "
              f"{l['params']:>10,d} {l['macs']:>12,d} {l['weight_bytes']:>10,d}" for l in info["layers"]]
     rows.append(f"weight bytes {info['weight_bytes']:,d}; avg weight bits {info['avg_weight_bits']:.2f}")
+    rows += [f"float: {s['name']} ({s['reason']})" for s in info["skipped"]]
+    if not info["layers"]:
+        rows.append("no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight, Gather on a "
+                    "constant table) in the top-level graph" + ("; see the float lines above" if info["skipped"]
+                                                               else ""))
     if info["tensors"]:
         widths = Counter(t["bits"] for t in info["tensors"])
         rows.append(f"quantized activation tensors {len(info['tensors'])} ("
@@ -407,9 +413,10 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
 
 def _table_text(table) -> str:
     keys = list(table.candidates)
+    width = max([len("layer")] + [len(l.name) for l in table.layers])  # names are ids: never cut
     lines = [f"{table.metric} ({table.samples} samples, {table.time_s:.1f} s; larger = more sensitive)",
-             f"{'layer':<44} " + " ".join(f"{k:>10}" for k in keys)]
-    lines += [f"{l.name[:44]:<44} " + " ".join(f"{l.scores[k]:>10.4g}" if k in l.scores else f"{'-':>10}" for k in keys)
+             f"{'layer':<{width}} " + " ".join(f"{k:>10}" for k in keys)]
+    lines += [f"{l.name:<{width}} " + " ".join(f"{l.scores[k]:>10.4g}" if k in l.scores else f"{'-':>10}" for k in keys)
               for l in table.layers]
     return "\n".join(lines)
 

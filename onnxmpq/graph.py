@@ -391,10 +391,22 @@ def find_layers(proto: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str
                 skipped.append((spec.name, "its weight has a zero-size dimension: stays float"))
             elif spec is not None:
                 layers.append(spec)
+        elif node.domain in ("", "ai.onnx") and (params := _constant_params(node, index)) >= WEIGHTY:
+            skipped.append((node.name, f"{node.op_type} with {params:,d} constant parameters has no quantization "
+                                       "handler: stays float"))
         for sub in _subgraphs(node):
             skipped += [(n.name or n.op_type, f"inside the {node.op_type} subgraph of {node.name!r}: stays float")
                         for n in _walk(sub) if n.op_type in WEIGHTED_OPS]
     return layers, skipped
+
+
+WEIGHTY = 1024  # constant float parameters from which an op without a handler is listed as left float
+
+
+def _constant_params(node: onnx.NodeProto, index: GraphIndex) -> int:
+    """Elements of the float constants `node` reads (an LSTM's W, R and B; an Einsum's weight)."""
+    return sum(int(np.prod(index.consts[name].dims)) for name in node.input
+               if name and index.float_const(name) is not None)
 
 
 def _subgraphs(node: onnx.NodeProto):

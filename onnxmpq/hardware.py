@@ -75,7 +75,23 @@ def check(proto: onnx.ModelProto, profile: Profile | str) -> list[Violation]:
     out += _ties(proto.graph, profile)
     out += _float_tensors(proto.graph, profile)
     out += _requantizes(proto, profile)
+    out += _unreadable(proto.graph)
     return out
+
+
+# quantized ops that carry their precision inside the op, not in Q/DQ pairs around a float op
+OPAQUE_OPS = ("MatMulNBits", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+              "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "GatherBlockQuantized")
+
+
+def _unreadable(graph: onnx.GraphProto) -> list[Violation]:
+    """A quantized op whose widths the checker does not read (an already fused model): compliance of
+    that op is unknown, which is a violation, not a pass."""
+    return [Violation(node.name or node.op_type, "unreadable-op",
+                      f"{node.op_type} is a fused quantized op whose bit-widths check does not read; its "
+                      "compliance is unknown.",
+                      "check the QDQ model before onnxruntime's fusions (or quantize_static's QDQ format).")
+            for node in graph.node if node.op_type in OPAQUE_OPS]
 
 
 def summary(violations: Sequence[Violation], profile: Profile | None = None) -> dict[str, Any]:

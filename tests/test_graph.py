@@ -242,3 +242,20 @@ def test_conv_with_dynamic_spatial_dims_counts_them_as_one():
                   [vi("y", ["N", 4, None, None])], {"W": arr(0, 4, 3, 3, 3)})
     (layer,) = graph.from_proto(proto).layers
     assert layer.macs == layer.params == 4 * 3 * 3 * 3
+
+
+def test_a_weighted_op_without_a_handler_is_listed_as_float():
+    """An LSTM (W, R, B constants: 4*H*(I + H) + 8*H parameters) has no handler: the model's skipped
+    list says so, with its parameter count, instead of the report claiming every layer quantized."""
+    from conftest import arr, model, node, vi
+
+    hidden, inputs = 16, 8
+    proto = model([node("MatMul", ["x", "Wm"], ["m"], "proj"),
+                   node("LSTM", ["m", "W", "R", "B"], ["y"], "lstm", hidden_size=hidden)],
+                  [vi("x", [5, "N", 4])], [vi("y", [5, 1, "N", hidden])],
+                  {"Wm": arr(1, 4, inputs), "W": arr(2, 1, 4 * hidden, inputs), "R": arr(3, 1, 4 * hidden, hidden),
+                   "B": arr(4, 1, 8 * hidden)})
+    m = graph.from_proto(proto)
+    assert [l.name for l in m.layers] == ["proj"]
+    params = 4 * hidden * (inputs + hidden) + 8 * hidden
+    assert dict(m.skipped)["lstm"] == f"LSTM with {params:,d} constant parameters has no quantization handler: stays float"

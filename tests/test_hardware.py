@@ -310,3 +310,19 @@ def test_read_tensors_of_onnxruntime_qdq(ort):
     tensors = qdq.read_tensors(ort(True))  # signed 8-bit activations here (QInt8)
     assert len(tensors) == 38 and all(t.bits == 8 and t.type_name == "INT8" and t.signed for t in tensors)
     assert all(t.scale > 0 and -128 <= t.zero_point <= 127 and t.requantized_from is None for t in tensors)
+
+
+def test_a_fused_quantized_op_is_not_a_pass():
+    """A MatMulNBits (onnxruntime's fused 4-bit MatMul) carries its widths inside the op: check reads no
+    layer from it, and says so instead of reporting compliance."""
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("Wq", TensorProto.UINT8, [8, 1, 8], bytes(64), raw=True)
+    scales = helper.make_tensor("S", TensorProto.FLOAT, [8], [0.1] * 8)
+    mm = helper.make_node("MatMulNBits", ["x", "Wq", "S"], ["y"], "fused", domain="com.microsoft",
+                          K=16, N=8, bits=4, block_size=16)
+    graph = helper.make_graph([mm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [weight, scales])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    violations = hardware.check(proto, "int8-only")
+    assert [(v.layer, v.rule) for v in violations] == [("fused", "unreadable-op")]
