@@ -54,8 +54,7 @@ def read_allocation(path: str | os.PathLike) -> dict[str, Candidate]:
     try:
         data = json.loads(paths.read_regular(path, "allocation file", hint))
     except ValueError as exc:
-        raise OnnxmpqError(f"cannot read allocation file {str(path)!r}: {exc}.",
-                           "pass a JSON file written by onnxmpq (a report or an allocation).") from None
+        raise OnnxmpqError(f"cannot read allocation file {str(path)!r}: {exc}.", hint) from None
     layers = data.get("layers") if isinstance(data, dict) else None
     if isinstance(layers, dict):
         layers = [dict(entry, name=name) for name, entry in layers.items()]
