@@ -21,7 +21,7 @@ from onnxmpq import calibrate, graph, paths, progress, qdq, runtime
 from onnxmpq.quantize import build
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
-from onnxmpq.export import FLOAT_BITS, Report, save_model, storage_notes, summarize, write_json
+from onnxmpq.export import FLOAT_BITS, Report, file_breakdown, save_model, storage_notes, summarize, write_json
 from onnxmpq.graph import Model
 from onnxmpq.rounding import sequential
 from onnxmpq.types import Candidate, QuantOptions, Rounding
@@ -165,6 +165,13 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     with progress.bar("write", 1, unit="file") as advance:
         file_bytes = save_model(proto, output)
         advance(1)
+    breakdown = file_breakdown(proto)
+    float_file_bytes = model.path.stat().st_size if model.path else model.proto.ByteSize()
+    if file_bytes > float_file_bytes:
+        notes.append(f"the quantized file is larger than its input ({file_bytes:,d} against {float_file_bytes:,d} "
+                     "bytes): " + ", ".join(f"{k.replace('_', ' ')} {v:,d}" for k, v in breakdown.items())
+                     + "; small layers carry a Q/DQ pair per tensor and a scale per channel, which can outweigh "
+                     "what their narrower weights save (keep such layers float with --layer-bits NAME=float)")
     checked = None
     if calib is not None and verify:
         with progress.bar("verify", 1, unit="model") as advance:
@@ -176,7 +183,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     report = Report(
         model=str(model.path) if model.path else "<memory>", output=str(output), layers=results.layers,
         units=results.units, tensors=results.tensors, float_ops=results.floats,
-        file_bytes=file_bytes, float_file_bytes=model.path.stat().st_size if model.path else model.proto.ByteSize(),
+        file_bytes=file_bytes, float_file_bytes=float_file_bytes, file_breakdown=breakdown,
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
         notes=storage_notes(results.layers) + notes,
         allocation=_allocation_dict(chosen, budgets, settings, {s.name for s in model.layers}),

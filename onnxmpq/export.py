@@ -145,6 +145,7 @@ class Report:
     settings: dict = field(default_factory=dict)
     allocation: dict | None = None
     verification: dict | None = None  # the written file against the float model (held-out samples)
+    file_breakdown: dict | None = None  # where the written file's bytes are (see `file_breakdown`)
 
     def to_dict(self, stable: bool = False) -> dict:
         """The report as JSON data; `stable` drops what changes from run to run (wall times, latencies),
@@ -157,6 +158,34 @@ class Report:
             if out.get("verification"):
                 out["verification"] = {k: v for k, v in out["verification"].items() if "latency" not in k}
         return out
+
+
+def file_breakdown(proto: onnx.ModelProto) -> dict[str, int]:
+    """Where a QDQ model's bytes are: the stored weight codes (initializers read as a DequantizeLinear's
+    input 0, directly or through a Cast or Reshape), the scales and zero points (its inputs 1 and 2, and a
+    QuantizeLinear's), the other constants (biases, float weights, shapes), and the rest: nodes, names,
+    value infos and metadata (the serialized size minus the three)."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+
+    def source(name: str) -> str:
+        node = producers.get(name)
+        while node is not None and node.op_type in ("Cast", "Reshape") and node.input:
+            name, node = node.input[0], producers.get(node.input[0])
+        return name
+
+    codes, params = set(), set()
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input:
+            codes.add(source(node.input[0]))
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            params.update(node.input[1:3])
+    sizes = {"weight_codes": 0, "scales_and_zero_points": 0, "other_constants": 0}
+    for tensor in proto.graph.initializer:
+        kind = "weight_codes" if tensor.name in codes else (
+            "scales_and_zero_points" if tensor.name in params else "other_constants")
+        sizes[kind] += tensor.ByteSize()
+    sizes["graph_and_metadata"] = max(proto.ByteSize() - sum(sizes.values()), 0)
+    return sizes
 
 
 def summarize(written: Written) -> dict:

@@ -180,3 +180,24 @@ def test_helper_models_are_what_they_claim():
     for bad in (invalid_model(), type_clash_model()):
         with pytest.raises(Exception):
             onnx.checker.check_model(bad, full_check=True)
+
+
+def test_the_report_says_where_the_bytes_are_and_when_the_file_grew(tmp_path):
+    """A tiny CNN: its Q/DQ pairs, scales and names outweigh what 8-bit weights save, and the report says
+    so; the breakdown adds up to the serialized model."""
+    import numpy as np
+    import onnxmpq
+    from conftest import arr, feed_for, model, node, vi
+
+    convs = [node("Conv", [f"x{i}", f"W{i}"], [f"x{i + 1}"], f"conv{i}") for i in range(6)]  # 1x1, 2 -> 2
+    proto = model(convs, [vi("x0", ["N", 2, 4, 4])], [vi("x6", ["N", 2, 4, 4])],
+                  {f"W{i}": arr(i, 2, 2, 1, 1) for i in range(6)})
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **feed_for(proto, 8))
+    report = onnxmpq.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz", weight_bits=8, act_bits=8,
+                              verify=False)
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    assert sum(report.file_breakdown.values()) == written.ByteSize() == report.file_bytes
+    assert report.file_breakdown["weight_codes"] >= sum(l.params for l in report.layers)  # one byte per weight
+    assert report.file_bytes > report.float_file_bytes
+    assert any(n.startswith("the quantized file is larger than its input") for n in report.notes)
