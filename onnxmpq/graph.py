@@ -12,6 +12,7 @@ MatMul with a constant weight, Gather on a constant table) and, on request, its 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,7 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     if len(proto.graph.node) == 0:
         raise OnnxmpqError("the model's graph has no nodes.", "export the model again; there is nothing to quantize.")
     _name_nodes(proto.graph)
+    _shorten_tensor_names(proto.graph)
     integrity.check_single_writers(proto.graph)
     integrity.check_required_inputs(proto.graph, default_opset(proto))
     integrity.check_tensor_sizes(_all_tensors(proto))
@@ -223,6 +225,38 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     for mine, theirs in zip(proto.graph.output, inferred.graph.output):
         mine.CopyFrom(theirs)
     return proto
+
+
+MAX_TENSOR_NAME = 48  # characters; longer internal tensor names are shortened at load
+
+
+def short_name(name: str) -> str:
+    """head.hash.tail of a long name: 16 + 1 + 8 + 1 + 16 characters, stable across runs."""
+    return f"{name[:16]}.{hashlib.sha256(name.encode()).hexdigest()[:8]}.{name[-16:]}"
+
+
+def _shorten_tensor_names(graph: onnx.GraphProto) -> None:
+    """Internal tensor names longer than MAX_TENSOR_NAME become `short_name`s, everywhere they occur
+    (nodes of every subgraph, initializers, value infos). Exporters such as tf2onnx join the names of
+    all the ops they fused into one, and every Q/DQ pair would repeat such a name: on Basic Pitch's
+    nmp.onnx they were most of the quantized file. Graph inputs and outputs and node names (the
+    layer names users pass) keep theirs."""
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    rename = {n: short_name(n) for n in names if len(n) > MAX_TENSOR_NAME and n not in keep}
+    if not rename or len(set(rename.values()) | names) < len(names):  # a clash: leave the names alone
+        return
+    for tensor in graph.initializer:
+        tensor.name = rename.get(tensor.name, tensor.name)
+    for info in graph.value_info:
+        info.name = rename.get(info.name, info.name)
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            node.input[:] = [rename.get(i, i) for i in node.input]
+            node.output[:] = [rename.get(o, o) for o in node.output]
+            stack.extend(_subgraphs(node))
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:

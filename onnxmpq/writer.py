@@ -7,6 +7,7 @@ tensors keep their names (a probe fed at a cut of float values still runs throug
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import re
 
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxmpq.calibrate.ranges import ActParams
 from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.formats import pack
-from onnxmpq.graph import keep_initializers, names_read, node_reads
+from onnxmpq.graph import keep_initializers, names_read, node_reads, short_name
 from onnxmpq.rounding import QuantizedWeight
 
 
@@ -42,7 +43,12 @@ class Editor:
     # ---------------------------------------------------------------- names, constants, nodes
 
     def name(self, base: str) -> str:
+        """A new unique tensor/node name from `base`; a base over MAX_NAME characters (exporters such as
+        tf2onnx join every fused op's name into one) keeps its head and tail around 8 hex digits of its
+        hash, so each Q/DQ pair does not repeat it (on Basic Pitch the names were most of the file)."""
         base = re.sub(r"[^A-Za-z0-9_./:-]", "_", base)
+        if len(base) > MAX_NAME:
+            base = short_name(base)
         name, k = base, 1
         while name in self.taken:
             name, k = f"{base}_{k}", k + 1
@@ -188,7 +194,43 @@ class Editor:
         used = names_read(self.graph)
         keep_initializers(self.graph, {t.name for t in self.graph.initializer
                                        if t.name not in self.replaced or t.name in used})
+        share_constants(self.graph)
         self.proto.ir_version = max(self.proto.ir_version, _min_ir(self.proto))
+
+
+MAX_NAME = 64  # characters of a generated name before it is shortened (see Editor.name)
+SHARE_ABOVE = 64  # bytes: identical quantized constants larger than this are stored once
+
+
+def share_constants(graph: onnx.GraphProto) -> int:
+    """Stores identical quantized constants once: initializers written by onnxmpq (read only by
+    DequantizeLinear or by the Cast of the INT8-cast layout) with the same type, dims and bytes, e.g. the
+    codes and scales of one float weight shared by several Convs and rounded alike (the harmonic stack of
+    Basic Pitch reuses 3 weights in 26 Convs). Readers are pointed at the first copy; returns how many
+    copies were dropped. Tensors a subgraph reads are left alone."""
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    inner = names_read(graph) - {i for n in graph.node for i in n.input} - {o.name for o in graph.output}
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for tensor in graph.initializer:
+        ops = readers.get(tensor.name, set())
+        if not ops or not ops <= {"DequantizeLinear", "Cast"} or tensor.name in inner \
+                or not tensor.HasField("raw_data") or len(tensor.raw_data) <= SHARE_ABOVE:
+            continue
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
+        alias[tensor.name] = first.setdefault(key, tensor.name)
+    alias = {name: kept for name, kept in alias.items() if name != kept}
+    if not alias:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    keep_initializers(graph, {t.name for t in graph.initializer if t.name not in alias})
+    return len(alias)
 
 
 def toposort(nodes: list[onnx.NodeProto], key) -> list[onnx.NodeProto]:

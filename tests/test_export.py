@@ -201,3 +201,35 @@ def test_the_report_says_where_the_bytes_are_and_when_the_file_grew(tmp_path):
     assert report.file_breakdown["weight_codes"] >= sum(l.params for l in report.layers)  # one byte per weight
     assert report.file_bytes > report.float_file_bytes
     assert any(n.startswith("the quantized file is larger than its input") for n in report.notes)
+
+
+def test_a_weight_shared_by_two_convs_is_stored_once_and_long_names_are_shortened(tmp_path):
+    """Two Convs reading one float weight, rounded alike, share one set of codes and scales in the file;
+    an internal tensor name of 300 characters is shortened at load (graph input/output names are kept),
+    and the quantized model still computes what an unshared, unshortened one does (ReferenceEvaluator)."""
+    import numpy as np
+    import onnxmpq
+    from onnx.reference import ReferenceEvaluator
+    from conftest import arr, feed_for, model, node, vi
+
+    long = "t" * 300
+    proto = model([node("Conv", ["x", "W"], [long], "conv_a", pads=[1, 1, 1, 1]), node("Relu", [long], ["r"], "relu"),
+                   node("Conv", ["r", "W"], ["y"], "conv_b", pads=[1, 1, 1, 1])],
+                  [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 4, 6, 6])], {"W": arr(1, 4, 4, 3, 3)})
+    unshared = model([node("Conv", ["x", "W"], ["c"], "conv_a", pads=[1, 1, 1, 1]), node("Relu", ["c"], ["r"], "relu"),
+                      node("Conv", ["r", "W2"], ["y"], "conv_b", pads=[1, 1, 1, 1])],
+                     [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 4, 6, 6])], {"W": arr(1, 4, 4, 3, 3), "W2": arr(1, 4, 4, 3, 3)})
+    onnx.save(proto, tmp_path / "m.onnx")
+    onnx.save(unshared, tmp_path / "u.onnx")
+    np.savez(tmp_path / "c.npz", **feed_for(proto, 8))
+    for name in ("m", "u"):
+        onnxmpq.quantize(tmp_path / f"{name}.onnx", tmp_path / f"{name}_q.onnx", tmp_path / "c.npz", weight_bits=8,
+                         act_bits=8, rounding="nearest", verify=False)
+    shared, apart = onnx.load(str(tmp_path / "m_q.onnx")), onnx.load(str(tmp_path / "u_q.onnx"))
+    codes = [t for t in shared.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(codes) == 1  # one set of codes for both Convs
+    names = {o for n in shared.graph.node for o in n.output} | {i for n in shared.graph.node for i in n.input}
+    assert max(len(n) for n in names) < 100 and [o.name for o in shared.graph.output] == ["y"]
+    feed = feed_for(proto, 3)
+    np.testing.assert_allclose(ReferenceEvaluator(shared).run(None, feed)[0],
+                               ReferenceEvaluator(apart).run(None, feed)[0], rtol=1e-5, atol=1e-5)
