@@ -49,11 +49,13 @@ class Sums:
         self.rows = self.agree = 0
         self.kl = self.signal = self.noise = 0.0
 
-    def add(self, y: np.ndarray, labels, ref: np.ndarray | None) -> None:
+    def add(self, y: np.ndarray, labels, ref: np.ndarray | None, samples: int | None = None) -> None:
+        """One batch: `samples` is its size in the inputs (an output's first axis may be time, as in a
+        time-major [T, N, C] head; without it, that axis is counted)."""
         if y.ndim == 0 or y.size == 0:
             raise OnnxmpqError(f"the model's first output has shape {y.shape}: no scores to compare.",
                                "evaluate a model whose first output holds values per sample.")
-        self.samples += y.shape[0]
+        self.samples += y.shape[0] if samples is None else samples
         if labels is not None and y.ndim == 2:
             self.correct += int((y.argmax(-1) == labels).sum())
             self.labelled += len(labels)
@@ -90,7 +92,7 @@ def evaluate(model, source, reference=None, *, batch_size: int = 100, threads: i
         feed = dict(batch.inputs)
         y = runtime.run(sess, feed)[0]
         ref = runtime.run(ref_sess, feed)[0] if ref_sess is not None else None
-        sums.add(np.asarray(y), batch.labels, ref)
+        sums.add(np.asarray(y), batch.labels, ref, batch.size)
         if on_batch:
             on_batch(batch.size)
     if sums.samples == 0:

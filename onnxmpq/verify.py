@@ -53,7 +53,7 @@ class Judge:
         sess = runtime.session(model)
         sums = Sums()
         for feed, ref in zip(self.batches, self.reference):
-            sums.add(np.asarray(runtime.run(sess, feed)[0]), None, ref)
+            sums.add(np.asarray(runtime.run(sess, feed)[0]), None, ref, len(next(iter(feed.values()))))
         sqnr = 10 * np.log10(sums.signal / sums.noise) if sums.noise > 0 else float("inf")
         return Fidelity(sums.samples, self.held_out, sums.agree / max(sums.rows, 1), sums.kl / max(sums.rows, 1),
                         float(sqnr))

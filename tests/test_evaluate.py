@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import model, node, vi
@@ -126,3 +127,19 @@ def test_probabilities_softmaxes_logits_and_keeps_distributions():
 def test_evaluation_to_dict_drops_missing_fields():
     e = Evaluation(samples=3, top1=None, agreement=0.5, kl=0.1, sqnr_db=float("nan"), time_s=0.0)
     assert e.to_dict() == {"samples": 3, "agreement": 0.5, "kl": 0.1, "time_s": 0.0}
+
+
+def test_a_time_major_output_counts_samples_not_time_steps(tmp_path):
+    """x (N, 5, 4) -> MatMul -> Transpose -> y (5, N, 6): verification and evaluate count the 37 samples
+    fed, not the 5 time steps along the output's first axis."""
+    import onnxmpq
+    from conftest import arr, model, node, vi
+
+    proto = model([node("MatMul", ["x", "W"], ["m"], "mm"), node("Transpose", ["m"], ["y"], "tr", perm=[1, 0, 2])],
+                  [vi("x", ["N", 5, 4])], [vi("y", [5, "N", 6])], {"W": arr(1, 4, 6)})
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).normal(size=(37, 5, 4)).astype(np.float32))
+    report = onnxmpq.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz", weight_bits=8, act_bits=8)
+    assert report.verification["samples"] == 37
+    from onnxmpq import api
+    assert api.evaluate(tmp_path / "q.onnx", tmp_path / "c.npz", tmp_path / "m.onnx").samples == 37
