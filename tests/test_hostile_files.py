@@ -507,3 +507,22 @@ def test_the_path_checks_let_a_python_data_reader_through(cnn, tmp_path):
     report = api.quantize(cnn[0], tmp_path / "q.onnx", Reader(), weight_bits=8, act_bits=8, verify=False)
     assert report.file_bytes > 0
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+
+
+def test_a_model_exported_at_batch_1_is_calibrated_verified_and_allocated(tmp_path, capsys):
+    """Inputs and outputs with a static batch of 1: every stage feeds it batches of 1 (verification used
+    to feed 64 and fail in onnxruntime)."""
+    proto = build_cnn()
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    path, calib = tmp_path / "b1.onnx", tmp_path / "c.npz"
+    onnx.save(proto, path)
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(20, 3, 8, 8)).astype(np.float32))
+    code, out, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib, "-w", "8", "-a", "8")
+    assert code == 0 and "verified on 20 calibration samples" in out, err
+    code, out, err = run(capsys, "quantize", path, "-o", tmp_path / "m.onnx", "--calib", calib, "--budget", "avg-bits=6",
+                         "--bits", "4,8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["verification"]["samples"] == 20

@@ -166,10 +166,18 @@ class CheckedSource:
     inputs: tuple[InputSpec, ...]
     limit: int | None = None
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size every model input declares statically on dim 0 (an export at batch 1), if any."""
+        sizes = {spec.shape[0] for spec in self.inputs if spec.shape}
+        return next(iter(sizes)) if len(sizes) == 1 and isinstance(next(iter(sizes)), int) else None
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Yields checked batches of `batch_size` samples, stopping after `limit` samples."""
+        """Yields checked batches of `batch_size` samples, stopping after `limit` samples; a model whose
+        inputs fix the batch size gets batches of that size whatever is asked (every stage feeds it)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OnnxmpqError(f"batch size must be a positive integer, got {batch_size!r}.", "use e.g. 32.")
+        batch_size = self.fixed_batch or batch_size
         limit, seen = self.limit, 0
         for batch in self.reader.batches(batch_size if limit is None else min(batch_size, limit)):
             arrays = {k: np.asarray(v) for k, v in batch.inputs.items()}
