@@ -234,11 +234,10 @@ def _check_quantize_paths(model, output, calib, allocation, latency_file, profil
                           sweep_models) -> None:
     """Every file `quantize` writes against every file it reads (see onnxmpq.paths), before any work."""
     from onnxmpq import report, sweep as sweeps
+    from onnxmpq.profiles import BUILTINS
 
     writes = {"--report": report_path, **paths.folder_files(report_dir, report.FILES, "--report-dir")}
     writes.update(sweeps.outputs(output, sweep, sweep_models) if sweep else {"-o/--output": output})
-    from onnxmpq.profiles import BUILTINS
-
     profile_file = profile if profile and profile not in BUILTINS and Path(profile).exists() else None
     paths.check_writes(writes, {"model": model, "--calib": calib, "--allocation": allocation,
                                 "--latency": latency_file, "--profile": profile_file})

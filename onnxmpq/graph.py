@@ -244,7 +244,8 @@ def _shorten_tensor_names(graph: onnx.GraphProto) -> None:
     keep = {i.name for i in graph.input} | {o.name for o in graph.output}
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     rename = {n: short_name(n) for n in names if len(n) > MAX_TENSOR_NAME and n not in keep}
-    if not rename or len(set(rename.values()) | names) < len(names):  # a clash: leave the names alone
+    new = set(rename.values())
+    if not rename or len(new) < len(rename) or new & (names | keep):  # a clash: leave the names alone
         return
     for tensor in graph.initializer:
         tensor.name = rename.get(tensor.name, tensor.name)

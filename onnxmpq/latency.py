@@ -8,7 +8,8 @@ l and candidate c the whole model is timed with only l switched to c; the additi
 Timing is the median over `runs` single-batch runs after a warm-up, with onnxruntime's default
 optimisations and `threads` intra-op threads; T_ref is timed in alternation with the float model, the
 way verification times a written model against float (timed alone, a model runs with warmer caches
-and reads up to 25% faster than verification then measures it); each d[l, c] is measured paired, the variant's and the
+and reads up to 25% faster than verification then measures it); each d[l, c] is measured paired, the
+variant's and the
 reference's runs alternating, so a machine that slows down mid-way shifts both alike. Candidates that give a layer the same ONNX types (weight
 container, Cast layout, activation type; e.g. W3 and W4 both in INT4) run the same kernels, so one
 measurement serves them all. BitOps miss what this sees: an INT4 Conv without the INT8 Cast runs as
@@ -70,17 +71,11 @@ class LatencyTable:
     def load(cls, path) -> "LatencyTable":
         from onnxmpq import paths
 
+        hint = "write one with `onnxmpq profile-latency`."
         try:
-            return cls.from_dict(json.loads(paths.read_regular(path, "latency table", "write one with `onnxmpq profile-latency`.")))
+            return cls.from_dict(json.loads(paths.read_regular(path, "latency table", hint)))
         except ValueError as exc:
-            raise OnnxmpqError(f"cannot read latency table {str(path)!r}: {exc}.",
-                               "write one with `onnxmpq profile-latency`.") from None
-
-
-def time_model(proto, feed: Mapping[str, np.ndarray], runs: int = RUNS, threads: int = 2) -> float:
-    """Median wall time of one run in ms (after WARMUP runs)."""
-    sess = _warm(proto, feed, threads)
-    return float(np.median([_once(sess, feed) for _ in range(runs)]) * 1e3)
+            raise OnnxmpqError(f"cannot read latency table {str(path)!r}: {exc}.", hint) from None
 
 
 def _warm(proto, feed, threads: int):

@@ -209,10 +209,11 @@ def share_constants(graph: onnx.GraphProto) -> int:
     Basic Pitch reuses 3 weights in 26 Convs). Readers are pointed at the first copy; returns how many
     copies were dropped. Tensors a subgraph reads are left alone."""
     readers: dict[str, set[str]] = {}
+    inner: set[str] = set()  # what subgraphs read from this scope (node_reads beyond the node's inputs)
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
-    inner = names_read(graph) - {i for n in graph.node for i in n.input} - {o.name for o in graph.output}
+        inner.update(set(node_reads(node)) - set(node.input))
     first: dict[tuple, str] = {}
     alias: dict[str, str] = {}
     for tensor in graph.initializer:

@@ -233,3 +233,26 @@ def test_a_weight_shared_by_two_convs_is_stored_once_and_long_names_are_shortene
     feed = feed_for(proto, 3)
     np.testing.assert_allclose(ReferenceEvaluator(shared).run(None, feed)[0],
                                ReferenceEvaluator(apart).run(None, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_constant_a_subgraph_reads_is_never_folded_into_its_twin():
+    """A and B hold the same codes; B is also read inside an If branch, so B keeps its name and data."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxmpq.writer import share_constants
+
+    codes = np.arange(100, dtype=np.int8)
+    branch = helper.make_graph([helper.make_node("DequantizeLinear", ["B", "s"], ["inner"], name="dq_in")], "b", [],
+                               [helper.make_tensor_value_info("inner", TensorProto.FLOAT, [100])])
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["A", "s"], ["a"], name="dq_a"),
+         helper.make_node("DequantizeLinear", ["B", "s"], ["b"], name="dq_b"),
+         helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch, else_branch=branch)],
+        "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [100]) for n in ("a", "b", "y")],
+        [numpy_helper.from_array(codes, "A"), numpy_helper.from_array(codes.copy(), "B"),
+         numpy_helper.from_array(np.float32(0.1), "s")])
+    assert share_constants(graph) == 0
+    assert {t.name for t in graph.initializer} == {"A", "B", "s"}
+    twin = helper.make_graph(list(graph.node)[:2], "g2", [], list(graph.output)[:2], list(graph.initializer))
+    assert share_constants(twin) == 1 and [n.input[0] for n in twin.node] == ["A", "A"]

@@ -239,3 +239,16 @@ def test_chained_folds_never_reuse_an_initializer_name():
     feed = feed_for(proto, 3)
     np.testing.assert_allclose(ReferenceEvaluator(m.proto).run(None, feed)[0],
                                ReferenceEvaluator(proto).run(None, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_long_tensor_names_are_shortened_unless_a_short_name_is_taken():
+    from onnxmpq.graph import short_name
+
+    long = "t" * 300
+    proto = model([node("Conv", ["x", "W"], [long], "conv"), node("Relu", [long], ["y"], "relu")],
+                  [vi("x", ["N", 2, 3, 3])], [vi("y", ["N", 2, 1, 1])], {"W": arr(1, 2, 2, 3, 3)})
+    assert graph.from_proto(proto).proto.graph.node[0].output[0] == short_name(long)
+    taken = model([node("Conv", ["x", "W"], [long], "conv"), node("Relu", [long], [short_name(long)], "relu"),
+                   node("Relu", [short_name(long)], ["y"], "relu2")],
+                  [vi("x", ["N", 2, 3, 3])], [vi("y", ["N", 2, 1, 1])], {"W": arr(1, 2, 2, 3, 3)})
+    assert graph.from_proto(taken).proto.graph.node[0].output[0] == long  # a clash: names left alone
