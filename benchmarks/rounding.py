@@ -79,7 +79,7 @@ def run(ctx: common.Context) -> str:
             model = common.MODELS[name]
             ref = common.logits(model, x)
             float_top1 = common.classify(model, x, labels)["top1"]
-            rows, costs = _rows(model, common.CALIB, tmp, lambda p: [common.classify(p, x, labels, ref)["top1"]])
+            rows, costs = _rows(model, common.CALIB, tmp, lambda p, ref=ref: [common.classify(p, x, labels, ref)["top1"]])
             for row in rows:
                 row.append(f"{100 * (row[2] - float_top1):+.2f}")
             parts += [f"### {name}: top-1 ({len(x):,d} test images; float {float_top1:.4f})\n",

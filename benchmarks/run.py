@@ -30,8 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import common  # noqa: E402
-from benchmarks import allocation, latency, memory, prediction, rounding, sensitivity, transformer, uniform  # noqa: E402
+from benchmarks import (  # noqa: E402
+    allocation,
+    common,
+    latency,
+    memory,
+    prediction,
+    rounding,
+    sensitivity,
+    transformer,
+    uniform,
+)
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
             "sensitivity": sensitivity.run, "allocation": allocation.run, "memory": memory.run,

@@ -6,9 +6,9 @@ the types exchanged between the pipeline stages.
 
 __version__ = "0.1.0"
 
-from onnxmpq.api import assign, compare, evaluate, inspect, load, quantize, read_allocation  # noqa: E402
-from onnxmpq.errors import ConstraintError, InternalError, OnnxmpqError  # noqa: E402
-from onnxmpq.types import ActRange, Candidate, LayerSpec, QuantOptions, WeightRange  # noqa: E402
+from onnxmpq.api import assign, compare, evaluate, inspect, load, quantize, read_allocation
+from onnxmpq.errors import ConstraintError, InternalError, OnnxmpqError
+from onnxmpq.types import ActRange, Candidate, LayerSpec, QuantOptions, WeightRange
 
 __all__ = ["ActRange", "Candidate", "ConstraintError", "InternalError", "LayerSpec", "OnnxmpqError",
            "QuantOptions", "WeightRange", "__version__", "assign", "compare", "evaluate", "inspect", "load",

@@ -14,15 +14,17 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from onnxmpq import calibrate, graph, paths, progress, qdq, runtime
-from onnxmpq.quantize import build
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.evaluate import Evaluation, evaluate as _evaluate
+from onnxmpq.evaluate import Evaluation
+from onnxmpq.evaluate import evaluate as _evaluate
 from onnxmpq.export import FLOAT_BITS, Report, file_breakdown, save_model, storage_notes, summarize, write_json
 from onnxmpq.graph import Model
+from onnxmpq.quantize import build
 from onnxmpq.rounding import sequential
 from onnxmpq.types import Candidate, QuantOptions, Rounding
 
@@ -118,7 +120,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
              act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
              batch_size: int = 32, limit: int | None = None, preprocess=None, budgets=(),
-             allocation: "plan.Settings | Mapping | None" = None, verify: bool = True,
+             allocation: plan.Settings | Mapping | None = None, verify: bool = True,
              report_dir: str | os.PathLike | None = None, stable: bool = False) -> Report:
     """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections import Counter
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -139,7 +139,8 @@ def cli(quiet: bool):
               help="Per-channel weight scale for nearest rounding: min/max, or MSE-optimal clipping.")
 @click.option("--act-range", type=click.Choice([m.value for m in ActRange]), default="mse", show_default=True,
               help="Activation range from the calibration histogram.")
-@click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True, help="Percentile for --act-range percentile.")
+@click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True,
+              help="Percentile for --act-range percentile.")
 @click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
               help="Weight rounding: nearest; GPTQ with a least-squares re-fit to the float outputs; auto = "
                    "gptq when a layer has under 8 weight bits and --calib is given, else nearest.")
@@ -233,7 +234,8 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
 def _check_quantize_paths(model, output, calib, allocation, latency_file, profile, report_path, report_dir, sweep,
                           sweep_models) -> None:
     """Every file `quantize` writes against every file it reads (see onnxmpq.paths), before any work."""
-    from onnxmpq import report, sweep as sweeps
+    from onnxmpq import report
+    from onnxmpq import sweep as sweeps
     from onnxmpq.profiles import BUILTINS
 
     writes = {"--report": report_path, **paths.folder_files(report_dir, report.FILES, "--report-dir")}

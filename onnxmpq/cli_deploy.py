@@ -8,7 +8,6 @@ line replace the file's. Exit codes as everywhere: 0, 1 for bad input, 2 for a b
 
 from __future__ import annotations
 
-
 import click
 
 from onnxmpq import api, hardware, paths, profiles

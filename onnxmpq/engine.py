@@ -13,7 +13,7 @@ Memory: the cut's tensors for every calibration sample (for a ResNet, one or two
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx

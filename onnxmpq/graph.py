@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 
 from onnxmpq import integrity, paths
 from onnxmpq.errors import OnnxmpqError

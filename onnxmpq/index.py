@@ -41,7 +41,7 @@ class GraphIndex:
     inputs: tuple[str, ...]
 
     @classmethod
-    def of(cls, graph: onnx.GraphProto) -> "GraphIndex":
+    def of(cls, graph: onnx.GraphProto) -> GraphIndex:
         producer, consumers = {}, {}
         for node in graph.node:
             for name in node.output:

@@ -5,14 +5,13 @@ l and candidate c the whole model is timed with only l switched to c; the additi
 
     T(assignment) = T_ref + sum_l d[l, c_l],   d[l, c] = T(ref with l at c) - T_ref   (d[l, ref] = 0)
 
-Timing is the median over `runs` single-batch runs after a warm-up, with onnxruntime's default
-optimisations and `threads` intra-op threads; T_ref is timed in alternation with the float model, the
-way verification times a written model against float (timed alone, a model runs with warmer caches
-and reads up to 25% faster than verification then measures it); each d[l, c] is measured paired, the
-variant's and the
-reference's runs alternating, so a machine that slows down mid-way shifts both alike. Candidates that give a layer the same ONNX types (weight
-container, Cast layout, activation type; e.g. W3 and W4 both in INT4) run the same kernels, so one
-measurement serves them all. BitOps miss what this sees: an INT4 Conv without the INT8 Cast runs as
+Timing is the median over `runs` single-batch runs after a warm-up, with onnxruntime's default optimisations
+and `threads` intra-op threads; T_ref is timed in alternation with the float model, the way verification times
+a written model against float (timed alone, a model runs with warmer caches and reads up to 25% faster than
+verification then measures it); each d[l, c] is measured paired, the variant's and the reference's runs
+alternating, so a machine that slows down mid-way shifts both alike. Candidates that give a layer the same
+ONNX types (weight container, Cast layout, activation type; e.g. W3 and W4 both in INT4) run the same kernels,
+so one measurement serves them all. BitOps miss what this sees: an INT4 Conv without the INT8 Cast runs as
 dequantize + float Conv, slower than its W8A8 kernel.
 """
 
@@ -20,8 +19,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from onnx import TensorProto
@@ -53,7 +52,7 @@ class LatencyTable:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LatencyTable":
+    def from_dict(cls, data: dict) -> LatencyTable:
         try:
             table = cls(**{**data, "layers": {k: dict(v) for k, v in data["layers"].items()}})
             for value in [table.reference_ms, table.float_ms] + [v for row in table.layers.values() for v in row.values()]:
@@ -68,7 +67,7 @@ class LatencyTable:
         write_json(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path) -> "LatencyTable":
+    def load(cls, path) -> LatencyTable:
         from onnxmpq import paths
 
         hint = "write one with `onnxmpq profile-latency`."

@@ -19,8 +19,8 @@ a unit reading it at another width reads it through a requantize (DQ at one widt
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import onnx
 

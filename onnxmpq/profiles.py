@@ -29,9 +29,10 @@ rules as stated assumptions (see BUILTINS and `onnxmpq profiles`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError

@@ -26,8 +26,8 @@ bits. BitOps of a requantize of n elements from b1 to b2 bits: n * b1 * b2.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import onnx

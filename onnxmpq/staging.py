@@ -20,8 +20,8 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from onnxmpq.errors import OnnxmpqError
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxmpq import paths
 from onnxmpq.allocate import Budget, parse_budget
 from onnxmpq.errors import ConstraintError, OnnxmpqError
-from onnxmpq import paths
 
 
 def parse_range(spec: str) -> tuple[str, list[float], bool]:
@@ -72,11 +72,10 @@ def outputs(output, spec: str, write_models: bool) -> dict[str, Path]:
 
 def run(model, output, calib, spec: str, settings, *, options, rounding, batch_size: int = 32, preprocess=None,
         write_models: bool = False) -> dict:
-    from onnxmpq import api, plan, progress
+    from onnxmpq import api, calibrate, plan, progress
     from onnxmpq.export import save_model, summarize, write_json
     from onnxmpq.types import Rounding
     from onnxmpq.verify import Judge, held_out_batches
-    from onnxmpq import calibrate
 
     kind, values, relative = parse_range(spec)
     model = api.load(model)

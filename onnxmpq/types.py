@@ -6,9 +6,9 @@ Data flow: path -> `graph.load` -> (ModelProto, [LayerSpec]) -> `calibrate` -> {
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Mapping
 
 import numpy as np
 
@@ -92,7 +92,7 @@ class Rounding(StrEnum):
     NEAREST = "nearest"
     GPTQ = "gptq"
 
-    def resolve(self, weight_bits, have_data: bool = True) -> "Rounding":
+    def resolve(self, weight_bits, have_data: bool = True) -> Rounding:
         """The rounding `auto` stands for, given the weight widths in play."""
         if self != Rounding.AUTO:
             return self
@@ -184,7 +184,7 @@ class SensitivityTable:
                 "time_s": self.time_s, "rounding": self.rounding, "layers": layers}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SensitivityTable":
+    def from_dict(cls, data: dict) -> SensitivityTable:
         layers = tuple(LayerScores(l["name"], l["op_type"], dict(l["scores"]),
                                    {k: v for k, v in l.items() if k not in ("name", "op_type", "scores")} or None)
                        for l in data["layers"])

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ort_reader
+
 from onnxmpq import profiles
 from onnxmpq.cli import main
 from onnxmpq.latency import LatencyTable

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import activation_stats, arr, group_stats, model, node, vi
+
 from onnxmpq import engine, graph
-from onnxmpq.quantize import build as build_qdq
 from onnxmpq.calibrate import with_outputs
 from onnxmpq.engine import Frontier
+from onnxmpq.quantize import build as build_qdq
 from onnxmpq.types import Candidate, QuantOptions, Scope
 
 BATCH_SIZES = (1, 3, 5)

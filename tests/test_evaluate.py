@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from conftest import model, node, vi
+
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation, evaluate, probabilities
 from onnxmpq.types import Batch
@@ -132,8 +132,9 @@ def test_evaluation_to_dict_drops_missing_fields():
 def test_a_time_major_output_counts_samples_not_time_steps(tmp_path):
     """x (N, 5, 4) -> MatMul -> Transpose -> y (5, N, 6): verification and evaluate count the 37 samples
     fed, not the 5 time steps along the output's first axis."""
-    import onnxmpq
     from conftest import arr, model, node, vi
+
+    import onnxmpq
 
     proto = model([node("MatMul", ["x", "W"], ["m"], "mm"), node("Transpose", ["m"], ["y"], "tr", perm=[1, 0, 2])],
                   [vi("x", ["N", 5, 4])], [vi("y", [5, "N", 6])], {"W": arr(1, 4, 6)})

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import build_cnn, model, node, vi
 from onnx import TensorProto, numpy_helper
 
-from conftest import build_cnn, model, node, vi
 from onnxmpq import graph
 from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.export import Report, save_model, storage_notes, summarize, write_json
@@ -178,7 +178,7 @@ def test_report_to_dict_is_json_ready(tmp_path):
 def test_helper_models_are_what_they_claim():
     # guard the fixtures above: each bad model really fails the checker
     for bad in (invalid_model(), type_clash_model()):
-        with pytest.raises(Exception):
+        with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
             onnx.checker.check_model(bad, full_check=True)
 
 
@@ -186,8 +186,9 @@ def test_the_report_says_where_the_bytes_are_and_when_the_file_grew(tmp_path):
     """A tiny CNN: its Q/DQ pairs, scales and names outweigh what 8-bit weights save, and the report says
     so; the breakdown adds up to the serialized model."""
     import numpy as np
-    import onnxmpq
     from conftest import arr, feed_for, model, node, vi
+
+    import onnxmpq
 
     convs = [node("Conv", [f"x{i}", f"W{i}"], [f"x{i + 1}"], f"conv{i}") for i in range(6)]  # 1x1, 2 -> 2
     proto = model(convs, [vi("x0", ["N", 2, 4, 4])], [vi("x6", ["N", 2, 4, 4])],
@@ -208,9 +209,10 @@ def test_a_weight_shared_by_two_convs_is_stored_once_and_long_names_are_shortene
     an internal tensor name of 300 characters is shortened at load (graph input/output names are kept),
     and the quantized model still computes what an unshared, unshortened one does (ReferenceEvaluator)."""
     import numpy as np
-    import onnxmpq
-    from onnx.reference import ReferenceEvaluator
     from conftest import arr, feed_for, model, node, vi
+    from onnx.reference import ReferenceEvaluator
+
+    import onnxmpq
 
     long = "t" * 300
     proto = model([node("Conv", ["x", "W"], [long], "conv_a", pads=[1, 1, 1, 1]), node("Relu", [long], ["r"], "relu"),
@@ -239,6 +241,7 @@ def test_a_constant_a_subgraph_reads_is_never_folded_into_its_twin():
     """A and B hold the same codes; B is also read inside an If branch, so B keeps its name and data."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
+
     from onnxmpq.writer import share_constants
 
     codes = np.arange(100, dtype=np.int8)

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import MODELS, arr, build_cnn, build_if_model, feed_for, model, node, vi
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import MODELS, arr, build_cnn, build_if_model, feed_for, model, node, vi
 from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import ArraySource, build_cnn, feed_for, ort_reader, uniform
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ArraySource, build_cnn, feed_for, ort_reader, uniform
 from onnxmpq import api, calibrate, graph, hardware, profiles, qdq
 from onnxmpq.quantize import build
 from onnxmpq.types import Candidate, QuantOptions, Scope

@@ -43,6 +43,7 @@ Bugs found are marked xfail(strict=True) with the reason in `XFAIL`.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -55,9 +56,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import arr, build_cnn, build_constant_weights, build_if_model, build_unnamed, feed_for, model, node, vi
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import arr, build_cnn, build_constant_weights, build_if_model, build_unnamed, feed_for, model, node, vi
 from onnxmpq.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,7 +464,6 @@ def report_onto_input_case(d: Path, which: str) -> Case:
 
 def missing_folder_case(d: Path) -> Case:
     m, c = good_cnn(d)
-    o = out_dir(d)
     gone = d / "no" / "such" / "folder"
     return Case([Run(["-q", "quantize", m, "-o", gone / "q.onnx", "--calib", c, "--limit", "4"], USER_ERROR, None,
                      "folder"),
@@ -648,7 +648,7 @@ CASES = {
     "negative_time_limit": negative_time_limit_case,
     "output_is_a_directory": output_is_directory_case,
 }
-CASES.update({f"opset_{v}": (lambda v: lambda d: opset_case(d, v))(v) for v in range(8, 26)})
+CASES.update({f"opset_{v}": functools.partial(opset_case, opset=v) for v in range(8, 26)})
 
 # Bugs this corpus exposed in onnxmpq: each case stays a strict xfail until its bug is fixed.
 XFAIL: dict[str, str] = {}
@@ -679,7 +679,7 @@ def run_in_process(capsys, argv) -> tuple[int, str]:
         code = main([str(a) for a in argv])
     except KeyboardInterrupt:
         raise
-    except BaseException:  # noqa: BLE001 - any escape is a contract violation; show it like the console would
+    except BaseException:
         code = -1
         sys.stderr.write(traceback.format_exc())
     finally:
@@ -783,7 +783,7 @@ def check_runs(case: Case, tmp_path: Path, procs: dict, capsys, before: dict) ->
             try:
                 check_written(case, run, capsys)
                 written.add(run.output)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 text = str(exc).strip()
                 problems.append(f"{shown}: exit 0 but the model is broken: {type(exc).__name__}: "
                                 f"{text.splitlines()[-1][:300] if text else ''}")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import build_cnn
 from PIL import EpsImagePlugin, Image
 
-from conftest import build_cnn
 from onnxmpq.cli import main
 
 

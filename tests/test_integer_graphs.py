@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import arr, build_cnn, build_encoder, feed_for, group_stats, model, node, uniform, vi
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import arr, build_cnn, build_encoder, feed_for, group_stats, model, node, uniform, vi
 from onnxmpq import api, calibrate, graph, runtime
 from onnxmpq.formats import weight_format
 from onnxmpq.quantize import build

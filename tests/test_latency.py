@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import build_cnn, cli, feed_for, one_error_line
 
 from onnxmpq import api, calibrate, graph
 from onnxmpq.allocate import parse_budget, solve
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.latency import LatencyTable, kernel_class, profile
 from onnxmpq.types import Candidate, QuantOptions
-
-from conftest import build_cnn, cli, feed_for, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS, arr, feed_for, model, node, vi
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import MODELS, arr, feed_for, model, node, vi
 from onnxmpq import graph
 from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.index import GraphIndex

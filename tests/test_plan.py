@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import arr, cli, node, one_error_line, vi
+from conftest import model as make_model
 
 from onnxmpq import api, graph, hardware, profiles
 from onnxmpq.allocate import Problem, parse_budget, solve, tied_ok, totals
@@ -22,8 +24,6 @@ from onnxmpq.allocate.problem import build_problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.sensitivity import parse_candidates
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
-
-from conftest import arr, cli, model as make_model, node, one_error_line, vi
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

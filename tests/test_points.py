@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import arr, build_cnn, build_encoder, feed_for, model, node, vi
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
-from conftest import arr, build_cnn, build_encoder, feed_for, model, node, vi
 from onnxmpq import graph
 from onnxmpq.types import QuantOptions, Scope
 

@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from conftest import feed_for, group_stats, vi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import feed_for, group_stats, vi
 from onnxmpq import api, graph, qdq
 from onnxmpq.cli import main
 from onnxmpq.quantize import build

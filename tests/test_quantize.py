@@ -14,11 +14,22 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import (
+    MODELS,
+    arr,
+    build_cnn,
+    build_constant_weights,
+    build_gemm,
+    feed_for,
+    group_stats,
+    model,
+    node,
+    uniform,
+    vi,
+)
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from conftest import (MODELS, arr, build_cnn, build_constant_weights, build_gemm, feed_for,
-                      group_stats, model, node, uniform, vi)
 from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import act_format, weight_format

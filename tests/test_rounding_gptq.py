@@ -9,16 +9,14 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import arr, model, node, vi
 from onnx import numpy_helper
 from scipy.ndimage import uniform_filter
 
-from conftest import arr, model, node, vi
 from onnxmpq.formats import weight_format
-from onnxmpq.rounding import round_nearest
-from onnxmpq.rounding import gptq
+from onnxmpq.rounding import gptq, round_nearest
 from onnxmpq.rounding.gptq import CLIP_GRID, GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
-
 
 # The functions work on all groups of a layer at once: w (G, R, K), h and c (G, K, K), scales (G, R).
 # These wrappers run them on one group.

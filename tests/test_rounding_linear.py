@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import arr, model, node, vi
+
 from onnxmpq.rounding.linear import LinearView, view_of
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import ArraySource, arr, model, node, vi
 from scipy.ndimage import uniform_filter
 
 import onnxmpq
-from conftest import ArraySource, arr, model, node, vi
 from onnxmpq import calibrate, graph
 from onnxmpq.calibrate import with_outputs
 from onnxmpq.formats import weight_format

@@ -15,11 +15,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import (
+    MODELS,
+    arr,
+    build_cnn,
+    build_constant_weights,
+    build_unnamed,
+    feed_for,
+    group_stats,
+    model,
+    node,
+    vi,
+)
 from onnx import TensorProto, helper, numpy_helper
 from scipy.special import rel_entr, softmax
 
-from conftest import (MODELS, arr, group_stats, build_cnn, build_constant_weights, build_unnamed, feed_for,
-                      model, node, vi)
 from onnxmpq import api, graph, progress, sensitivity
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.quantize import build

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from conftest import build_cnn, model, node, vi
+
 from onnxmpq import graph
 from onnxmpq.cli import main
 

@@ -19,7 +19,6 @@ from scipy.special import rel_entr, softmax
 
 from onnxmpq.sensitivity import metrics as m
 
-
 # --- independent helpers ----------------------------------------------------------------------------
 
 

@@ -15,8 +15,8 @@ tuned threshold; it needs `entropy` and a `fidelity` judge).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 

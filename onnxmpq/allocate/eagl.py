@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from onnxmpq.allocate import Allocation, Problem, SOLVERS, admissible, result
+from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result
 from onnxmpq.allocate.ilp import solve_mip
 from onnxmpq.errors import ConstraintError
 

@@ -23,7 +23,7 @@ the profile's `tie` list, and every writer with its readers when the profile for
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

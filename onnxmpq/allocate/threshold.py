@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxmpq.allocate import Allocation, Problem, SOLVERS, admissible, result, tied_ok, totals
+from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result, tied_ok, totals
 from onnxmpq.errors import ConstraintError
 
 TRIALS = 40

@@ -8,7 +8,7 @@ next batch is read, so memory holds one batch of activations and O(bins) per gro
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import onnx
 

@@ -11,9 +11,10 @@ import contextlib
 import re
 import zipfile
 import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Mapping, Sequence
+from typing import IO
 
 import numpy as np
 import numpy.lib.format as npformat

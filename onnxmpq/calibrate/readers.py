@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from onnxmpq import paths
 from onnxmpq.calibrate.arrays import (
     ARRAY_SUFFIXES,
     ArrayFolderReader,
@@ -32,7 +34,6 @@ from onnxmpq.calibrate.arrays import (
     rebatch,
 )
 from onnxmpq.calibrate.images import IMAGE_SUFFIXES, ImageFolderReader, Preprocess, has_images
-from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.registry import Registry
 from onnxmpq.types import Batch, InputSpec

@@ -69,11 +69,11 @@ class NodeView:
     def outs(self, *indices: int) -> tuple[str, ...]:
         return tuple(self.node.output[i] for i in (indices or (0,)))
 
-    def pass_through(self) -> "NodeQuant":
+    def pass_through(self) -> NodeQuant:
         """Input 0 to every output, one shared scale."""
         return NodeQuant(Kind.PASS, self.ins(0), tuple(o for o in self.node.output if o))
 
-    def compute(self, reads: tuple[int, ...] = (0,), **kw) -> "NodeQuant":
+    def compute(self, reads: tuple[int, ...] = (0,), **kw) -> NodeQuant:
         """A COMPUTE unit reading the inputs `reads` and writing output 0."""
         return NodeQuant(Kind.COMPUTE, self.ins(*reads), self.outs(0), **kw)
 
@@ -218,5 +218,4 @@ def register(*op_types: str):
     return decorator
 
 
-from onnxmpq.ops import (activations, concat, conv, data, elementwise, gather, gemm, matmul,  # noqa: E402,F401
-                         normalization, pooling)
+from onnxmpq.ops import activations, concat, conv, data, elementwise, gather, gemm, matmul, normalization, pooling  # noqa: E402,F401

@@ -27,8 +27,8 @@ auto_pad), is rounded to nearest and listed in `RoundingResult.fallbacks`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 

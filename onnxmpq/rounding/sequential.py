@@ -10,17 +10,17 @@ segment, so the whole pass costs about two forward passes of the model, not two 
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from onnx import numpy_helper
 
 from onnxmpq import graph
-from onnxmpq.quantize import build, layer_formats
+from onnxmpq.engine import Frontier
 from onnxmpq.formats import required_opset
 from onnxmpq.graph import Model
+from onnxmpq.quantize import build, layer_formats
 from onnxmpq.rounding import QuantizedWeight, round_nearest
-from onnxmpq.engine import Frontier
 from onnxmpq.rounding.gptq import GptqSettings, RoundingResult, accumulate, round_layer, statistics_bytes
 from onnxmpq.rounding.linear import view_of
 from onnxmpq.types import Candidate, QuantOptions, TensorStats

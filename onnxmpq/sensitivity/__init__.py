@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from onnx import numpy_helper
@@ -20,10 +20,10 @@ from onnx import numpy_helper
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import weight_format
 from onnxmpq.graph import Model
+from onnxmpq.points import Unit
 from onnxmpq.registry import Registry
 from onnxmpq.rounding import round_nearest
 from onnxmpq.sensitivity import metrics as m
-from onnxmpq.points import Unit
 from onnxmpq.sensitivity.probe import Probe, Reference, sweep, unit_candidates
 from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
 

@@ -8,7 +8,7 @@ the CTC output of PP-OCR). A model with several outputs is scored on each and th
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Sequence
 
 from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError

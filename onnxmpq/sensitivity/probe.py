@@ -10,8 +10,8 @@ graph inputs instead: the baseline the benchmark compares with.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from onnx import numpy_helper
@@ -19,13 +19,13 @@ from onnx import numpy_helper
 from onnxmpq import graph
 from onnxmpq.calibrate.ranges import act_params, choose_range
 from onnxmpq.engine import Frontier
+from onnxmpq.errors import OnnxmpqError
 from onnxmpq.formats import act_format, required_opset, weight_format
+from onnxmpq.points import Unit
 from onnxmpq.quantize import build
 from onnxmpq.rounding import QuantizedWeight, round_nearest
-from onnxmpq.errors import OnnxmpqError
 from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
-from onnxmpq.points import Unit
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding
 
 N_OBSERVERS = 3
