@@ -15,9 +15,11 @@ from pathlib import Path
 
 import onnxmpq
 from benchmarks import common
-from onnxmpq import api, calibrate, graph, latency, plan
+from onnxmpq import api, latency, plan
 from onnxmpq.allocate import parse_budget
+from onnxmpq.context import RunContext
 from onnxmpq.sensitivity import parse_candidates
+from onnxmpq.types import QuantOptions
 
 SETS = {  # label -> (weight bits, act bits, extra budgets, latency budget as a fraction between min and max)
     "W4/W8, A8 (avg-bits=5)": ((4, 8), (8,), ["avg-bits=5"], 1.0),
@@ -26,13 +28,8 @@ SETS = {  # label -> (weight bits, act bits, extra budgets, latency budget as a 
 
 
 def _table(model: Path, weights, acts) -> latency.LatencyTable:
-    m = api.load(model)
-    source = calibrate.read(common.CALIB, m, limit=64)
-    m = graph.specialize(m, api.first_shapes(source))
-    points = m.points()
-    stats = calibrate.collect(m, source, points.groups(), logits=points.logits)
-    feed = {k: v[:1] for k, v in next(iter(source.batches(1))).inputs.items()}
-    return latency.profile(m, parse_candidates(weights, acts), stats, feed)
+    ctx = RunContext(api.load(model), common.CALIB, limit=64)
+    return latency.profile(ctx.model, parse_candidates(weights, acts), ctx.stats(QuantOptions()), ctx.first())
 
 
 def rows(tmp: Path) -> list[list]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from onnxmpq import calibrate, graph, paths, progress, qdq, runtime
+from onnxmpq.context import RunContext
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation
 from onnxmpq.evaluate import evaluate as _evaluate
@@ -78,30 +79,12 @@ def _allocation_bits(entry: dict, key: str, path) -> int | None:
     return value
 
 
-def first_shapes(source) -> dict[str, tuple[int, ...]]:
-    """Input shapes of the first sample of `source` (to give dynamic dims a size)."""
-    batch = next(iter(source.batches(1)), None)
-    return {name: tuple(array.shape) for name, array in batch.inputs.items()} if batch else {}
-
-
-def calibration_stats(model: Model, assignment: Mapping[str, Candidate], source, options: QuantOptions, *,
-                      batch_size: int = 32) -> dict:
-    """Statistics of the tensor groups that `assignment` quantizes (empty when none is)."""
-    points = model.points(options)
-    groups = points.groups_of(name for name, cand in assignment.items() if cand.act_bits)
-    if not groups:
-        return {}
-    with progress.bar("calibrate", len(source)) as advance:
-        return calibrate.collect(model, source, groups, batch_size=batch_size, on_batch=advance,
-                                 logits=points.logits)
-
-
-def round_weights(model: Model, assignment, source, stats, options: QuantOptions, batch_size: int = 32):
+def round_weights(ctx: RunContext, assignment, stats, options: QuantOptions, batch_size: int = 32):
     """GPTQ codes for the assignment's layers, with a progress bar per layer."""
     todo = sum(1 for c in assignment.values() if c.weight_bits)
     with progress.bar("gptq", todo, unit="layer") as advance:
-        return sequential.round_model(model, assignment, source, stats, options, batch_size=max(batch_size, 64),
-                                      on_layer=lambda name: advance(1))
+        return sequential.round_model(ctx.model, assignment, ctx.require_data("gptq rounding"), stats, options,
+                                      batch_size=max(batch_size, 64), on_layer=lambda name: advance(1))
 
 
 def with_profile_rules(options: QuantOptions, profile) -> QuantOptions:
@@ -143,6 +126,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     choosing = bool(budgets) or (allocation is not None and settings.max_drop is not None)
     options = with_profile_rules(options, settings.profile if allocation is not None else None)
     model = load(model)
+    if verify and calib is None:
+        verify = False
     output = Path(output)
     from onnxmpq.report import FILES
     paths.check_writes({"the output": output, **paths.folder_files(report_dir, FILES, "report folder")},
@@ -152,18 +137,21 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
-    chosen = None
+    judged = verify or (choosing and (settings.max_drop is not None or settings.method == "threshold"
+                                      or report_dir is not None))
+    ctx = RunContext(model, calib, limit=settings.limit, holdout=judged, preprocess=preprocess,
+                     batch_size=batch_size)
+    model, chosen = ctx.model, None
     if choosing:
         if calib is None:
             raise OnnxmpqError("choosing bits under a budget needs calibration data.", "pass --calib PATH.")
         rounding = rounding.resolve(settings.weight_bits, True)
-        chosen = plan.choose(model, calib, budgets, settings, options, rounding, preprocess=preprocess,
-                             sensitivity=table_source(model, calib, settings, rounding, options, preprocess))
+        chosen = plan.choose(ctx, budgets, settings, options, rounding,
+                             sensitivity=table_source(ctx, settings, rounding, options))
         assignment = {**chosen.assignment, **(layer_bits or {})}
     else:
         assignment = assign(model, weight_bits, act_bits, layer_bits, options)
-    proto, results, notes, model = materialize(model, assignment, calib, options, rounding, batch_size, limit,
-                                               preprocess)
+    proto, results, notes = materialize(ctx, assignment, options, rounding, batch_size)
     with progress.bar("write", 1, unit="file") as advance:
         file_bytes = save_model(proto, output)
         advance(1)
@@ -175,10 +163,10 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
                      + "; small layers carry a Q/DQ pair per tensor and a scale per channel, which can outweigh "
                      "what their narrower weights save (keep such layers float with --layer-bits NAME=float)")
     checked = None
-    if calib is not None and verify:
+    if verify:
         with progress.bar("verify", 1, unit="model") as advance:
             try:
-                checked = verification(model, output, calib, limit or settings.limit, preprocess, chosen)
+                checked = verification(ctx, output, chosen)
             except OnnxmpqError as exc:  # the model is written and valid; say why it could not be scored
                 checked = {"error": str(exc)}
             advance(1)
@@ -199,43 +187,36 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     if report_dir is not None:
         from onnxmpq import report as pages
         with progress.bar("report", 1, unit="page") as advance:
-            figs = pages.figures(report.to_dict(), chosen, model, calib, options, preprocess)
+            figs = pages.figures(report.to_dict(), chosen, ctx, options)
             pages.write(report.to_dict(stable=stable), report_dir, figs)
             advance(1)
     return report
 
 
-def materialize(model: Model, assignment, calib, options: QuantOptions, rounding: Rounding, batch_size: int = 32,
-                limit: int | None = None, preprocess=None):
-    """Statistics, rounding and the QDQ writer for one assignment: (proto, results, notes, model)."""
-    rounding = rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)
-    stats, weights, notes = {}, None, []
-    if calib is not None:
-        source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
-        model = graph.specialize(model, first_shapes(source))
-        stats = calibration_stats(model, assignment, source, options, batch_size=batch_size)
-    elif any(c.act_bits for c in assignment.values()) or rounding == Rounding.GPTQ:
+def materialize(ctx: RunContext, assignment, options: QuantOptions, rounding: Rounding, batch_size: int = 32):
+    """Statistics, rounding and the QDQ writer for one assignment: (proto, results, notes)."""
+    rounding = rounding.resolve([c.weight_bits for c in assignment.values()], ctx.has_data)
+    acts = [name for name, cand in assignment.items() if cand.act_bits]
+    if not ctx.has_data and (acts or rounding == Rounding.GPTQ):
         raise OnnxmpqError(f"{'gptq rounding' if rounding == Rounding.GPTQ else 'quantized activations'} "
                            "needs calibration data.", "pass --calib PATH.")
+    stats = ctx.stats(options, acts) if acts else {}
+    weights, notes = None, []
     if rounding == Rounding.GPTQ:
-        result = round_weights(model, assignment, source, stats, options, batch_size)
+        result = round_weights(ctx, assignment, stats, options, batch_size)
         weights = result.weights
         notes += [f"{name}: {reason}" for name, reason in result.fallbacks]
-    proto, results = build(model, assignment, stats, options, weights=weights)
-    return proto, results, notes, model
+    proto, results = build(ctx.model, assignment, stats, options, weights=weights)
+    return proto, results, notes
 
 
-def verification(model: Model, output: Path, calib, used: int, preprocess=None, chosen=None) -> dict:
-    """The written file against the float model on held-out calibration samples, its latency beside the
-    float model's (timed in alternation, batch 1), and the kernels onnxruntime runs it on after load."""
+def verification(ctx: RunContext, output: Path, chosen=None) -> dict:
+    """The written file against the float model on the held-out samples, its latency beside the float
+    model's (timed in alternation, batch 1), and the kernels onnxruntime runs it on after load."""
     from onnxmpq import latency
-    from onnxmpq.verify import Judge, held_out_batches
 
-    source = calibrate.read(calib, model, preprocess=preprocess)
-    feeds, held_out = held_out_batches(source, used, 256)
-    fidelity = Judge(model.proto, feeds, held_out).score(str(output))
-    first = {k: v[:1] for k, v in feeds[0].items()}
-    quantized_ms, float_ms = latency.time_pair(str(output), model.proto, first)
+    fidelity = ctx.judge.score(str(output))
+    quantized_ms, float_ms = latency.time_pair(str(output), ctx.model.proto, ctx.first())
     kernels = runtime.census(str(output))
     out = {**fidelity.to_dict(), "latency_ms": quantized_ms, "float_latency_ms": float_ms, "latency_batch": 1,
            "kernels": {"integer_compute": kernels.int_compute, "float_compute": kernels.float_compute}}
@@ -322,26 +303,36 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     engine's cut; `workers` > 1 splits the candidates over processes.
     """
     from onnxmpq import sensitivity as sens
-    from onnxmpq.sensitivity import cache, parallel
 
     model = load(model)
     for name in metrics:
         sens.METRICS.get(name)
+    data_free = all(sens.METRICS.get(name).data_free for name in metrics)
+    ctx = RunContext(model, None if data_free else calib, limit=limit, preprocess=preprocess)
+    return measure(ctx, metrics, weight_bits, act_bits, separate=separate, rounding=rounding, options=options,
+                   batch_size=batch_size, workers=workers, cache_dir=cache_dir, naive=naive, executor=executor,
+                   address=address)
+
+
+def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int], act_bits: Sequence[int | None], *,
+            separate: bool = False, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
+            batch_size: int = 64, workers: int = 1, cache_dir=None, naive: bool = False, executor: str = "process",
+            address: str | None = None) -> list:
+    """The sensitivity tables of `sensitivity`, measured on the run's calibration samples and statistics."""
+    from onnxmpq import sensitivity as sens
+    from onnxmpq.sensitivity import cache, parallel
+
     candidates = sens.parse_candidates(weight_bits, act_bits, separate)
     data_free = all(sens.METRICS.get(name).data_free for name in metrics)
-    rounding = Rounding(rounding).resolve(weight_bits, calib is not None and not data_free)
+    rounding = Rounding(rounding).resolve(weight_bits, ctx.has_data and not data_free)
     batches, stats = [], None
-    if calib is not None and not data_free:
-        source = calibrate.read(calib, model, limit=limit, preprocess=preprocess)
-        model = graph.specialize(model, first_shapes(source))
-        batches = [dict(b.inputs) for b in source.batches(batch_size)]
+    if not data_free:
+        if not ctx.has_data:
+            raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", "pass --calib PATH.")
+        batches = ctx.require_data("sensitivity").feeds(batch_size)
         if any(c.act_bits for c in candidates):
-            with progress.bar("calibrate", len(source)) as advance:
-                points = model.points(options)
-                stats = calibrate.collect(model, source, points.groups(), batch_size=batch_size,
-                                          on_batch=advance, logits=points.logits)
-    elif not data_free:
-        raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", "pass --calib PATH.")
+            stats = ctx.stats(options)
+    model = ctx.model
     settings = {"metrics": list(metrics), "candidates": [c.key for c in candidates], "rounding": str(rounding),
                 "options": repr(options), "naive": naive}
     key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
@@ -367,16 +358,15 @@ def allocation_problem(model: Model, table, candidates: Sequence[Candidate], bud
     return build_problem(model, table, candidates, budgets, profiles.load(profile), options, keep, latency)[0]
 
 
-def table_source(model, calib, settings, rounding: Rounding, options: QuantOptions, preprocess=None):
+def table_source(ctx: RunContext, settings, rounding: Rounding, options: QuantOptions):
     """The `sensitivity(metric, weight_bits, act_bits)` callable `plan.choose` takes: one measured table
-    per metric, with the allocation's samples, cache and rounding, kept for later calls (a sweep)."""
+    per metric, with the run's samples, cache and rounding, kept for later calls (a sweep)."""
     tables: dict = {}
 
     def table(metric: str, weight_bits, act_bits):
         if metric not in tables:
-            tables[metric] = sensitivity(model, calib, metrics=[metric], weight_bits=weight_bits, act_bits=act_bits,
-                                         rounding=rounding, options=options, limit=settings.limit,
-                                         cache_dir=settings.cache_dir, preprocess=preprocess)[0]
+            tables[metric] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
+                                     cache_dir=settings.cache_dir)[0]
         return tables[metric]
     return table
 
@@ -387,11 +377,12 @@ def allocate(model, calib, budgets, *, rounding: Rounding | str = Rounding.AUTO,
     returns (assignment, Allocation, SensitivityTable)."""
     from onnxmpq import plan
 
-    model = load(model)
     config = plan.Settings(**settings)
+    judged = config.max_drop is not None or config.method == "threshold"
+    ctx = RunContext(load(model), calib, limit=config.limit, holdout=judged, preprocess=preprocess)
     rounding = Rounding(rounding).resolve(config.weight_bits, True)
-    chosen = plan.choose(model, calib, budgets, config, options, rounding, preprocess=preprocess,
-                         sensitivity=table_source(model, calib, config, rounding, options, preprocess))
+    chosen = plan.choose(ctx, budgets, config, options, rounding,
+                         sensitivity=table_source(ctx, config, rounding, options))
     return chosen.assignment, chosen.allocation, chosen.table
 
 

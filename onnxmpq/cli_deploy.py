@@ -62,7 +62,8 @@ def list_profiles(name, as_json):
 @quiet_option
 def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_layout, as_json):
     """Measure each layer's latency at each candidate in onnxruntime on this machine (batch 1)."""
-    from onnxmpq import calibrate, graph, latency, progress
+    from onnxmpq import latency, progress
+    from onnxmpq.context import RunContext
     from onnxmpq.sensitivity import parse_candidates
     from onnxmpq.types import QuantOptions
 
@@ -70,12 +71,10 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
     paths.check_writes({"-o/--output": output}, {"model": model, "--calib": calib})
     cands = parse_candidates([b for b in (_bits(v.strip(), "--bits") for v in bits.split(",")) if b],
                              [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")])
-    source = calibrate.read(calib, m, limit=64)
-    m = graph.specialize(m, api.first_shapes(source))
-    stats = calibrate.collect(m, source, m.points().groups(), logits=m.points().logits)
-    feed = {k: v[:1] for k, v in next(iter(source.batches(1))).inputs.items()}
-    with progress.bar("latency", len(m.points().units), unit="unit") as advance:
-        table = latency.profile(m, cands, stats, feed, QuantOptions(weight_layout=weight_layout), runs, threads,
+    ctx = RunContext(m, calib, limit=64)
+    options = QuantOptions(weight_layout=weight_layout)
+    with progress.bar("latency", len(ctx.model.points().units), unit="unit") as advance:
+        table = latency.profile(ctx.model, cands, ctx.stats(options), ctx.first(), options, runs, threads,
                                 on_layer=lambda n: advance(1))
     table.save(output)
     lines = [f"wrote {output}: reference {table.reference} {table.reference_ms:.3f} ms, float {table.float_ms:.3f} ms "

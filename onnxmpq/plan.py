@@ -21,16 +21,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from onnxmpq import calibrate, profiles, progress
+from onnxmpq import profiles, progress
 from onnxmpq.allocate import Allocation, Budget, Problem, extremes, result, solve
 from onnxmpq.allocate.greedy import ladder
 from onnxmpq.allocate.problem import build_problem, candidate_columns
+from onnxmpq.context import DEFAULT_LIMIT, RunContext
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.quantize import build
 from onnxmpq.types import Candidate, QuantOptions, Rounding
-from onnxmpq.verify import Judge, held_out_batches
 
-HELD_OUT = 256
 STEP_BITS = 0.25
 
 
@@ -49,7 +48,7 @@ class Settings:
     max_drop: float | None = None
     latency: str | None = None     # a latency table file; measured when a latency-ms budget needs one
     trials: int = 40
-    limit: int = 256
+    limit: int = DEFAULT_LIMIT
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -77,43 +76,30 @@ class Plan:
     profile: object = None
 
 
-class Context:
-    """Calibration data, statistics and the fidelity judge, made once and shared by the searches."""
-
-    def __init__(self, model, calib, settings: Settings, options: QuantOptions, preprocess=None):
-        self.model, self.settings = model, settings
-        source = calibrate.read(calib, model, preprocess=preprocess)
-        feeds, held_out = held_out_batches(source, settings.limit, HELD_OUT)
-        self.judge = Judge(model.proto, feeds, held_out)
-        self.first = {k: v[:1] for k, v in feeds[0].items()} if feeds else {}
-        calib_source = calibrate.read(calib, model, limit=settings.limit, preprocess=preprocess)
-        points = model.points(options)
-        self.stats = calibrate.collect(model, calib_source, points.groups(), logits=points.logits)
-
-    def drop(self, assignment: Mapping[str, Candidate], options: QuantOptions) -> float:
-        proto, _ = build(self.model, assignment, self.stats, options)
-        return self.judge.score(proto).drop
+def measured_drop(ctx: RunContext, assignment: Mapping[str, Candidate], options: QuantOptions) -> float:
+    """The measured drop of `assignment` built with nearest rounding, on the run's held-out samples."""
+    proto, _ = build(ctx.model, assignment, ctx.stats(options), options)
+    return ctx.judge.score(proto).drop
 
 
-def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options: QuantOptions,
-           rounding: Rounding, sensitivity: Callable, preprocess=None) -> Plan:
-    """The allocation stage (see the module docstring). `sensitivity(metric, weight_bits, act_bits)` gives
-    the SensitivityTable (the caller decides rounding, samples and caching)."""
+def choose(ctx: RunContext, budgets: Sequence[Budget], settings: Settings, options: QuantOptions,
+           rounding: Rounding, sensitivity: Callable) -> Plan:
+    """The allocation stage (see the module docstring) on the run's model and data.
+    `sensitivity(metric, weight_bits, act_bits)` gives the SensitivityTable (the caller decides rounding,
+    samples and caching)."""
     from onnxmpq.sensitivity import parse_candidates
 
     if not budgets and settings.max_drop is None:
         raise OnnxmpqError("choosing bits needs a --budget or a --max-drop.", "add e.g. --budget avg-bits=4.")
     profile = profiles.load(settings.profile)
     candidates = parse_candidates(settings.weight_bits, settings.act_bits)
+    model = ctx.model
     table = sensitivity(settings.effective_metric, settings.weight_bits, settings.act_bits)
-    ctx = Context(model, calib, settings, options, preprocess) if (
-        settings.max_drop is not None or settings.method == "threshold"
-        or any(b.kind == "latency-ms" for b in budgets)) else None
-    latency = _latency(model, candidates, budgets, settings, options, ctx, profile)
+    latency = _latency(ctx, candidates, budgets, settings, options, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
     columns = candidate_columns(model.points(options), candidates)
-    if ctx is not None:
+    if settings.max_drop is not None or settings.method == "threshold":
         problem = _with_fidelity(problem, fixed, columns, ctx, options)
     with progress.bar(f"solve ({settings.method})", 1, unit="step") as advance:
         allocation, search = _solve(problem, budgets, settings)
@@ -125,26 +111,26 @@ def choose(model, calib, budgets: Sequence[Budget], settings: Settings, options:
     return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, profile)
 
 
-def _latency(model, candidates, budgets, settings: Settings, options, ctx, profile):
+def _latency(ctx: RunContext, candidates, budgets, settings: Settings, options, profile):
     if not any(b.kind == "latency-ms" for b in budgets):
         return None
     from onnxmpq import latency
 
     if settings.latency:
         return latency.LatencyTable.load(settings.latency)
-    points = model.points(options)
+    points = ctx.model.points(options)
     fixed = {u.name: Candidate(None, None) for u in points.layers
              if not any(profile.allows(u.op_type, c) for c in candidates)}
     fixed.update({**profile.pin, **settings.keep})
     with progress.bar("latency", len(points.units), unit="unit") as advance:
-        return latency.profile(model, candidates, ctx.stats, ctx.first, options, on_layer=lambda n: advance(1),
-                               fixed=fixed)
+        return latency.profile(ctx.model, candidates, ctx.stats(options), ctx.first(), options,
+                               on_layer=lambda n: advance(1), fixed=fixed)
 
 
-def _with_fidelity(problem: Problem, fixed, candidates, ctx: Context, options: QuantOptions) -> Problem:
+def _with_fidelity(problem: Problem, fixed, candidates, ctx: RunContext, options: QuantOptions) -> Problem:
     def fidelity(index: Sequence[int]) -> float:
         chosen = {problem.layers[l]: candidates[c] for l, c in enumerate(index)}
-        return ctx.drop({**chosen, **fixed}, options)
+        return measured_drop(ctx, {**chosen, **fixed}, options)
     return replace(problem, fidelity=fidelity)
 
 

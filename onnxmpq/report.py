@@ -117,7 +117,7 @@ def png_of(draw, *args, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def figures(report_dict: dict, chosen=None, model=None, calib=None, options=None, preprocess=None) -> dict[str, bytes]:
+def figures(report_dict: dict, chosen=None, ctx=None, options=None) -> dict[str, bytes]:
     """The report's plots: bits per layer; with a chosen allocation, its sensitivity table and a Pareto
     curve (nearest rounding, average bits from the smallest to the largest candidate in 0.5 steps)."""
     from onnxmpq import plots
@@ -127,7 +127,7 @@ def figures(report_dict: dict, chosen=None, model=None, calib=None, options=None
         return out
     if chosen.table is not None:
         out[f"Sensitivity per layer and candidate ({chosen.table.metric})"] = png_of(plots.sensitivity_plot, [chosen.table])
-    points = pareto_points(chosen, model, calib, options, preprocess)
+    points = pareto_points(chosen, ctx, options)
     if points:
         from onnxmpq.sweep import frontier
         verified = report_dict.get("verification") or {}
@@ -138,13 +138,13 @@ def figures(report_dict: dict, chosen=None, model=None, calib=None, options=None
     return out
 
 
-def pareto_points(chosen, model, calib, options, preprocess=None) -> list[dict]:
-    """Solve at each average width on the chosen problem, build with nearest rounding and score."""
+def pareto_points(chosen, ctx, options) -> list[dict]:
+    """Solve at each average width on the chosen problem, build with nearest rounding and score on the
+    run's held-out samples (`ctx`, a RunContext)."""
     from dataclasses import replace
 
     import numpy as np
 
-    from onnxmpq import plan
     from onnxmpq.allocate import Budget, solve
     from onnxmpq.allocate.problem import build_problem, candidate_columns
     from onnxmpq.errors import ConstraintError
@@ -152,8 +152,7 @@ def pareto_points(chosen, model, calib, options, preprocess=None) -> list[dict]:
     from onnxmpq.quantize import build
     from onnxmpq.sensitivity import parse_candidates
 
-    settings = replace(chosen.settings, max_drop=None)
-    ctx = plan.Context(model, calib, settings, options, preprocess)
+    settings, model = replace(chosen.settings, max_drop=None), ctx.model
     candidates = parse_candidates(settings.weight_bits, settings.act_bits)
     widths = [w for w in settings.weight_bits if w]
     points = []
@@ -167,6 +166,6 @@ def pareto_points(chosen, model, calib, options, preprocess=None) -> list[dict]:
             continue
         by_key = {c.key: c for c in candidate_columns(model.points(options), candidates)}
         assignment = {**{n: by_key[k] for n, k in alloc.choice.items()}, **fixed}
-        proto, results = build(model, assignment, ctx.stats, options)
+        proto, results = build(model, assignment, ctx.stats(options), options)
         points.append({"value": float(value), **summarize(results), **ctx.judge.score(proto).to_dict()})
     return points

@@ -72,10 +72,10 @@ def outputs(output, spec: str, write_models: bool) -> dict[str, Path]:
 
 def run(model, output, calib, spec: str, settings, *, options, rounding, batch_size: int = 32, preprocess=None,
         write_models: bool = False) -> dict:
-    from onnxmpq import api, calibrate, plan, progress
+    from onnxmpq import api, plan, progress
+    from onnxmpq.context import RunContext
     from onnxmpq.export import save_model, summarize, write_json
     from onnxmpq.types import Rounding
-    from onnxmpq.verify import Judge, held_out_batches
 
     kind, values, relative = parse_range(spec)
     model = api.load(model)
@@ -84,24 +84,21 @@ def run(model, output, calib, spec: str, settings, *, options, rounding, batch_s
     output = Path(output)
     paths.check_writes(outputs(output, spec, write_models), {"model": model.path, "calibration data": calib})
     rounding = Rounding(rounding).resolve(settings.weight_bits, True)
-    table = api.table_source(model, calib, settings, rounding, options, preprocess)
-
-    source = calibrate.read(calib, model, preprocess=preprocess)
-    judge = Judge(model.proto, *held_out_batches(source, settings.limit, 256))
+    ctx = RunContext(model, calib, limit=settings.limit, holdout=True, preprocess=preprocess, batch_size=batch_size)
+    table = api.table_source(ctx, settings, rounding, options)
     points = []
     with progress.bar("sweep", len(values), unit="point") as advance:
         for value in values:
             budget = Budget(kind, value * (1 if relative else 1), relative)
             try:
-                chosen = plan.choose(model, calib, [budget], dataclasses.replace(settings, max_drop=None), options,
-                                     rounding, table, preprocess)
+                chosen = plan.choose(ctx, [budget], dataclasses.replace(settings, max_drop=None), options,
+                                     rounding, table)
             except ConstraintError as exc:
                 points.append({"value": value, "error": str(exc).split(". Hint")[0]})
                 advance(1)
                 continue
-            proto, results, _, _ = api.materialize(model, chosen.assignment, calib, options, rounding, batch_size,
-                                                   settings.limit, preprocess)
-            point = {"value": value, **summarize(results), **judge.score(proto).to_dict(),
+            proto, results, _ = api.materialize(ctx, chosen.assignment, options, rounding, batch_size)
+            point = {"value": value, **summarize(results), **ctx.judge.score(proto).to_dict(),
                      "status": chosen.allocation.status, "bits": {n: c.key for n, c in chosen.assignment.items()}}
             if write_models:
                 path = _model_path(output, value)

@@ -7,8 +7,8 @@ of the first output. The drop used by `--max-drop`, the threshold method and the
     drop = 1 - agreement   (the share of predictions, or of time steps for a sequence output, that
                             change against the float model; label-free)
 
-Held out: the samples after the first `used` ones the calibration took, when the set has more;
-otherwise the calibration samples themselves (the report says which).
+The samples are the run's held-out split (`context.RunContext`): never those the model was calibrated
+or rounded on, unless the set is too small to split (`Fidelity.held_out` says which).
 """
 
 from __future__ import annotations
@@ -57,22 +57,3 @@ class Judge:
         sqnr = 10 * np.log10(sums.signal / sums.noise) if sums.noise > 0 else float("inf")
         return Fidelity(sums.samples, self.held_out, sums.agree / max(sums.rows, 1), sums.kl / max(sums.rows, 1),
                         float(sqnr))
-
-
-def held_out_batches(source, used: int, count: int, batch_size: int = 64) -> tuple[list[dict], bool]:
-    """Up to `count` samples after the first `used` of `source` (a DataSource), as feeds; when the source
-    has no sample beyond `used`, its first `count` samples (held_out False)."""
-    held_out = len(source) > used
-    skip = used if held_out else 0
-    feeds, seen, taken = [], 0, 0
-    for batch in source.batches(batch_size):
-        start = max(0, skip - seen)
-        seen += batch.size
-        if start >= batch.size:
-            continue
-        take = min(batch.size - start, count - taken)
-        feeds.append({k: v[start:start + take] for k, v in batch.inputs.items()})
-        taken += take
-        if taken >= count:
-            break
-    return feeds, held_out

@@ -529,12 +529,12 @@ def test_quantize_limit_reaches_the_sensitivity_measurement(monkeypatch, tmp_pat
     seen = {}
     cands = [Candidate(w, 8) for w in range(2, 9)]
 
-    def spy(model, calib=None, **kw):
-        seen.update(kw)
+    def spy(ctx, metrics, *args, **kw):
+        seen.update(metrics=metrics, samples=len(ctx.calibration))
         return [fake_table(resnet, cands)]
 
-    monkeypatch.setattr(api, "sensitivity", spy)
+    monkeypatch.setattr(api, "measure", spy)
     api.quantize(RESNET, tmp_path / "out.onnx", CALIB, budgets=[parse_budget("avg-bits=6")],
                  allocation={"metric": "kl"}, limit=32, rounding="nearest")
     assert seen["metrics"] == ["kl"]
-    assert seen["limit"] <= 32, seen["limit"]
+    assert seen["samples"] <= 32, seen["samples"]

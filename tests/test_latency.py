@@ -17,6 +17,7 @@ from conftest import build_cnn, cli, feed_for, one_error_line
 
 from onnxmpq import api, calibrate, graph
 from onnxmpq.allocate import parse_budget, solve
+from onnxmpq.context import RunContext
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.latency import LatencyTable, kernel_class, profile
 from onnxmpq.types import Candidate, QuantOptions
@@ -278,9 +279,8 @@ def test_predicted_latency_is_rescaled_by_the_float_speed_now(tiny_files):
     report = quantize_tiny(tiny_files, "rescaled")
     chosen = {layer.name: Candidate(layer.weight_bits, layer.act_bits) for layer in report.layers}
     table = LatencyTable("w8a8", 5.0, 2.0, {}, 1, 2, 30)
-    model = api.load(tiny_files / "cnn.onnx")
-    v = api.verification(model, Path(report.output), tiny_files / "calib.npz", 32,
-                         chosen=SimpleNamespace(latency=table, assignment=chosen))
+    ctx = RunContext(api.load(tiny_files / "cnn.onnx"), tiny_files / "calib.npz", limit=32, holdout=True)
+    v = api.verification(ctx, Path(report.output), chosen=SimpleNamespace(latency=table, assignment=chosen))
     assert v["predicted_latency_ms"] == 5.0
     assert v["predicted_latency_now_ms"] == pytest.approx(5.0 * v["float_latency_ms"] / 2.0)
 
