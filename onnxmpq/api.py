@@ -175,7 +175,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         units=results.units, tensors=results.tensors, float_ops=results.floats,
         file_bytes=file_bytes, float_file_bytes=float_file_bytes, file_breakdown=breakdown,
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
-        notes=storage_notes(results.layers) + notes,
+        notes=list(model.notes) + storage_notes(results.layers) + notes,
         allocation=_allocation_dict(chosen, budgets, settings, {s.name for s in model.layers}),
         verification=checked,
         settings={"rounding": str(rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)),

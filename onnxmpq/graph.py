@@ -52,6 +52,7 @@ class Model:
     skipped: tuple[tuple[str, str], ...]
     inputs: tuple[InputSpec, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the loader repaired (a declared output shape the graph contradicts)
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # points per rule set
 
     def points(self, options=None):
@@ -152,13 +153,15 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None, copy: bool = Tr
     _drop_initializer_inputs(proto.graph)
     proto.ir_version = max(proto.ir_version, 7)  # IR >= 4 lets initializers stay out of the inputs
     _fold_weight_chains(proto)
-    proto = infer_shapes(proto)  # the folds below need shapes
+    repaired: list[str] = []
+    proto = infer_shapes(proto, repaired)  # the folds below need shapes
     if fold_all(proto.graph):
         keep_initializers(proto.graph, names_read(proto.graph))
-        proto = infer_shapes(proto)
+        proto = infer_shapes(proto, repaired)
     layers, skipped = find_layers(proto)
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return Model(proto, path, tuple(layers), tuple(skipped), tuple(graph_inputs(proto)), metadata)
+    return Model(proto, path, tuple(layers), tuple(skipped), tuple(graph_inputs(proto)), metadata,
+                 notes=tuple(dict.fromkeys(repaired)))
 
 
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -195,10 +198,15 @@ def keep_initializers(graph: onnx.GraphProto, names) -> None:
 SKELETON_BYTES = 1024  # initializers above this size lose their data in the shape-inference skeleton
 
 
-def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(proto: onnx.ModelProto, repaired: list[str] | None = None) -> onnx.ModelProto:
     """Runs onnx shape inference on a skeleton of the model whose large initializers keep only their type
     and dims (shapes need no weight values; small ones, which may hold shapes, keep theirs), then copies
-    the inferred value_info back: memory stays near one copy of the weights, and models over 2 GB work."""
+    the inferred value_info back: memory stays near one copy of the weights, and models over 2 GB work.
+
+    The graph outputs' declared shapes are not fed to inference: a declared shape that what the graph
+    computes contradicts (rank, or a static dim) is replaced by the computed one and said in `repaired`.
+    Merged in, such a conflict would be dropped silently here (non-strict) while the value_info found by
+    data propagation would make the written model fail `check_model(full_check=True)`."""
     skeleton = onnx.ModelProto()
     for attr in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(skeleton, attr, getattr(proto, attr))
@@ -209,6 +217,8 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(proto.graph.node)
     graph.input.extend(proto.graph.input)
     graph.output.extend(proto.graph.output)
+    for out in graph.output:
+        out.type.tensor_type.ClearField("shape")
     graph.value_info.extend(proto.graph.value_info)
     for tensor in proto.graph.initializer:
         if tensor.ByteSize() <= SKELETON_BYTES:
@@ -223,8 +233,40 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
     for mine, theirs in zip(proto.graph.output, inferred.graph.output):
+        declared = onnx.TensorShapeProto()
+        if mine.type.tensor_type.HasField("shape"):
+            declared.CopyFrom(mine.type.tensor_type.shape)
+        had_shape = mine.type.tensor_type.HasField("shape")
         mine.CopyFrom(theirs)
+        if had_shape:
+            shape, conflict = _merge_declared(declared, theirs.type.tensor_type)
+            mine.type.tensor_type.shape.CopyFrom(shape)
+            if conflict and repaired is not None:
+                repaired.append(f"output {mine.name!r} is declared {_dims(declared)} but the graph computes "
+                                f"{_dims(shape)}; the quantized model declares the computed shape")
     return proto
+
+
+def _dims(shape: onnx.TensorShapeProto) -> str:
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                           for d in shape.dim) + "]"
+
+
+def _merge_declared(declared: onnx.TensorShapeProto, inferred) -> tuple[onnx.TensorShapeProto, bool]:
+    """The declared shape refined by the inferred one, or the inferred one where they conflict (another
+    rank, or two different static sizes); (shape, conflict)."""
+    if not inferred.HasField("shape"):
+        return declared, False
+    computed = inferred.shape
+    if len(computed.dim) != len(declared.dim):
+        return computed, True
+    merged, conflict = onnx.TensorShapeProto(), False
+    merged.CopyFrom(declared)
+    for mine, theirs in zip(merged.dim, computed.dim):
+        if theirs.HasField("dim_value"):  # a static size refines a symbolic one, as onnx's merge does
+            conflict |= mine.HasField("dim_value") and mine.dim_value != theirs.dim_value
+            mine.dim_value = theirs.dim_value
+    return merged, conflict
 
 
 MAX_TENSOR_NAME = 48  # characters; longer internal tensor names are shortened at load

@@ -526,3 +526,55 @@ def test_a_model_exported_at_batch_1_is_calibrated_verified_and_allocated(tmp_pa
                          "--bits", "4,8", "--json")
     assert code == 0, err
     assert json.loads(out)["verification"]["samples"] == 4
+
+
+def wrong_output_shape_model(declared, batch="N") -> onnx.ModelProto:
+    """Conv -> Relu -> Reshape to [N, 8, -1] (the target's length computed at run time: Shape(r)[0 :
+    rank(x) - 1] ++ [-1], so only data propagation knows the rank) -> Softmax -> y, declared `declared`
+    while the graph computes [N, 8, 16]. It passes check_model(full_check=True) as given."""
+    from conftest import arr, model, node, vi
+
+    ints = lambda *v: np.array(v, np.int64)  # noqa: E731
+    return model(
+        [node("Conv", ["x", "W", "B"], ["c"], "conv", pads=[1, 1, 1, 1]),
+         node("Relu", ["c"], ["r"], "relu"),
+         node("Shape", ["r"], ["s"], "shape_r"), node("Shape", ["x"], ["sx"], "shape_x"),
+         node("Gather", ["sx", "i1"], ["three"], "gather", axis=0), node("Sub", ["three", "one"], ["two"], "sub"),
+         node("Slice", ["s", "zero", "two"], ["s01"], "slice"), node("Concat", ["s01", "m1"], ["shp"], "concat", axis=0),
+         node("Reshape", ["r", "shp"], ["t"], "reshape"), node("Softmax", ["t"], ["y"], "softmax", axis=-1)],
+        [vi("x", [batch, 3, 4, 4])], [vi("y", declared)],
+        {"W": arr(1, 8, 3, 3, 3, scale=0.3), "B": arr(2, 8, scale=0.1), "i1": ints(1), "one": ints(1),
+         "zero": ints(0), "m1": ints(-1)}, 17)
+
+
+@pytest.mark.parametrize("declared", [["N", "K"], ["N", 7, "T"], [1, 8, 15]])
+def test_a_wrongly_declared_output_shape_is_repaired_and_said(tmp_path, capsys, declared):
+    """The loader's shape inference (with data propagation) used to store intermediate shapes that
+    contradict the declared output, so the written model failed the checker: InternalError."""
+    from onnxmpq import graph
+
+    static = declared[0] == 1
+    proto = wrong_output_shape_model(declared, 1 if static else "N")
+    onnx.checker.check_model(proto, full_check=True)
+    path, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(proto, path)
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(6, 3, 4, 4)).astype(np.float32))
+    loaded = graph.load(path)
+    onnx.checker.check_model(loaded.proto, full_check=True)
+    computed = "[1, 8, 16]" if static else "[N, 8, "
+    assert [n for n in loaded.notes if f"'y' is declared {graph._dims(proto.graph.output[0].type.tensor_type.shape)}"
+            f" but the graph computes {computed}" in n], loaded.notes
+    code, out, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib, "-w", "8", "-a", "8")
+    assert code == 0, err
+    assert "output 'y' is declared" in out
+    written = onnx.load(tmp_path / "q.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    assert len(written.graph.output[0].type.tensor_type.shape.dim) == 3
+
+
+def test_a_correct_declared_output_shape_raises_no_note(tmp_path):
+    from onnxmpq import graph
+
+    path = tmp_path / "m.onnx"
+    onnx.save(wrong_output_shape_model(["N", "C", "T"]), path)
+    assert graph.load(path).notes == ()
