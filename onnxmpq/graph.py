@@ -378,7 +378,7 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
     while stack:
         g = stack.pop()
         for node in g.node:
-            names.update(node.input)
+            names.update(i for i in node.input if i)  # '' is an omitted optional input, not a tensor
             for sub in _subgraphs(node):
                 stack.append(sub)
     return names

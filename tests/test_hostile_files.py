@@ -578,3 +578,32 @@ def test_a_correct_declared_output_shape_raises_no_note(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(wrong_output_shape_model(["N", "C", "T"]), path)
     assert graph.load(path).notes == ()
+
+
+def test_an_omitted_optional_input_inside_a_branch_is_not_a_tensor(tmp_path, capsys):
+    """MatMul -> If{then: Clip(h, '', hi); else: Identity(h)} -> MatMul (a VAD model with its sample-rate If
+    inlined keeps such branches: an LSTM's omitted sequence_lens). GPTQ and the sensitivity probes run the
+    graph in pieces and took '' for a tensor the If reads: 'tensor '' is neither computed nor at the cut'."""
+    from conftest import arr, model, node, vi
+    from onnx import helper
+
+    from onnxmpq.graph import node_reads
+
+    def branch(op, inputs, out):
+        return helper.make_graph([helper.make_node(op, inputs, [out])], op, [], [vi(out, None)])
+
+    proto = model([node("MatMul", ["x", "W1"], ["h"], "mm1"),
+                   node("If", ["cond"], ["y"], "if0", then_branch=branch("Clip", ["h", "", "hi"], "t"),
+                        else_branch=branch("Identity", ["h"], "e")),
+                   node("MatMul", ["y", "W2"], ["out"], "mm2")],
+                  [vi("x", ["N", 16])], [vi("out", ["N", 4])],
+                  {"W1": arr(1, 16, 16, scale=0.3), "W2": arr(2, 16, 4, scale=0.3),
+                   "hi": np.array(1.5, np.float32), "cond": np.array(True)}, 17)
+    assert "" not in node_reads(proto.graph.node[1])
+    path, calib = tmp_path / "if.onnx", tmp_path / "c.npz"
+    onnx.save(proto, path)
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32))
+    for extra in (["-w", "4", "-a", "8"], ["--budget", "avg-bits=6", "--bits", "4,8"]):
+        code, out, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib, *extra)
+        assert code == 0, err
+        onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"), full_check=True)
