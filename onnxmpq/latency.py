@@ -81,7 +81,7 @@ def _warm(proto, feed, threads: int):
     """A warmed-up session whose idle threads do not spin (sessions are timed in turn)."""
     sess = runtime.session(proto, threads, spin=False)
     for _ in range(WARMUP):
-        sess.run(None, dict(feed))
+        runtime.run(sess, dict(feed))
     return sess
 
 

@@ -607,3 +607,20 @@ def test_an_omitted_optional_input_inside_a_branch_is_not_a_tensor(tmp_path, cap
         code, out, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib, *extra)
         assert code == 0, err
         onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"), full_check=True)
+
+
+def test_an_input_whose_batch_is_not_on_dim_0_is_refused_clearly(tmp_path, capsys):
+    """A recurrent state [2, N, 8] beside x [N, 8]: fed batch-first it reached onnxruntime with the wrong
+    axis and ended in a traceback from the latency timing."""
+    from conftest import arr, model, node, vi
+
+    proto = model([node("MatMul", ["x", "W"], ["h"], "mm"), node("ReduceSum", ["s", "axes"], ["r"], "sum", keepdims=0),
+                   node("Add", ["h", "r"], ["y"], "add")],
+                  [vi("x", ["N", 8]), vi("s", [2, "N", 8])], [vi("y", ["N", 8])],
+                  {"W": arr(1, 8, 8), "axes": np.array([0], np.int64)}, 17)
+    path, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(proto, path)
+    np.savez(calib, x=np.zeros((2, 8), np.float32), s=np.zeros((2, 2, 8), np.float32))
+    code, _, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib)
+    assert_refused(code, err, "model input 's' has shape (2, ?, 8)")
+    assert "axis 1" in err and not (tmp_path / "q.onnx").exists()

@@ -308,6 +308,22 @@ def detect_reader(path_or_object: Any) -> str:
                        f"pass {_EXPECTED}, or an object with get_next().")
 
 
+def _check_batch_first(inputs: Sequence[InputSpec]) -> None:
+    """Every input carries the samples on dim 0. An input whose dim 0 is fixed while another input's is
+    dynamic holds its batch elsewhere (a recurrent state [layers, N, hidden]): refused with its axis."""
+    if not any(spec.shape and spec.shape[0] is None for spec in inputs):
+        return
+    for spec in inputs:
+        if spec.shape and spec.shape[0] is not None and None in spec.shape[1:]:
+            axis = spec.shape.index(None, 1)
+            raise OnnxmpqError(
+                f"model input {spec.name!r} has shape {_dims(spec.shape)}: its dim 0 is fixed while other inputs "
+                f"have a dynamic batch, so its samples run along axis {axis}; onnxmpq feeds every input with the "
+                "samples on dim 0.",
+                f"export the model with {spec.name!r} batch-first (a Transpose inside the model), or quantize "
+                "without --calib (weights only).")
+
+
 def open_source(path_or_object: Any, inputs: Sequence[InputSpec], *, limit: int | None = None,
                 preprocess: Preprocess | None = None, reader: str | None = None,
                 labels_key: str = "labels") -> CheckedSource:
@@ -332,6 +348,7 @@ def open_source(path_or_object: Any, inputs: Sequence[InputSpec], *, limit: int 
     inputs = tuple(inputs)
     if not inputs:
         raise OnnxmpqError("the model has no inputs to feed data to.", "check the model's graph inputs.")
+    _check_batch_first(inputs)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise OnnxmpqError(f"the sample limit must be a positive integer, got {limit!r}.", "use e.g. 512.")
     name = reader or detect_reader(path_or_object)
