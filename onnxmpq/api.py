@@ -308,7 +308,7 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     for name in metrics:
         sens.METRICS.get(name)
     data_free = all(sens.METRICS.get(name).data_free for name in metrics)
-    ctx = RunContext(model, None if data_free else calib, limit=limit, preprocess=preprocess)
+    ctx = RunContext(model, None if data_free else calib, limit=limit, preprocess=preprocess, batch_size=batch_size)
     return measure(ctx, metrics, weight_bits, act_bits, separate=separate, rounding=rounding, options=options,
                    batch_size=batch_size, workers=workers, cache_dir=cache_dir, naive=naive, executor=executor,
                    address=address)
@@ -366,7 +366,7 @@ def table_source(ctx: RunContext, settings, rounding: Rounding, options: QuantOp
     def table(metric: str, weight_bits, act_bits):
         if metric not in tables:
             tables[metric] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
-                                     cache_dir=settings.cache_dir)[0]
+                                     batch_size=ctx.batch_size, cache_dir=settings.cache_dir)[0]
         return tables[metric]
     return table
 

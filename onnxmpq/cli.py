@@ -152,8 +152,10 @@ def cli(quiet: bool):
                    "kernels); layers: only the weighted layers' weights and inputs (the older form).")
 @click.option("--int2-container", type=click.Choice(["int2", "int4"]), default="int2", show_default=True,
               help="Store 2-bit weights as INT2 (with a Reshape guard) or in INT4.")
-@click.option("--limit", type=int, help="Use at most this many calibration samples.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--limit", type=int, help="Calibration samples [default: 256]; verification and --max-drop score "
+                                       "the next 256, or the last fifth of a set no larger than the limit.")
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Samples per onnxruntime call (statistics, probes, verification).")
 @click.option("--budget", "budgets", multiple=True,
               help="Choose every layer's bits under KIND=VALUE: weight-bytes=150KB, avg-bits=3, bitops=0.5x, "
                    "latency-ms=1.5; repeatable (all are honoured).")
@@ -379,6 +381,7 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
               help="Rounding the probes use (the one the model will be written with; auto as in quantize).")
 @click.option("--limit", type=int, default=256, show_default=True, help="Calibration samples to probe with.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per onnxruntime call.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table(s) as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of score per layer per candidate.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Workers (processes or Ray tasks).")
@@ -389,7 +392,7 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Reuse results across runs (a folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table(s) as JSON on stdout.")
 @preprocess_options
-def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, output, plot, workers,
+def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, batch_size, output, plot, workers,
                 executor, address, cache_dir, as_json, **kw):
     """Per-layer sensitivity of MODEL: one probe per layer and candidate, the rest of the network float."""
     metrics = [m.strip() for m in metric_list.split(",") if m.strip()]
@@ -399,7 +402,7 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
     acts = [_bits(v.strip(), "--act-bits") for v in act_bits.split(",")]
     paths.check_writes({"-o/--output": output, "--plot": plot}, {"model": model, "--calib": calib})
     tables = api.sensitivity(model, calib, metrics=metrics, weight_bits=weight_bits, act_bits=acts,
-                             separate=separate, rounding=rounding, limit=limit, workers=workers,
+                             separate=separate, rounding=rounding, limit=limit, batch_size=batch_size, workers=workers,
                              executor=executor, address=address, cache_dir=cache_dir,
                              preprocess=parse_preprocess(model, kw))
     data = [t.to_dict() for t in tables]

@@ -183,7 +183,7 @@ class RunContext:
         """Scores models against the float model's outputs on the held-out samples (computed once)."""
         samples = self.held_out or self.require_data("scoring a model")
         self.passes["reference"] += 1
-        return Judge(self.model.proto, samples.feeds(), held_out=self.held_out is not None)
+        return Judge(self.model.proto, samples.feeds(self.batch_size), held_out=self.held_out is not None)
 
     def first(self) -> dict[str, np.ndarray]:
         """One sample (batch 1), for timing."""

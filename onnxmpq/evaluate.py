@@ -8,6 +8,13 @@ classes, every other position is one prediction: an image, or one time step of a
 - kl = mean_rows sum_c p_ref log(p_ref / p), p = softmax(y) (or y itself when rows already sum to 1)
 - sqnr_db = 10 log10(sum y_ref^2 / sum (y_ref - y)^2)    (inf when identical)
 
+A single score per row (last axis of size 1: a detector's probability, a binary logit) has no argmax;
+its rows are binary decisions instead, at t = 0.5 for a reference in [0, 1] (probabilities) and t = 0
+otherwise (logits), with p = y or sigmoid(y):
+
+- agreement = mean_rows [(y > t) == (y_ref > t)]; top1 = mean_n [(y_n > t) == label_n] (labels 0/1)
+- kl = mean_rows KL(Bernoulli(p_ref) || Bernoulli(p))
+
 Sums are streamed batch by batch, so memory holds one batch.
 """
 
@@ -57,7 +64,9 @@ class Sums:
                                "evaluate a model whose first output holds values per sample.")
         self.samples += y.shape[0] if samples is None else samples
         if labels is not None and y.ndim == 2:
-            self.correct += int((y.argmax(-1) == labels).sum())
+            t = 0.5 if y.min() >= 0 and y.max() <= 1 else 0.0
+            predicted = (y[:, 0] > t).astype(np.int64) if y.shape[1] == 1 else y.argmax(-1)
+            self.correct += int((predicted == labels).sum())
             self.labelled += len(labels)
         if ref is None:
             return
@@ -66,11 +75,24 @@ class Sums:
                                "compare a quantized model with the float model it came from.")
         rows_y, rows_r = y.reshape(-1, y.shape[-1]), ref.reshape(-1, ref.shape[-1])
         self.rows += rows_y.shape[0]
-        self.agree += int((rows_y.argmax(-1) == rows_r.argmax(-1)).sum())
-        log_p, log_ref = log_probabilities(rows_y), log_probabilities(rows_r)
-        self.kl += float(np.sum(np.exp(log_ref) * (log_ref - log_p)))
+        if rows_y.shape[-1] == 1:
+            self._add_binary(rows_y[:, 0].astype(np.float64), rows_r[:, 0].astype(np.float64))
+        else:
+            self.agree += int((rows_y.argmax(-1) == rows_r.argmax(-1)).sum())
+            log_p, log_ref = log_probabilities(rows_y), log_probabilities(rows_r)
+            self.kl += float(np.sum(np.exp(log_ref) * (log_ref - log_p)))
         self.signal += float(np.sum(rows_r.astype(np.float64) ** 2))
         self.noise += float(np.sum((rows_r.astype(np.float64) - rows_y) ** 2))
+
+
+    def _add_binary(self, y: np.ndarray, ref: np.ndarray) -> None:
+        """Single scores as binary decisions (see the module docstring)."""
+        probability = bool(ref.min() >= 0 and ref.max() <= 1)
+        t = 0.5 if probability else 0.0
+        self.agree += int(((y > t) == (ref > t)).sum())
+        p, q = (ref, y) if probability else (1 / (1 + np.exp(-ref)), 1 / (1 + np.exp(-y)))
+        p, q = np.clip(p, 1e-12, 1 - 1e-12), np.clip(q, 1e-12, 1 - 1e-12)
+        self.kl += float(np.sum(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))))
 
 
 def evaluate(model, source, reference=None, *, batch_size: int = 100, threads: int | None = None,

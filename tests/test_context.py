@@ -142,3 +142,19 @@ def test_budgets_hold_on_the_written_model_when_input_dims_are_dynamic(dynamic, 
     assert again.bitops == report.bitops
 
 
+
+
+def test_batch_size_reaches_statistics_probes_and_verification(dynamic, monkeypatch, tmp_path):
+    """--batch-size bounds every onnxruntime call of a run (a model fixed at a small batch needs it)."""
+    from onnxmpq import runtime
+
+    sizes = []
+    real = runtime.run
+    def spy(sess, feed, *args, **kwargs):
+        sizes.append(len(next(iter(feed.values()))))
+        return real(sess, feed, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "run", spy)
+    api.quantize(dynamic / "dyn.onnx", tmp_path / "q.onnx", dynamic / "calib.npz", rounding="nearest", batch_size=3,
+                 budgets=[parse_budget("avg-bits=6")], allocation=plan.Settings(metric="sqnr", weight_bits=(4, 8)))
+    assert sizes and max(sizes) == 3, sorted(set(sizes))

@@ -144,3 +144,19 @@ def test_a_time_major_output_counts_samples_not_time_steps(tmp_path):
     assert report.verification["samples"] == 37 // 5 and report.verification["held_out"]  # the held-out fifth
     from onnxmpq import api
     assert api.evaluate(tmp_path / "q.onnx", tmp_path / "c.npz", tmp_path / "m.onnx").samples == 37
+
+
+def test_a_single_score_output_is_scored_as_binary_decisions():
+    """A detector's [N, 1] probability has no argmax: agreement was always 1.0 and KL 0, so --max-drop
+    could never see a damaged model. Decisions at 0.5 (probabilities) or 0 (logits) instead."""
+    from onnxmpq.evaluate import Sums
+
+    ref = np.array([[0.1], [0.4], [0.6], [0.9]])
+    same, flipped = Sums(), Sums()
+    same.add(ref + 0.05, np.array([0, 0, 1, 1]), ref)
+    flipped.add(np.array([[0.1], [0.6], [0.4], [0.9]]), np.array([0, 0, 1, 1]), ref)
+    assert same.agree == 4 and same.correct == 4 and 0 < same.kl < 0.1
+    assert flipped.agree == 2 and flipped.correct == 2 and flipped.kl > same.kl
+    logits = Sums()
+    logits.add(np.array([[-2.0], [0.5], [-0.5], [3.0]]), None, np.array([[-1.0], [-0.5], [0.5], [2.0]]))
+    assert logits.agree == 2

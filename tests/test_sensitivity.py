@@ -615,7 +615,7 @@ def test_sequence_outputs_give_one_label_per_time_step_and_aligned_observers():
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=(4, 7, 5))                      # (N, T, C), as a CTC head gives
-    labels = labels_of([[y[:2]], [y[2:]]])
+    labels = labels_of([[y[:2]], [y[2:]]], [2, 2])
     np.testing.assert_array_equal(labels, y.argmax(axis=2).ravel())
     feats = rng.normal(size=(4, 3, 1, 7))               # (N, C, 1, T): the time axis is last
     rows = align_rows(feats, 4, 28)
@@ -640,3 +640,28 @@ def test_cache_hits_for_units_without_weights_at_two_widths(tmp_path, capsys):
     again = api.sensitivity(path, calib, **kwargs)
     assert "unusable" not in capsys.readouterr().err
     assert again[0].to_dict() == first[0].to_dict()
+
+
+def test_a_time_major_output_is_probed_with_every_metric(tmp_path):
+    """x (N, 5, 4) -> MatMul -> Transpose -> y (5, N, 6): the batches' outputs were joined along their
+    first axis (time), which fails when the last batch is smaller; labels and observers now turn the
+    batch axis first, so rows are sample-major like the reference's."""
+    from conftest import arr, model, node, vi
+
+    from onnxmpq.sensitivity.probe import labels_of
+
+    proto = model([node("MatMul", ["x", "W"], ["h"], "mm"), node("Transpose", ["h"], ["y"], "t", perm=[1, 0, 2])],
+                  [vi("x", ["N", 5, 4])], [vi("y", [5, "N", 6])], {"W": arr(1, 4, 6)}, 17)
+    path, calib = tmp_path / "tm.onnx", tmp_path / "c.npz"
+    onnx.save(proto, path)
+    x = np.random.default_rng(0).normal(size=(37, 5, 4)).astype(np.float32)
+    np.savez(calib, x=x)
+    tables = api.sensitivity(path, calib, metrics=["sqnr", "kl", "mutual-info", "output-entropy"], weight_bits=[2, 8],
+                             act_bits=[8], batch_size=4)
+    for table in tables:
+        scores = {layer.name: layer.scores for layer in table.layers}["mm"]
+        assert scores["w2a8"] >= scores["w8a8"] >= 0, table.metric
+    y = x @ onnx.numpy_helper.to_array(proto.graph.initializer[0])          # (N, 5, 6), batch first
+    time_major = [[np.transpose(y[i:i + 4], (1, 0, 2))] for i in range(0, 37, 4)]
+    np.testing.assert_array_equal(labels_of(time_major, [len(y[i:i + 4]) for i in range(0, 37, 4)]),
+                                  y.argmax(-1).ravel())

@@ -76,7 +76,9 @@ def _register(metric: Metric) -> None:
 
 
 def _concat(batches: list[list[np.ndarray]], k: int) -> np.ndarray:
-    return np.concatenate([np.asarray(b[k]) for b in batches])
+    """Output k of every batch as rows (rows, C): the metrics score rows, and an output whose first axis
+    is not the batch (a time-major [T, N, C] head) cannot be joined along it."""
+    return np.concatenate([m.rows(b[k]) for b in batches])
 
 
 def _per_output(fn) -> Callable[[LayerContext, Probe], float]:

@@ -86,19 +86,43 @@ def descendants(proto, start: str) -> set[str]:
     return seen
 
 
-def labels_of(outputs: list[list[np.ndarray]]) -> np.ndarray:
+def batch_first(y: np.ndarray, n: int) -> np.ndarray | None:
+    """`y` with its batch axis (the first of size n, the batch fed) first: a time-major [T, N, C] head
+    becomes [N, T, C]; None when no axis has that size."""
+    y = np.asarray(y)
+    if y.ndim and y.shape[0] == n:
+        return y
+    axis = next((a for a in range(1, y.ndim) if y.shape[a] == n), None)
+    return None if axis is None else np.moveaxis(y, axis, 0)
+
+
+def labels_of(outputs: list[list[np.ndarray]], sizes: Sequence[int]) -> np.ndarray:
     """The float model's prediction for each row of the first output: argmax over its last axis. A class
     score output (N, C) gives one label per sample; a sequence (N, T, C), as OCR's CTC head gives,
-    one label per time step (N*T rows), since a whole sequence's label would be unique per sample."""
+    one label per time step (N*T rows, sample-major), since a whole sequence's label would be unique per
+    sample. `sizes` are the batches' sample counts (an output whose batch is not on axis 0 is turned)."""
     labels = []
-    for batch in outputs:
+    for batch, n in zip(outputs, sizes):
         y = np.asarray(batch[0], dtype=np.float64)
         if y.size == 0:
             raise OnnxmpqError(f"the model's first output has shape {y.shape}: no scores to compare.",
                                "probe a model whose first output holds values per sample.")
-        y = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 1 else y.reshape(-1, 1, 1)
+        turned = batch_first(y, n) if y.ndim > 1 else y
+        if turned is None:
+            raise OnnxmpqError(f"the model's first output has shape {y.shape}, no axis of the batch's {n} samples.",
+                               "probe a model whose first output holds values per sample.")
+        y = turned.reshape(n, -1, turned.shape[-1]) if turned.ndim > 1 else turned.reshape(-1, 1, 1)
         labels.append(y.argmax(axis=2).ravel())
     return np.concatenate(labels)
+
+
+def observer_rows(values: list[np.ndarray], sizes: Sequence[int], n_rows: int) -> np.ndarray | None:
+    """One observer tensor over all batches as one row per label (see `align_rows`), its batch axis
+    first; None when a batch has no axis of its sample count."""
+    turned = [batch_first(v, n) for v, n in zip(values, sizes)]
+    if any(t is None for t in turned):
+        return None
+    return align_rows(np.concatenate(turned), sum(sizes), n_rows)
 
 
 def align_rows(features: np.ndarray, n_samples: int, n_rows: int) -> np.ndarray | None:
@@ -120,10 +144,10 @@ def reference(model: graph.Model, units: Sequence[Unit], batches, with_observers
     targets = list(dict.fromkeys(outputs + observers))
     values = [dict(zip(targets, v)) for v in Frontier(batches).peek(model.proto, targets)]
     ref_outputs = [[v[o] for o in outputs] for v in values]
-    ref = Reference(ref_outputs, labels_of(ref_outputs))
-    n_samples = sum(len(v[outputs[0]]) for v in values)
+    sizes = [len(next(iter(feed.values()))) for feed in batches]
+    ref = Reference(ref_outputs, labels_of(ref_outputs, sizes))
     for name in observers:
-        rows = align_rows(np.concatenate([v[name] for v in values]), n_samples, len(ref.labels))
+        rows = observer_rows([v[name] for v in values], sizes, len(ref.labels))
         if rows is not None:
             ref.observers[name] = rows
     for unit in units:
@@ -170,6 +194,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
     model = graph.at_opset(model, required_opset(formats))
     points = model.points(options)
     probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
+    sizes = [len(next(iter(feed.values()))) for feed in batches]
     probed = [(u, c) for u, c in probed if c]
     ref = reference(model, [u for u, _ in probed], batches, with_observers)
     outputs = [o.name for o in model.proto.graph.output]
@@ -199,7 +224,6 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
             if needs_layer_output:
                 probe.layer_output = np.concatenate([v[unit.output] for v in values])
             for name in observers:
-                probe.observers[name] = align_rows(np.concatenate([v[name] for v in values]),
-                                                   sum(len(v[outputs[0]]) for v in values), len(ref.labels))
+                probe.observers[name] = observer_rows([v[name] for v in values], sizes, len(ref.labels))
             probes.append(probe)
         on_layer(unit, ref, float_out, probes)
