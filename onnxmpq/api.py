@@ -38,6 +38,11 @@ def load(model: str | os.PathLike | Model) -> Model:
     return model if isinstance(model, Model) else graph.load(model)
 
 
+def model_files(model: Model) -> dict[str, Path]:
+    """The external data files a model was read with, by role (for `paths.check_writes`)."""
+    return {f"model's external data {p.name!r}": p for p in model.data_files}
+
+
 def assign(model: Model, weight_bits: int | None, act_bits: int | None,
            layer_bits: Mapping[str, Candidate] | None = None,
            options: QuantOptions = QuantOptions()) -> dict[str, Candidate]:
@@ -131,7 +136,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     output = Path(output)
     from onnxmpq.report import FILES
     paths.check_writes({"the output": output, **paths.folder_files(report_dir, FILES, "report folder")},
-                       {"model": model.path, "calibration data": calib})
+                       {"model": model.path, "calibration data": calib, **model_files(model)})
     if report_dir is not None:
         paths.check_new_folder(report_dir)
     if not model.layers:

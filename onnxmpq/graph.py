@@ -53,6 +53,7 @@ class Model:
     inputs: tuple[InputSpec, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the loader repaired (a declared output shape the graph contradicts)
+    data_files: tuple[Path, ...] = ()  # the external data files read with it
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # points per rule set
 
     def points(self, options=None):
@@ -96,13 +97,14 @@ def load(path: str | os.PathLike) -> Model:
                            "pass an .onnx file exported by a framework; it may be truncated or corrupt.") from None
     if not proto.HasField("graph"):
         raise OnnxmpqError(f"{str(path)!r} holds no ONNX graph.", "pass an .onnx model file.")
-    _load_external_data(proto, path.parent)
-    return from_proto(proto, path, copy=False)
+    files = _load_external_data(proto, path.parent)
+    return dataclasses.replace(from_proto(proto, path, copy=False), data_files=files)
 
 
-def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
-    """Loads external tensors, refusing any location outside the model's folder."""
+def _load_external_data(proto: onnx.ModelProto, base: Path) -> tuple[Path, ...]:
+    """Loads external tensors, refusing any location outside the model's folder; returns the files read."""
     base = base.resolve()
+    files: dict[Path, None] = {}
     for tensor in _all_tensors(proto):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -115,10 +117,12 @@ def _load_external_data(proto: onnx.ModelProto, base: Path) -> None:
         if not target.is_file():
             raise OnnxmpqError(f"external data file {location!r} of tensor {tensor.name!r} is missing.",
                                "copy the .data file next to the .onnx file.")
+        files[target] = None
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(base))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise OnnxmpqError(f"cannot read the model's external data: {exc}.", "check the .data files.") from None
+    return tuple(files)
 
 
 def _all_tensors(proto: onnx.ModelProto):

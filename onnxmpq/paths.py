@@ -31,11 +31,13 @@ def same_file(a: PathLike, b: PathLike) -> bool:
 
 
 def check_writes(writes: Mapping[str, PathLike | None], reads: Mapping[str, PathLike | None]) -> None:
-    """Refuses a run whose written files (role -> path; None: not written) meet its read files, or each
-    other, or lie in a folder that does not exist."""
+    """Refuses a run whose written files (role -> path; None: not written; a model's `NAME.data` beside
+    it included) meet its read files, or each other, or lie in a folder that does not exist."""
     out = {role: Path(p) for role, p in writes.items() if p is not None}
     into = {role: Path(p) for role, p in reads.items() if isinstance(p, (str, os.PathLike))}  # not a reader object
-    for role, path in out.items():
+    sides = {f"{role}'s external data": path.with_name(path.name + ".data")  # a model over 2 GB writes it
+             for role, path in out.items() if path.suffix == ".onnx"}
+    for role, path in {**out, **sides}.items():
         for other, source in into.items():
             if same_file(path, source):
                 raise OnnxmpqError(f"{role} {str(path)!r} is the {other} {str(source)!r}; writing it would "
@@ -47,6 +49,10 @@ def check_writes(writes: Mapping[str, PathLike | None], reads: Mapping[str, Path
                 raise OnnxmpqError(f"{other} and {role} are the same file {str(path)!r}.",
                                    "give each output its own path.")
         seen.append((role, path))
+        for side_role, side in sides.items():
+            if same_file(path, side):
+                raise OnnxmpqError(f"{side_role} and {role} are the same file {str(path)!r}.",
+                                   "give each output its own path.")
         if path.is_dir():
             raise OnnxmpqError(f"{role} {str(path)!r} is a folder.", "give a file path.")
         if not path.parent.is_dir():

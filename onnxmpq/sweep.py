@@ -82,7 +82,8 @@ def run(model, output, calib, spec: str, settings, *, options, rounding, batch_s
     if calib is None:
         raise OnnxmpqError("a sweep needs calibration data.", "pass --calib PATH.")
     output = Path(output)
-    paths.check_writes(outputs(output, spec, write_models), {"model": model.path, "calibration data": calib})
+    paths.check_writes(outputs(output, spec, write_models), {"model": model.path, "calibration data": calib,
+                                                          **api.model_files(model)})
     rounding = Rounding(rounding).resolve(settings.weight_bits, True)
     ctx = RunContext(model, calib, limit=settings.limit, holdout=True, preprocess=preprocess, batch_size=batch_size)
     table = api.table_source(ctx, settings, rounding, options)

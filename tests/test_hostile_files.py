@@ -624,3 +624,21 @@ def test_an_input_whose_batch_is_not_on_dim_0_is_refused_clearly(tmp_path, capsy
     code, _, err = run(capsys, "quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib)
     assert_refused(code, err, "model input 's' has shape (2, ?, 8)")
     assert "axis 1" in err and not (tmp_path / "q.onnx").exists()
+
+
+def test_the_outputs_external_data_side_file_never_lands_on_an_input(tmp_path, capsys):
+    """A model over 2 GB is written as OUT.onnx + OUT.onnx.data; that side file is checked against every
+    input like the output itself: here the input model's own external data file, and the calibration."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    proto = build_cnn()
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="q.onnx.data", size_threshold=0)
+    onnx.save(proto, tmp_path / "m.onnx")
+    weights = (tmp_path / "q.onnx.data").read_bytes()
+    code, _, err = run(capsys, "quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "-w", "8", "-a", "float")
+    assert_refused(code, err, "external data")
+    assert (tmp_path / "q.onnx.data").read_bytes() == weights and not (tmp_path / "q.onnx").exists()
+    np.savez(tmp_path / "c.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    code, _, err = run(capsys, "quantize", tmp_path / "m.onnx", "-o", tmp_path / "c.npz.onnx", "--calib",
+                       tmp_path / "c.npz", "--report", tmp_path / "c.npz.onnx.data")
+    assert code == 1 and "same file" in err, err
