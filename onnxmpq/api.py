@@ -338,10 +338,11 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
         if any(c.act_bits for c in candidates):
             stats = ctx.stats(options)
     model = ctx.model
-    settings = {"metrics": list(metrics), "candidates": [c.key for c in candidates], "rounding": str(rounding),
+    keys = [c.key for c in candidates]
+    settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
                 "options": repr(options), "naive": naive}
     key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
-    if key and (hit := cache.load(cache_dir, key, list(metrics), settings["candidates"])) is not None:
+    if key and (hit := cache.load(cache_dir, key, list(metrics), keys)) is not None:
         return hit
     points = model.points(options)
     several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free

@@ -104,7 +104,7 @@ def _bits(text: str, item: str) -> int | None:
     return int(text)
 
 
-def emit(as_json: bool, obj: dict, human: str) -> None:
+def emit(as_json: bool, obj: object, human: str) -> None:
     click.echo(json.dumps(obj, indent=2, default=_json_default) if as_json else human)
 
 

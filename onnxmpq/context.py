@@ -24,13 +24,14 @@ the report.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from onnxmpq import calibrate, graph, progress
+from onnxmpq.calibrate.readers import DataSource, Preprocess
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import Model
 from onnxmpq.types import Batch, QuantOptions, TensorStats
@@ -40,6 +41,8 @@ DEFAULT_LIMIT = 256   # calibration samples
 HELD_OUT = 256        # held-out samples at most
 MIN_SPLIT = 5         # fewer samples than this are not split
 READ_BATCH = 64
+
+StatsKey = tuple[str, tuple[str, ...], int | None]   # a tensor group: name, members, Softmax axis
 
 
 @dataclass(frozen=True)
@@ -120,15 +123,16 @@ def split_sizes(read: int, limit: int, holdout: bool) -> tuple[int, int]:
 class RunContext:
     """The model, the data and what is computed from them once per run (see the module docstring)."""
 
-    def __init__(self, model: Model, calib=None, *, limit: int | None = None, holdout: bool = False,
-                 preprocess=None, batch_size: int = 32):
+    def __init__(self, model: Model, calib: object = None, *, limit: int | None = None, holdout: bool = False,
+                 preprocess: Preprocess | None = None, batch_size: int = 32):
         self.limit = DEFAULT_LIMIT if limit is None else limit
         if self.limit < 1:
             raise OnnxmpqError(f"limit must be at least 1 sample, got {self.limit}.", "use e.g. 256.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OnnxmpqError(f"batch size must be a positive integer, got {batch_size!r}.", "use e.g. 32.")
-        self.batch_size, self.passes = batch_size, Counter()
-        self._stats: dict[tuple, TensorStats] = {}
+        self.batch_size = batch_size
+        self.passes: Counter[str] = Counter()
+        self._stats: dict[StatsKey, TensorStats] = {}
         self.calibration: Samples | None = None
         self.held_out: Samples | None = None
         self.model = model
@@ -141,7 +145,7 @@ class RunContext:
         self.held_out = samples.slice(used, used + held) if held else None
         self.model = graph.specialize(model, samples.shapes())
 
-    def _read(self, source, count: int) -> Samples:
+    def _read(self, source: DataSource, count: int) -> Samples:
         """The first `count` samples of `source`, read in one pass."""
         self.passes["read"] += 1
         samples = Samples.gather(source.batches(min(READ_BATCH, count)), count, getattr(source, "fixed_batch", None))
@@ -167,7 +171,9 @@ class RunContext:
         wanted = points.groups() if names is None else points.groups_of(names)
         if not wanted:
             return {}
-        key = lambda g, members: (g, tuple(members), points.logits.get(g))  # noqa: E731
+        def key(group: str, members: Sequence[str]) -> StatsKey:
+            return group, tuple(members), points.logits.get(group)
+
         missing = {g: m for g, m in points.groups().items() if key(g, m) not in self._stats}
         if any(key(g, m) not in self._stats for g, m in wanted.items()):
             source = self.require_data("quantizing activations")

@@ -68,13 +68,18 @@ class Frontier:
 
 
 def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str], computed: set[str],
-             dtypes: Mapping[str, np.dtype], keep_cut: bool = True):
+             dtypes: Mapping[str, np.dtype],
+             keep_cut: bool = True) -> tuple[onnx.ModelProto | None, list[str], list[str]]:
     """The model computing `targets` from `available`; returns (model, its inputs, the tensors it
     computes that later nodes read, which join the cut)."""
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output if o}
     inits = {t.name: t for t in graph.initializer}
-    nodes, seen, stack, inputs, taken = [], set(), [t for t in targets if t not in available], [], set()
+    nodes: list[onnx.NodeProto] = []
+    seen: set[str] = set()
+    stack = [t for t in targets if t not in available]
+    inputs: list[str] = []
+    taken: set[int] = set()
     while stack:
         name = stack.pop()
         if name in seen:

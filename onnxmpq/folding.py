@@ -33,11 +33,11 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
         conv = index.producer.get(bn.input[0])
         if conv is None or not _eligible(conv, bn, index):
             continue
-        gamma, beta, mean, var = (index.value(name).astype(np.float64) for name in bn.input[1:5])
+        gamma, beta, mean, var = (index.const_array(name).astype(np.float64) for name in bn.input[1:5])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gain = gamma / np.sqrt(var + eps)
-        weight = index.value(conv.input[1])
-        bias = index.value(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+        weight = index.const_array(conv.input[1])
+        bias = index.const_array(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
             else np.zeros(weight.shape[0])
         shape = (-1,) + (1,) * (weight.ndim - 1)
         new_w = (weight.astype(np.float64) * gain.reshape(shape)).astype(weight.dtype)
@@ -97,7 +97,7 @@ def fold_conv_scale(graph: onnx.GraphProto) -> int:
             if conv is None or conv.op_type != "Conv" or index.float_const(const) is None \
                     or len(index.consumers.get(data, [])) != 1 or data in index.outputs:
                 continue
-            if _scale_conv(graph, index, conv, index.value(const), mul):
+            if _scale_conv(graph, index, conv, index.const_array(const), mul):
                 done.append(mul)
                 break
     for mul in done:
@@ -105,7 +105,7 @@ def fold_conv_scale(graph: onnx.GraphProto) -> int:
     return len(done)
 
 
-def _channel_values(index: GraphIndex, conv, value: np.ndarray) -> np.ndarray | None:
+def _channel_values(index: GraphIndex, conv: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
     """`value` as one number per output channel of `conv` when it broadcasts along the channel axis only
     (a scalar, (C,1,..,1) or (1,C,1,..,1)); else None."""
     weight = index.float_const(conv.input[1]) if len(conv.input) > 1 else None
@@ -120,19 +120,20 @@ def _channel_values(index: GraphIndex, conv, value: np.ndarray) -> np.ndarray | 
     return None
 
 
-def _scale_conv(graph, index: GraphIndex, conv, value: np.ndarray, mul) -> bool:
+def _scale_conv(graph: onnx.GraphProto, index: GraphIndex, conv: onnx.NodeProto, value: np.ndarray,
+                mul: onnx.NodeProto) -> bool:
     scale = _channel_values(index, conv, value)
     has_bias = len(conv.input) > 2 and bool(conv.input[2])
     if scale is None or (has_bias and index.float_const(conv.input[2]) is None):
         return False
-    weight = index.value(conv.input[1])
+    weight = index.const_array(conv.input[1])
     shape = (-1,) + (1,) * (weight.ndim - 1)
     new_w = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
     w_name = fresh_name(graph, f"{conv.name}_weight_scale_folded")
     graph.initializer.append(numpy_helper.from_array(new_w, w_name))
     if has_bias:
         b_name = fresh_name(graph, f"{conv.name}_bias_scale_folded")
-        bias = index.value(conv.input[2]).astype(np.float64) * scale
+        bias = index.const_array(conv.input[2]).astype(np.float64) * scale
         graph.initializer.append(numpy_helper.from_array(bias.astype(weight.dtype), b_name))
         conv.input[2] = b_name
     conv.input[1] = w_name
@@ -167,7 +168,8 @@ def fold_bias_add(graph: onnx.GraphProto) -> int:
     return len(done)
 
 
-def _fold_conv_bias(graph, index: GraphIndex, conv, value: np.ndarray, add) -> bool:
+def _fold_conv_bias(graph: onnx.GraphProto, index: GraphIndex, conv: onnx.NodeProto, value: np.ndarray,
+                    add: onnx.NodeProto) -> bool:
     add_c = _channel_values(index, conv, value)
     if add_c is None:
         return False
@@ -183,7 +185,8 @@ def _fold_conv_bias(graph, index: GraphIndex, conv, value: np.ndarray, add) -> b
     return True
 
 
-def _fold_matmul_bias(graph, index: GraphIndex, matmul, value: np.ndarray, add) -> bool:
+def _fold_matmul_bias(graph: onnx.GraphProto, index: GraphIndex, matmul: onnx.NodeProto, value: np.ndarray,
+                      add: onnx.NodeProto) -> bool:
     weight = index.float_const(matmul.input[1])
     x_shape = index.shapes.get(matmul.input[0])
     if weight is None or len(weight.dims) != 2 or x_shape is None or len(x_shape) != 2 \

@@ -14,6 +14,7 @@ of its own (3, 5, 6, 7, 9..15) is stored in the next wider type with the narrowe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +27,12 @@ ACT_BITS = range(2, 17)
 
 _SIGNED = {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8, 16: TensorProto.INT16}
 _UNSIGNED = {4: TensorProto.UINT4, 8: TensorProto.UINT8, 16: TensorProto.UINT16}
-_OPSET = {TensorProto.INT2: 25, TensorProto.INT4: 21, TensorProto.UINT4: 21, TensorProto.INT16: 21,
+_OPSET: dict[int, int] = {TensorProto.INT2: 25, TensorProto.INT4: 21, TensorProto.UINT4: 21, TensorProto.INT16: 21,
           TensorProto.UINT16: 21, TensorProto.INT8: 13, TensorProto.UINT8: 13, TensorProto.INT32: 13}
-_NUMPY = {TensorProto.INT2: np.int8, TensorProto.INT4: np.int8, TensorProto.INT8: np.int8,
+_NUMPY: dict[int, type[np.integer]] = {TensorProto.INT2: np.int8, TensorProto.INT4: np.int8, TensorProto.INT8: np.int8,
           TensorProto.INT16: np.int16, TensorProto.UINT4: np.uint8, TensorProto.UINT8: np.uint8,
           TensorProto.UINT16: np.uint16}
-_CONTAINER_BITS = {TensorProto.INT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8,
+_CONTAINER_BITS: dict[int, int] = {TensorProto.INT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8,
                    TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16}
 
 
@@ -53,12 +54,13 @@ class IntFormat:
         return _OPSET[self.onnx_type]
 
     @property
-    def numpy_dtype(self) -> type:
+    def numpy_dtype(self) -> type[np.integer]:
         return _NUMPY[self.onnx_type]
 
     @property
     def type_name(self) -> str:
-        return TensorProto.DataType.Name(self.onnx_type)
+        name: str = TensorProto.DataType.Name(self.onnx_type)  # protobuf's enum wrapper has no stubs here
+        return name
 
     def storage_bytes(self, count: int) -> int:
         """Bytes that `count` values take in the file (sub-byte types are packed)."""
@@ -101,13 +103,14 @@ def pack(values: np.ndarray, fmt: IntFormat) -> bytes:
     padded[: flat.size] = flat.astype(np.int16) & mask
     groups = padded.reshape(-1, per_byte).astype(np.uint8)
     shifts = np.arange(per_byte, dtype=np.uint8) * fmt.container_bits
-    return np.bitwise_or.reduce(groups << shifts, axis=1).astype(np.uint8).tobytes()
+    packed: bytes = np.bitwise_or.reduce(groups << shifts, axis=1).astype(np.uint8).tobytes()
+    return packed
 
 
 MIN_WRITE_OPSET = 21
 
 
-def required_opset(formats) -> int:
+def required_opset(formats: Iterable[IntFormat]) -> int:
     """Opset of a written model: 21 (the first whose Q/DQ take INT4 and INT16, and one that
     onnx's reference evaluator implements) or 25 when a format needs it (INT2)."""
     return max([MIN_WRITE_OPSET] + [f.opset for f in formats])

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -29,6 +30,10 @@ from onnxmpq.folding import fold_all
 from onnxmpq.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 from onnxmpq.types import InputSpec, LayerSpec
+
+if TYPE_CHECKING:
+    from onnxmpq.points import Points
+    from onnxmpq.types import QuantOptions, Scope
 
 MIN_OPSET = 13
 _PROTO_LIMIT = 2**31 - 1
@@ -54,9 +59,10 @@ class Model:
     metadata: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the loader repaired (a declared output shape the graph contradicts)
     data_files: tuple[Path, ...] = ()  # the external data files read with it
-    memo: dict = field(default_factory=dict, compare=False, repr=False)  # points per rule set
+    memo: dict[tuple[Scope, frozenset[str], frozenset[str]], Points] = field(
+        default_factory=dict, compare=False, repr=False)  # points per rule set
 
-    def points(self, options=None):
+    def points(self, options: QuantOptions | None = None) -> Points:
         """The quantization points of the model (`onnxmpq.points`) under the writer options' scope,
         integer ops and tied ops (`QuantOptions`), found once per rule set."""
         from onnxmpq import points
@@ -83,11 +89,12 @@ class Model:
 def default_opset(proto: onnx.ModelProto) -> int:
     for imp in proto.opset_import:
         if imp.domain in ("", "ai.onnx"):
-            return imp.version
+            version: int = imp.version  # protobuf's containers have no stubs here
+            return version
     return 1
 
 
-def load(path: str | os.PathLike) -> Model:
+def load(path: str | os.PathLike[str]) -> Model:
     """Read, check and prepare a model from disk (see the module docstring)."""
     path = paths.regular_file(path, "model file", "check the path to the .onnx file.")
     try:
@@ -125,7 +132,7 @@ def _load_external_data(proto: onnx.ModelProto, base: Path) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def _all_tensors(proto: onnx.ModelProto):
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Initializers and tensor attributes of the graph and of every subgraph."""
     stack = [proto.graph]
     while stack:
@@ -193,7 +200,7 @@ def at_opset(model: Model, opset: int) -> Model:
     return model if converted is model.proto else dataclasses.replace(model, proto=converted, memo={})
 
 
-def keep_initializers(graph: onnx.GraphProto, names) -> None:
+def keep_initializers(graph: onnx.GraphProto, names: Container[str]) -> None:
     """Deletes the initializers not in `names`, in place (rebuilding the list would copy every tensor)."""
     for i in reversed([i for i, t in enumerate(graph.initializer) if t.name not in names]):
         del graph.initializer[i]
@@ -256,7 +263,7 @@ def _dims(shape: onnx.TensorShapeProto) -> str:
                            for d in shape.dim) + "]"
 
 
-def _merge_declared(declared: onnx.TensorShapeProto, inferred) -> tuple[onnx.TensorShapeProto, bool]:
+def _merge_declared(declared: onnx.TensorShapeProto, inferred: onnx.TypeProto.Tensor) -> tuple[onnx.TensorShapeProto, bool]:
     """The declared shape refined by the inferred one, or the inferred one where they conflict (another
     rank, or two different static sizes); (shape, conflict)."""
     if not inferred.HasField("shape"):
@@ -338,7 +345,7 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops listed as floa
 _FOLDABLE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten"}
 
 
-def _widens_codes(node, consts) -> bool:
+def _widens_codes(node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) -> bool:
     """A Cast of packed INT4/INT2 codes is a storage layout (see `quantize`), kept so readers see the width."""
     sub_byte = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2}
     return node.op_type == "Cast" and consts[node.input[0]].data_type in sub_byte
@@ -361,10 +368,12 @@ def _fold_weight_chains(proto: onnx.ModelProto) -> None:
                                        [consts[i] for i in dict.fromkeys(inputs)]),
                 opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
             try:
-                value = ReferenceEvaluator(single).run(None, {})[0]
+                outputs = ReferenceEvaluator(single).run(None, {})
             except Exception:  # leave anything the oracle cannot evaluate to onnxruntime
                 keep.append(node)
                 continue
+            assert isinstance(outputs, list), "run() without intermediate=True returns the outputs as a list"
+            value = outputs[0]
             tensor = numpy_helper.from_array(np.asarray(value), node.output[0])
             graph.initializer.append(tensor)
             consts[tensor.name] = tensor
@@ -490,7 +499,7 @@ def _constant_params(node: onnx.NodeProto, index: GraphIndex) -> int:
                if name and index.float_const(name) is not None)
 
 
-def _subgraphs(node: onnx.NodeProto):
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -498,7 +507,7 @@ def _subgraphs(node: onnx.NodeProto):
             yield from attr.graphs
 
 
-def _walk(graph: onnx.GraphProto):
+def _walk(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for sub in _subgraphs(node):

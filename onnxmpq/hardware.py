@@ -151,13 +151,12 @@ def _nearest_fix(layer: qdq.QLayer, profile: Profile) -> str:
     """Requantize at the allowed precision nearest the current one (wider first), else change profile."""
     rule = profile.rule(layer.op_type)
     w, a = layer.weight_bits or 16, layer.act_bits or 16
-    allowed = [Candidate(wb, ab) for wb in rule.weights for ab in rule.activations
+    allowed = [(wb, ab) for wb in rule.weights for ab in rule.activations
                if profile.allows(layer.op_type, Candidate(wb, ab))]
     if not allowed:
         current = Candidate(layer.weight_bits, layer.act_bits)
         return f"choose a profile that allows {layer.op_type} at {_label(current)}."
-    best = min(allowed, key=lambda c: (abs(c.weight_bits - w), c.weight_bits < w,
-                                       abs((c.act_bits or 16) - a), (c.act_bits or 16) < a))
+    best = Candidate(*min(allowed, key=lambda c: (abs(c[0] - w), c[0] < w, abs((c[1] or 16) - a), (c[1] or 16) < a)))
     return f"requantize this layer at {_label(best)} ({_flag(layer.name, best)})."
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxmpq.errors import InternalError
+
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
@@ -42,7 +44,8 @@ class GraphIndex:
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> GraphIndex:
-        producer, consumers = {}, {}
+        producer: dict[str, onnx.NodeProto] = {}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
             for name in node.output:
                 if name:
@@ -75,6 +78,13 @@ class GraphIndex:
         """The constant's values (None when `name` is not an initializer)."""
         tensor = self.consts.get(name)
         return numpy_helper.to_array(tensor) if tensor is not None else None
+
+    def const_array(self, name: str) -> np.ndarray:
+        """The values of a tensor the caller knows is an initializer (an InternalError when it is not)."""
+        array = self.value(name)
+        if array is None:
+            raise InternalError(f"{name!r} was expected to be an initializer")
+        return array
 
     def is_float(self, name: str) -> bool:
         """Whether a tensor holds floats (unknown types count as float: most activations are)."""

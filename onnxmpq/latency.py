@@ -121,7 +121,7 @@ def kernel_class(unit, cand: Candidate, options: QuantOptions) -> tuple:
 
 def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np.ndarray],
             options: QuantOptions = QuantOptions(), runs: int = RUNS, threads: int = 2,
-            on_layer: Callable[[str], None] | None = None,
+            on_layer: Callable[[str], object] | None = None,
             fixed: Mapping[str, Candidate] | None = None) -> LatencyTable:
     """Times the reference and every (unit, kernel class) switch; see the module docstring. `fixed`
     adds a unit's own precision (a kept or pinned layer, or float) to what is timed for it. Units without

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from onnxmpq.errors import OnnxmpqError
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:

@@ -26,7 +26,7 @@ from onnxmpq.allocate import Allocation, Budget, Problem, extremes, result, solv
 from onnxmpq.allocate.greedy import ladder
 from onnxmpq.allocate.problem import build_problem, candidate_columns
 from onnxmpq.context import DEFAULT_LIMIT, RunContext
-from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.errors import ConstraintError, InternalError, OnnxmpqError
 from onnxmpq.quantize import build
 from onnxmpq.types import Candidate, QuantOptions, Rounding
 
@@ -134,6 +134,13 @@ def _with_fidelity(problem: Problem, fixed, candidates, ctx: RunContext, options
     return replace(problem, fidelity=fidelity)
 
 
+def _judge(problem: Problem) -> Callable[[Sequence[int]], float]:
+    """The problem's fidelity judge, which `_with_fidelity` sets wherever a drop is measured."""
+    if problem.fidelity is None:
+        raise InternalError("a measured drop was asked of a problem without a fidelity judge")
+    return problem.fidelity
+
+
 def _solve(problem: Problem, budgets, settings: Settings) -> tuple[Allocation, list[dict]]:
     if settings.method == "threshold":
         alloc = solve(problem, "threshold", settings.time_limit, max_drop=settings.max_drop,
@@ -144,7 +151,7 @@ def _solve(problem: Problem, budgets, settings: Settings) -> tuple[Allocation, l
     if budgets:
         alloc = solve(problem, settings.method, settings.time_limit)
         index = [problem.candidates.index(alloc.choice[n]) for n in problem.layers]
-        drop = problem.fidelity(index)
+        drop = _judge(problem)(index)
         if drop > settings.max_drop:
             raise ConstraintError(f"at the budget the measured drop is {drop:.4f}, over --max-drop "
                                   f"{settings.max_drop:g}.", "raise the budget, or drop --budget to let "
@@ -155,6 +162,9 @@ def _solve(problem: Problem, budgets, settings: Settings) -> tuple[Allocation, l
 
 def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list[dict]]:
     """Binary search along the method's list of points for the last one within the drop."""
+    fidelity, max_drop = _judge(problem), settings.max_drop
+    if max_drop is None:
+        raise InternalError("the drop search needs --max-drop")
     if settings.method == "greedy":
         points = ladder(problem)
         at = lambda i: points[i]  # noqa: E731
@@ -178,18 +188,18 @@ def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list
 
     def drop(i: int) -> float:
         if i not in drops:
-            drops[i] = problem.fidelity(at(i))
+            drops[i] = fidelity(at(i))
             row = result(problem, at(i), settings.method, "feasible")
             search.append({"point": i, "drop": drops[i], **row.costs})
         return drops[i]
 
-    if drop(0) > settings.max_drop:
+    if drop(0) > max_drop:
         raise ConstraintError(f"even the most precise choice drops {drops[0]:.4f}, over --max-drop "
                               f"{settings.max_drop:g}.", "raise --max-drop or add wider candidates (--bits).")
     lo, hi = 0, count - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if drop(mid) <= settings.max_drop:
+        if drop(mid) <= max_drop:
             lo = mid
         else:
             hi = mid - 1

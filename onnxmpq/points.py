@@ -142,15 +142,16 @@ def find(proto: onnx.ModelProto, layers: Iterable[LayerSpec], scope: Scope = Sco
     """The points of `proto`'s top-level graph; `layers` are its weighted layers (from `graph.load`);
     units of `tie_ops` share one scale across their inputs and output (as a Concat always does)."""
     index = GraphIndex.of(proto.graph)
-    layers = {spec.name: spec for spec in layers}
+    by_name = {spec.name: spec for spec in layers}
     if scope == Scope.LAYERS:
-        return _layer_points(index, layers)
-    decls, floats = _declarations(index, layers)
-    return _graph_points(index, layers, decls, floats, integer_ops, tie_ops)
+        return _layer_points(index, by_name)
+    decls, floats = _declarations(index, by_name)
+    return _graph_points(index, by_name, decls, floats, integer_ops, tie_ops)
 
 
 def _layer_points(index: GraphIndex, layers: Mapping[str, LayerSpec]) -> Points:
-    units, readers = [], {}
+    units: list[Unit] = []
+    readers: dict[str, list[str]] = {}
     for node in index.graph.node:
         spec = layers.get(node.name)
         if spec is None:
@@ -266,15 +267,16 @@ def _required(units: dict[str, dict], groups: _Union, integer_ops: frozenset[str
 def _assemble(index, layers, units, groups: _Union, source, required: set[str], floats) -> Points:
     tensors = set(source) | {t for u in units.values() for t in u["decl"].reads}
     points = {t for t in tensors if groups.find(t) in required}
-    order = {}
+    order: dict[str, int] = {}
     for node in index.graph.node:  # graph order: inputs first, then outputs node by node
         for t in (*node.input, *node.output):
             if t in points and t not in order:
                 order[t] = len(order)
     group_name: dict[str, str] = {}
-    for t in sorted(points, key=order.get):
+    for t in sorted(points, key=order.__getitem__):
         group_name.setdefault(groups.find(t), t)
-    out, readers = [], {}
+    out: list[Unit] = []
+    readers: dict[str, list[str]] = {}
     for name, unit in units.items():
         decl, node = unit["decl"], unit["node"]
         reads = tuple(t for t in decl.reads if t in points)
@@ -289,7 +291,7 @@ def _assemble(index, layers, units, groups: _Union, source, required: set[str], 
                         spec.macs if spec else decl.macs, tuple(unit["nodes"]), decl.note))
         for t in reads:
             readers.setdefault(t, []).append(name)
-    group = {t: group_name[groups.find(t)] for t in sorted(points, key=order.get)}
+    group = {t: group_name[groups.find(t)] for t in sorted(points, key=order.__getitem__)}
     return Points(Scope.GRAPH, tuple(out), group, {t: source.get(t) for t in points},
                   {t: tuple(r) for t, r in readers.items()}, tuple(floats), {t: index.elements(t) for t in points},
                   _logits(index, units, group))

@@ -32,7 +32,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, overload
 
 from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
@@ -193,7 +193,7 @@ class _Validator:
     def __init__(self, source: str, lines: Mapping[tuple, int]):
         self.source, self.lines = source, lines
 
-    def fail(self, path: tuple, problem: str, fix: str) -> None:
+    def fail(self, path: tuple, problem: str, fix: str) -> NoReturn:
         line = next((self.lines[path[:i]] for i in range(len(path), 0, -1) if path[:i] in self.lines), None)
         where = f" line {line}" if line else ""
         key = ".".join(path) or "(top level)"
@@ -254,10 +254,16 @@ class _Validator:
         rules.setdefault("default", OpRule((8,), (8,)))
         return rules
 
-    def widths(self, values, path, allow_float: bool) -> tuple:
+    @overload
+    def widths(self, values: object, path: tuple, allow_float: Literal[False]) -> tuple[int, ...]: ...
+
+    @overload
+    def widths(self, values: object, path: tuple, allow_float: bool) -> tuple[int | None, ...]: ...
+
+    def widths(self, values: object, path: tuple, allow_float: bool) -> tuple[int | None, ...]:
         if not isinstance(values, list) or not values:
             self.fail(path, f"must be a non-empty list of bit-widths, not {values!r}", "write e.g. [4, 8].")
-        out = []
+        out: list[int | None] = []
         for v in values:
             if allow_float and v in ("float", None):
                 out.append(None)

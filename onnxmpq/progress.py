@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
@@ -51,11 +52,19 @@ class _Lines:
             log(f"{self.desc}: {self.done} {self.unit}s in {elapsed:.1f} s")
 
 
+# What `bar` yields: advance(n) counts n more units done.
+Advance = Callable[[int], object]
+
+
+def _silent(n: int = 1) -> None:
+    """The advance of a quiet run: counts nothing."""
+
+
 @contextmanager
-def bar(desc: str, total: int | None = None, unit: str = "sample"):
+def bar(desc: str, total: int | None = None, unit: str = "sample") -> Iterator[Advance]:
     """Yields a callback `advance(n)`: a bar on a terminal, lines elsewhere, nothing when quiet."""
     if QUIET:
-        yield lambda n=1: None
+        yield _silent
         return
     if not enabled():
         lines = _Lines(desc, total, unit)

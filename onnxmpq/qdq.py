@@ -24,10 +24,10 @@ from onnxmpq.ops import OP_HANDLERS, NodeView
 
 METADATA_KEY = "onnxmpq.layers"
 _PASS_THROUGH = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
-_BITS = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4,
+_BITS: dict[int, int] = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4,
          TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16,
          TensorProto.INT32: 32, TensorProto.UINT32: 32}
-_SIGNED = {TensorProto.INT2, TensorProto.INT4, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32}
+_SIGNED: set[int] = {TensorProto.INT2, TensorProto.INT4, TensorProto.INT8, TensorProto.INT16, TensorProto.INT32}
 
 
 @dataclass(frozen=True)

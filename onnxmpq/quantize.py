@@ -33,14 +33,14 @@ import numpy as np
 import onnx
 
 from onnxmpq.calibrate.ranges import ActParams, act_params, choose_range
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.formats import IntFormat, act_format, required_opset, weight_format
 from onnxmpq.graph import Model, convert_opset, default_opset
 from onnxmpq.ops import OP_HANDLERS
-from onnxmpq.points import Points, Scope, Unit
+from onnxmpq.points import Points, Unit
 from onnxmpq.qdq import METADATA_KEY
 from onnxmpq.rounding import QuantizedWeight, round_nearest
-from onnxmpq.types import Candidate, LayerSpec, QuantOptions, TensorStats
+from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Scope, TensorStats
 from onnxmpq.writer import Editor
 
 GUARD_SUFFIX = " + Reshape guard"
@@ -149,8 +149,10 @@ def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str,
     for unit in points.layers:
         cand = assignment.get(unit.name, FLOAT)
         wfmt, afmt = formats.get(unit.name, (None, None))
-        if afmt is None and stored.get(unit.layer.activation):  # a float unit reading a quantized tensor
-            afmt = act_format(stored[unit.layer.activation])
+        layer = unit.layer  # never None in points.layers
+        # a float unit reading a quantized tensor
+        if afmt is None and layer is not None and (read_bits := stored.get(layer.activation)):
+            afmt = act_format(read_bits)
         layers.append(_write_layer(editor, unit, cand, (wfmt, afmt), params, options, (weights or {}).get(unit.name)))
     editor.finish()
     others = tuple(UnitResult(u.name, u.op_type, width[u.name], u.macs, u.kernel)
@@ -164,7 +166,7 @@ def build(model: Model, assignment: Mapping[str, Candidate], stats: Mapping[str,
 class _Params:
     """Activation parameters per (group, width), from the group's statistics and the range method."""
 
-    def __init__(self, stats, options: QuantOptions, points: Points):
+    def __init__(self, stats: Mapping[str, TensorStats] | None, options: QuantOptions, points: Points):
         self.stats, self.options, self.points = stats or {}, options, points
         self.cache: dict[tuple[str, int], ActParams] = {}
 
@@ -182,16 +184,17 @@ class _Params:
         return self.cache[key]
 
 
-def _write_tensor(editor: Editor, points: Points, units: Mapping[str, Unit], tensor: str, width, params: _Params):
+def _write_tensor(editor: Editor, points: Points, units: Mapping[str, Unit], tensor: str,
+                  width: Mapping[str, int | None], params: _Params) -> TensorResult | None:
     """The Q/DQ nodes of one point tensor (see the module docstring); None when it stays float."""
     source = points.source.get(tensor)
     stored = width.get(source) if source else None
     readers = points.readers.get(tensor, ())
-    wanted = sorted({width[u] for u in readers if width[u] and width[u] != stored})
+    wanted = sorted({bits for u in readers if (bits := width[u]) and bits != stored})
     if stored is None and not wanted:
         return None
     reading = {bits: [n for u in readers if width[u] == bits for n in units[u].nodes] for bits in wanted}
-    if stored:
+    if stored and source:  # a stored width comes from the writing unit
         writer = units[source]
         guarded = tensor in writer.writes and writer.layer is not None and \
             OP_HANDLERS.get(writer.op_type).guards_output(act_format(stored).container_bits)
@@ -215,11 +218,14 @@ def _write_tensor(editor: Editor, points: Points, units: Mapping[str, Unit], ten
                         tuple(wanted) if stored else (), points.elements.get(tensor, 0))
 
 
-def _write_layer(editor: Editor, unit: Unit, cand: Candidate, fmts, params: _Params, options: QuantOptions,
+def _write_layer(editor: Editor, unit: Unit, cand: Candidate, fmts: tuple[IntFormat | None, IntFormat | None],
+                 params: _Params, options: QuantOptions,
                  qweight: QuantizedWeight | None) -> LayerResult:
     """Weight (and bias) of one layer; the row reports the width its input is read at (`fmts[1]`: its
     own, or, for a float layer reading a quantized tensor, the stored one)."""
     spec = unit.layer
+    if spec is None:
+        raise InternalError(f"unit {unit.name!r} is written as a weighted layer but has no weight")
     wfmt, afmt = fmts
     handler = OP_HANDLERS.get(spec.op_type)
     read_params = params.of(spec.activation, afmt.bits) if afmt and spec.activation in params.points.group else None
@@ -247,8 +253,8 @@ def _write_layer(editor: Editor, unit: Unit, cand: Candidate, fmts, params: _Par
         weight = editor.array(spec.weight)
         wbytes, wtype = spec.params * weight.dtype.itemsize, str(weight.dtype)
     return LayerResult(spec.name, spec.op_type, cand.weight_bits if wfmt else None,
-                       afmt.bits if read_params else None, spec.params, spec.macs, wbytes, wtype,
-                       afmt.type_name if read_params else "float",
+                       afmt.bits if read_params and afmt else None, spec.params, spec.macs, wbytes, wtype,
+                       afmt.type_name if read_params and afmt else "float",
                        read_params.scale if read_params else None, read_params.zero_point if read_params else None)
 
 

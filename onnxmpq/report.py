@@ -16,6 +16,7 @@ import io
 import json
 from pathlib import Path
 
+from onnxmpq import paths
 from onnxmpq.export import write_json, write_text
 
 FILES = ("report.json", "report.html")  # what write() puts in a report folder
@@ -25,7 +26,7 @@ th{background:#f0f0f0}td.l{text-align:left}img{max-width:100%;border:1px solid #
 .kv td{text-align:left}h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}"""
 
 
-def write(report_dict: dict, folder: str | Path, figures: dict[str, bytes], stable: bool = False) -> Path:
+def write(report_dict: dict, folder: paths.PathLike, figures: dict[str, bytes], stable: bool = False) -> Path:
     """Writes report.json and report.html into `folder` (created); `figures` maps titles to PNG bytes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

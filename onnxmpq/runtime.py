@@ -20,7 +20,7 @@ _PROTO_LIMIT = 2**31 - 1
 THREADS: int | None = None  # intra-op threads of every session; None = onnxruntime's default (all cores)
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None,
+def session(model: onnx.ModelProto | str | os.PathLike[str], threads: int | None = None,
             optimize: bool = True, spin: bool = True) -> ort.InferenceSession:
     """A CPU InferenceSession at the default optimisation level (all optimisations) unless `optimize=False`;
     `spin=False` stops idle worker threads from spin-waiting (timing several sessions in turn)."""
@@ -68,11 +68,11 @@ class Census:
     float_compute: int
     int_compute: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {"ops": dict(self.ops), "float_compute": self.float_compute, "int_compute": self.int_compute}
 
 
-def census(model: onnx.ModelProto | str | os.PathLike) -> Census:
+def census(model: onnx.ModelProto | str | os.PathLike[str]) -> Census:
     """Loads `model` at the default optimisation level with `optimized_model_filepath` set and counts the
     ops of the graph onnxruntime really runs."""
     options = ort.SessionOptions()
@@ -94,7 +94,8 @@ def census(model: onnx.ModelProto | str | os.PathLike) -> Census:
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
     """Runs one batch; an onnxruntime failure becomes a user error naming the cause."""
     try:
-        return sess.run(outputs, feed)
+        values: list[np.ndarray] = sess.run(outputs, feed)
+        return values
     except Exception as exc:
         raise OnnxmpqError(f"onnxruntime failed on a batch: {str(exc).splitlines()[0][:300]}",
                            "check the input shapes and dtypes against the model's inputs.") from None

@@ -20,7 +20,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from onnxmpq.errors import OnnxmpqError
@@ -32,8 +32,9 @@ _NAME = re.compile(r"^\.onnxmpq-([0-9a-f]{8})-(\d+)-(\d+)-[A-Za-z0-9_]+$")
 def host_tag() -> str:
     """8 hex digits naming this host, boot and pid namespace (see the module docstring)."""
     parts = [socket.gethostname()]
-    for source in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                   lambda: os.readlink("/proc/self/ns/pid")):
+    sources: tuple[Callable[[], str], ...] = (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                                              lambda: os.readlink("/proc/self/ns/pid"))
+    for source in sources:
         try:
             parts.append(source())
         except OSError:

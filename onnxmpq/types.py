@@ -6,9 +6,10 @@ Data flow: path -> `graph.load` -> (ModelProto, [LayerSpec]) -> `calibrate` -> {
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class Rounding(StrEnum):
     NEAREST = "nearest"
     GPTQ = "gptq"
 
-    def resolve(self, weight_bits, have_data: bool = True) -> Rounding:
+    def resolve(self, weight_bits: Iterable[int | None], have_data: bool = True) -> Rounding:
         """The rounding `auto` stands for, given the weight widths in play."""
         if self != Rounding.AUTO:
             return self
@@ -177,14 +178,14 @@ class SensitivityTable:
     time_s: float
     rounding: str = "nearest"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         layers = [{"name": l.name, "op_type": l.op_type, "scores": dict(l.scores), **dict(l.extra or {})}
                   for l in self.layers]
         return {"metric": self.metric, "candidates": list(self.candidates), "samples": self.samples,
                 "time_s": self.time_s, "rounding": self.rounding, "layers": layers}
 
     @classmethod
-    def from_dict(cls, data: dict) -> SensitivityTable:
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityTable:
         layers = tuple(LayerScores(l["name"], l["op_type"], dict(l["scores"]),
                                    {k: v for k, v in l.items() if k not in ("name", "op_type", "scores")} or None)
                        for l in data["layers"])

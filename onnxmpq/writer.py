@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import ArrayLike
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmpq.calibrate.ranges import ActParams
@@ -60,7 +63,7 @@ class Editor:
         self.graph.initializer.append(tensor)
         return tensor.name
 
-    def node(self, op_type: str, inputs, base: str, **attrs) -> str:
+    def node(self, op_type: str, inputs: Iterable[str], base: str, **attrs: Any) -> str:
         """Adds a one-output node named like its output (node and tensor names are apart in ONNX); returns
         the output's name."""
         out = self.name(base)
@@ -74,7 +77,7 @@ class Editor:
             self._arrays[name] = numpy_helper.to_array(self.inits[name])
         return self._arrays[name]
 
-    def scale(self, values, like: str) -> TensorProto:
+    def scale(self, values: ArrayLike, like: str) -> TensorProto:
         """Scales in the float type of the tensor `like` (float32 or float16), as DequantizeLinear needs."""
         dtype = self.float_types.get(like, TensorProto.FLOAT)
         if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16):
@@ -100,7 +103,7 @@ class Editor:
         the Q after it into a kernel that rejects their type (a 4-bit QLinearConv)."""
         return self.node("Max", [tensor, tensor], f"{tensor}_guard")
 
-    def rewire(self, tensor: str, new: str, nodes) -> None:
+    def rewire(self, tensor: str, new: str, nodes: Iterable[str]) -> None:
         """Makes the named nodes read `new` where they read `tensor`."""
         for name in nodes:
             node = self.nodes[name]
@@ -149,6 +152,7 @@ class Editor:
         """DQ(codes) (through a Cast to INT8, and a shape-preserving Reshape guard, when asked): the tensor a
         layer reads in place of `weight`."""
         q_name, s_name, z_name = self.weight_codes(f"{weight}_{layer}", qweight, weight, cast)
+        assert z_name is not None, "weight_codes writes a zero point unless told not to"
         if cast:
             q_name = self.node("Cast", [q_name], f"{q_name}_int8", to=TensorProto.INT8)
         out = self.node("DequantizeLinear", [q_name, s_name, z_name], f"{q_name}_dq", axis=qweight.axis)
@@ -214,7 +218,7 @@ def share_constants(graph: onnx.GraphProto) -> int:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
         inner.update(set(node_reads(node)) - set(node.input))
-    first: dict[tuple, str] = {}
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
     alias: dict[str, str] = {}
     for tensor in graph.initializer:
         ops = readers.get(tensor.name, set())
@@ -234,7 +238,7 @@ def share_constants(graph: onnx.GraphProto) -> int:
     return len(alias)
 
 
-def toposort(nodes: list[onnx.NodeProto], key) -> list[onnx.NodeProto]:
+def toposort(nodes: list[onnx.NodeProto], key: Callable[[onnx.NodeProto], float]) -> list[onnx.NodeProto]:
     """Nodes in an order where each one's producers come first; among ready nodes, the smallest `key`."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     waiting = [0] * len(nodes)

@@ -16,9 +16,9 @@ from onnxmpq.errors import OnnxmpqError
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # types-PyYAML leaves it unannotated
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in onnxmpq's YAML files",
                                               event.start_mark)
         return super().compose_node(parent, index)

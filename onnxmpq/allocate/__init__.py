@@ -175,7 +175,7 @@ def tied_ok(problem: Problem, index: Sequence[int]) -> bool:
     return True
 
 
-def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0, **settings) -> Allocation:
+def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0, **settings: float | None) -> Allocation:
     """Runs the solver `method`; `settings` go to solvers that take them (threshold: max_drop, trials)."""
     check_feasible(problem)
     solver = SOLVERS.get(method)
@@ -185,7 +185,7 @@ def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0, **set
 def result(problem: Problem, index: Sequence[int], solver: str, status: str) -> Allocation:
     """An Allocation from chosen candidate indices, with the objective and the budgets' totals."""
     rows = np.arange(len(problem.layers))
-    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in rows},
+    return Allocation({problem.layers[l]: problem.candidates[index[l]] for l in range(len(problem.layers))},
                       float(problem.scores[rows, list(index)].sum()), solver, status,
                       {k: problem.user_value(k, v) for k, v in totals(problem, index).items()})
 

@@ -29,13 +29,14 @@ COST_SCALE = 10 ** 7
 def _levels(problem: Problem) -> list[tuple[int, int]] | None:
     """(low, high) candidate index per layer by total cost, or None when a layer has not exactly two."""
     allowed = admissible(problem)
-    cost = sum(problem.costs.values()) if problem.costs else np.zeros_like(problem.scores)
-    levels = []
+    cost = np.sum(list(problem.costs.values()), axis=0) if problem.costs else np.zeros_like(problem.scores)
+    levels: list[tuple[int, int]] = []
     for l in range(len(problem.layers)):
         cols = [int(c) for c in np.flatnonzero(allowed[l])]
         if len(cols) != 2:
             return None
-        levels.append(tuple(sorted(cols, key=lambda c: cost[l, c])))
+        lo, hi = sorted(cols, key=lambda c: cost[l, c])
+        levels.append((lo, hi))
     return levels
 
 

@@ -7,6 +7,8 @@ Ties and a cap on distinct widths are the integer program's job: greedy refuses 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result, tied_ok, totals
@@ -18,13 +20,14 @@ def _cost(problem: Problem) -> np.ndarray:
     scalar cost per (layer, candidate)."""
     if not problem.costs:
         raise ConstraintError("the greedy walk needs a cost to lower.", "give a --budget (e.g. avg-bits=4).")
-    def scale(kind):
+    def scale(kind: str) -> float:
         limit = problem.limits[kind]
-        return limit if np.isfinite(limit) else problem.costs[kind].max(axis=1).sum()
-    return sum(cost / max(scale(kind), 1e-12) for kind, cost in problem.costs.items())
+        return limit if np.isfinite(limit) else float(problem.costs[kind].max(axis=1).sum())
+    total: np.ndarray = np.sum([cost / max(scale(kind), 1e-12) for kind, cost in problem.costs.items()], axis=0)
+    return total
 
 
-def _over(problem: Problem, index) -> bool:
+def _over(problem: Problem, index: Sequence[int]) -> bool:
     return any(v > problem.limits[k] * (1 + 1e-9) for k, v in totals(problem, index).items())
 
 
@@ -35,8 +38,8 @@ def _repair(problem: Problem, allowed: np.ndarray, index: list[int]) -> None:
         over = [k for k, v in totals(problem, index).items() if v > problem.limits[k] * (1 + 1e-9)]
         if not over:
             return
-        excess = sum(problem.costs[k] / max(problem.limits[k], 1e-12) for k in over)
-        best = None
+        excess = np.sum([problem.costs[k] / max(problem.limits[k], 1e-12) for k in over], axis=0)
+        best: tuple[float, int, int] | None = None
         for l in range(len(index)):
             for c in np.flatnonzero(allowed[l]):
                 saved = excess[l, index[l]] - excess[l, c]
@@ -55,7 +58,7 @@ def ladder(problem: Problem) -> list[list[int]]:
     allowed = admissible(problem)
     cost = _cost(problem)
     index = [int(np.argmax(np.where(allowed[l], cost[l], -np.inf))) for l in range(n_layers)]
-    steps = []
+    steps: list[tuple[float, int, int]] = []
     for l in range(n_layers):
         for c in np.flatnonzero(allowed[l]):
             saved = cost[l, index[l]] - cost[l, c]
@@ -63,9 +66,9 @@ def ladder(problem: Problem) -> list[list[int]]:
                 steps.append(((problem.scores[l, c] - problem.scores[l, index[l]]) / saved, l, int(c)))
     steps.sort()
     points = [list(index)]
-    for _, l, c in steps:
-        if cost[l, c] < cost[l, index[l]]:
-            index[l] = c
+    for _, row, col in steps:
+        if cost[row, col] < cost[row, index[row]]:
+            index[row] = col
             points.append(list(index))
     return points
 

@@ -20,6 +20,9 @@ L parts in 10^9 (L layers). The search stops at a relative gap of
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 
 from onnxmpq.allocate import SOLVERS, Allocation, Problem, result
@@ -28,6 +31,10 @@ from onnxmpq.errors import ConstraintError
 SCORE_SCALE = 10 ** 9
 RELATIVE_GAP = 1e-4  # both solvers stop within 0.01% of the optimum ("optimal" within that gap)
 COST_SCALE = 10 ** 9
+
+# A solver's variable or linear expression: pywraplp's (a module without type information) or CP-SAT's;
+# the rules below are written once for both.
+Var = Any
 
 
 @SOLVERS.register("ilp")
@@ -64,15 +71,16 @@ def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
                   "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible")
 
 
-def link_terms(problem: Problem, x, add, var) -> list[tuple[float, object]]:
+def link_terms(problem: Problem, x: Sequence[Sequence[Var]], add: Callable[[Var], object],
+               var: Callable[[str], Var]) -> list[tuple[float, Var]]:
     """The (BitOps, variable) terms of the requantizes (see the module docstring)."""
     widths = sorted({b for b in problem.act_bits if b})
     n_cands = len(problem.candidates)
 
-    def uses(row, bits):
+    def uses(row: int, bits: int) -> list[Var]:
         return [x[row][c] for c in range(n_cands) if problem.act_bits[c] == bits]
 
-    terms = []
+    terms: list[tuple[float, Var]] = []
     for k, link in enumerate(problem.links):
         stored = [link.source_bits] if link.source is None else widths
         for b1 in stored:
@@ -91,7 +99,8 @@ def link_terms(problem: Problem, x, add, var) -> list[tuple[float, object]]:
     return terms
 
 
-def add_rules(problem: Problem, x, add, total, boolvar) -> None:
+def add_rules(problem: Problem, x: Sequence[Sequence[Var]], add: Callable[[Var], object],
+              total: Callable[[list[Var]], Var], boolvar: Callable[[str], Var]) -> None:
     """Tie groups share activation widths; at most `max_distinct` weight widths (see the module doc)."""
     n_cands = len(problem.candidates)
     if problem.ties and problem.act_bits:
@@ -121,15 +130,15 @@ def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
     top = float(shifted.max()) or 1.0
     weights = np.rint(shifted / top * SCORE_SCALE).astype(np.int64)
     model = cp_model.CpModel()
-    x = [[model.NewBoolVar(f"x{l}_{c}") for c in range(n_cands)] for l in range(n_layers)]
+    x = [[model.new_bool_var(f"x{l}_{c}") for c in range(n_cands)] for l in range(n_layers)]
     for l in range(n_layers):
-        model.AddExactlyOne(x[l])
+        model.add_exactly_one(x[l])
         if problem.allowed is not None:
             for c in range(n_cands):
                 if not problem.allowed[l, c]:
-                    model.Add(x[l][c] == 0)
+                    model.add(x[l][c] == 0)
     flat = [x[l][c] for l in range(n_layers) for c in range(n_cands)]
-    extra = link_terms(problem, x, model.Add, model.NewBoolVar)
+    extra = link_terms(problem, x, model.add, model.new_bool_var)
     for kind, cost in problem.costs.items():
         factor = COST_SCALE / max(problem.limits[kind], 1e-12)
         ints = np.floor(cost * factor).astype(np.int64).ravel().tolist()
@@ -137,16 +146,16 @@ def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
         if kind == "bitops" and extra:
             terms += [var for _, var in extra]
             weights_k = ints + [int(np.ceil(w * factor)) for w, _ in extra]
-        model.Add(cp_model.LinearExpr.WeightedSum(terms, weights_k) <= int(np.floor(problem.limits[kind] * factor)))
-    add_rules(problem, x, model.Add, sum, model.NewBoolVar)
-    model.Minimize(cp_model.LinearExpr.WeightedSum(flat, weights.ravel().tolist()))
+        model.add(cp_model.LinearExpr.weighted_sum(terms, weights_k) <= int(np.floor(problem.limits[kind] * factor)))
+    add_rules(problem, x, model.add, sum, model.new_bool_var)
+    model.minimize(cp_model.LinearExpr.weighted_sum(flat, weights.ravel().tolist()))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit
     solver.parameters.num_workers = 2
     solver.parameters.relative_gap_limit = 1e-4
-    status = solver.Solve(model)
+    status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise ConstraintError("the integer program found no allocation within the budgets and rules "
-                              f"({solver.StatusName(status)}).", "raise a budget or relax the rules.")
-    index = [next(c for c in range(n_cands) if solver.Value(x[l][c])) for l in range(n_layers)]
+                              f"({solver.status_name(status)}).", "raise a budget or relax the rules.")
+    index = [next(c for c in range(n_cands) if solver.value(x[l][c])) for l in range(n_layers)]
     return result(problem, index, "ilp (CP-SAT)", "optimal" if status == cp_model.OPTIMAL else "feasible")

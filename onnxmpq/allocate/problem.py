@@ -24,6 +24,7 @@ the profile's `tie` list, and every writer with its readers when the profile for
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,12 +33,17 @@ from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.points import Points, Unit
 from onnxmpq.profiles import Profile
 from onnxmpq.quantize import layer_formats, layer_weight_bytes, weight_cast
-from onnxmpq.types import Candidate, QuantOptions
+from onnxmpq.types import Candidate, QuantOptions, SensitivityTable
+
+if TYPE_CHECKING:
+    from onnxmpq.graph import Model
+    from onnxmpq.latency import LatencyTable
 
 FLOAT_BITS = 32
 
 
-def unit_cost(kind: str, unit: Unit, cand: Candidate, channels: int, options: QuantOptions, latency=None) -> float:
+def unit_cost(kind: str, unit: Unit, cand: Candidate, channels: int, options: QuantOptions,
+              latency: LatencyTable | None = None) -> float:
     """One budget's cost of one unit at one candidate (see the module docstring; links aside)."""
     w, a = cand.weight_bits or FLOAT_BITS, cand.act_bits or FLOAT_BITS
     spec = unit.layer
@@ -52,16 +58,20 @@ def unit_cost(kind: str, unit: Unit, cand: Candidate, channels: int, options: Qu
         return float(spec.params * w) if spec else 0.0
     if kind == "bitops":
         return float(unit.macs * (w if spec else a) * a)
-    if latency is None:
-        raise OnnxmpqError("a latency-ms budget needs measured latencies.",
-                           "run `onnxmpq profile-latency` and pass --latency FILE, or let quantize measure them.")
-    row = latency.layers.get(unit.name)
+    row = _measured_table(latency).layers.get(unit.name)
     if row is None:
         return 0.0  # a unit the table does not list (nothing to choose when it was measured)
     if cand.key not in row:
         raise OnnxmpqError(f"the latency table has no entry for {unit.name} at {cand.key}.",
                            "re-run `onnxmpq profile-latency` with the same --bits and --act-bits.")
     return float(row[cand.key])
+
+
+def _measured_table(latency: LatencyTable | None) -> LatencyTable:
+    if latency is None:
+        raise OnnxmpqError("a latency-ms budget needs measured latencies.",
+                           "run `onnxmpq profile-latency` and pass --latency FILE, or let quantize measure them.")
+    return latency
 
 
 def candidate_columns(points: Points, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -72,9 +82,10 @@ def candidate_columns(points: Points, candidates: Sequence[Candidate]) -> list[C
     return list(candidates) + [c for c in extra if c not in candidates]
 
 
-def build_problem(model, table, candidates: Sequence[Candidate], budgets: Sequence[Budget], profile: Profile,
-                  options: QuantOptions = QuantOptions(), keep: Mapping[str, Candidate] | None = None,
-                  latency=None) -> tuple[Problem, dict[str, Candidate]]:
+def build_problem(model: Model, table: SensitivityTable | None, candidates: Sequence[Candidate],
+                  budgets: Sequence[Budget], profile: Profile, options: QuantOptions = QuantOptions(),
+                  keep: Mapping[str, Candidate] | None = None,
+                  latency: LatencyTable | None = None) -> tuple[Problem, dict[str, Candidate]]:
     """(Problem over the free units, {unit: Candidate} of the fixed ones)."""
     points = model.points(options)
     columns = candidate_columns(points, candidates)
@@ -100,12 +111,11 @@ def build_problem(model, table, candidates: Sequence[Candidate], budgets: Sequen
             shift = np.where(allowed, cost, np.inf).min(axis=1, initial=np.inf)
             shift = np.where(np.isfinite(shift), shift, 0.0)
             cost = cost - shift[:, None]
-            offset += float(shift.sum()) + latency.reference_ms
+            offset += float(shift.sum()) + _measured_table(latency).reference_ms
         costs[kind], limits[kind], offsets[kind] = cost, limit - offset, offset
-    entropy = None
-    if rows and all(rows[u.name].extra and "entropy" in rows[u.name].extra for u in free if u.name in rows) \
-            and all(u.name in rows for u in free):
-        entropy = np.array([rows[u.name].extra["entropy"] for u in free], float)
+    # every free unit's raw output entropy, when the table has it for each (the threshold method's input)
+    found = [extra["entropy"] for u in free if u.name in rows and (extra := rows[u.name].extra) and "entropy" in extra]
+    entropy = np.array(found, float) if rows and len(found) == len(free) else None
     problem = Problem(tuple(u.name for u in free), tuple(c.key for c in columns), scores, costs, limits,
                       allowed=allowed, units=units, offsets=offsets,
                       weight_bits=tuple(c.weight_bits or 0 for c in columns),
@@ -123,7 +133,7 @@ def _admits(profile: Profile, unit: Unit, cand: Candidate) -> bool:
     return profile.allows(unit.op_type, cand)
 
 
-def _measured(latency, unit: Unit, cand: Candidate, candidates: Sequence[Candidate]) -> bool:
+def _measured(latency: LatencyTable | None, unit: Unit, cand: Candidate, candidates: Sequence[Candidate]) -> bool:
     """Whether a latency-ms budget can price `cand` for `unit`: an asked-for candidate always (a missing
     entry is then an error), an extra `aN` column of a weighted layer (float weights) only when the table
     timed it (profile-latency times the asked-for candidates)."""
@@ -146,7 +156,7 @@ def _unit_and_limit(points: Points, budget: Budget) -> tuple[float, float]:
     return unit, budget.value * unit
 
 
-def _fixed_units(points: Points, candidates, columns, profile: Profile,
+def _fixed_units(points: Points, candidates: Sequence[Candidate], columns: Sequence[Candidate], profile: Profile,
                  keep: Mapping[str, Candidate]) -> dict[str, Candidate]:
     """Kept and pinned units at their precision; units the profile allows no candidate stay float (or the
     rules are impossible for them); units without weights with one width to take, at that width."""
@@ -195,10 +205,10 @@ def _nearest_width(unit: Unit, profile: Profile) -> Candidate:
 def _ties(points: Points, free: Sequence[Unit], profile: Profile) -> tuple[tuple[int, ...], ...]:
     """Rows that must share one activation width (see the module docstring)."""
     row = {u.name: i for i, u in enumerate(free)}
-    groups = []
+    groups: list[set[str | None]] = []
     for unit in free:
         if unit.op_type in profile.tie:
-            groups.append({unit.name} | {points.source.get(t) for t in unit.reads})
+            groups.append({unit.name, *(points.source.get(t) for t in unit.reads)})
     if not profile.requantize:
         for tensor, readers in points.readers.items():
             groups.append({points.source.get(tensor), *readers})

@@ -19,6 +19,8 @@ retraining is out of scope for a post-training tool.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result, tied_ok, totals
@@ -50,7 +52,7 @@ def split(problem: Problem, tau: float, window: int, low: int, high: int) -> lis
     return index
 
 
-def _compression_cost(problem: Problem, index) -> float:
+def _compression_cost(problem: Problem, index: Sequence[int]) -> float:
     """Budget costs normalised by their limits (by their largest total when unlimited) and summed."""
     if not problem.costs:
         return float(np.mean([problem.weight_bits[c] or 32 for c in index]))
@@ -62,7 +64,7 @@ def _compression_cost(problem: Problem, index) -> float:
     return out
 
 
-def _within(problem: Problem, index) -> bool:
+def _within(problem: Problem, index: Sequence[int]) -> bool:
     return tied_ok(problem, index) and all(v <= problem.limits[k] * (1 + 1e-9) for k, v in totals(problem, index).items())
 
 
@@ -71,21 +73,22 @@ def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float 
                     trials: int = TRIALS, seed: int = 0) -> Allocation:
     import optuna
 
-    if problem.entropy is None or problem.fidelity is None:
+    fidelity = problem.fidelity
+    if problem.entropy is None or fidelity is None:
         raise ConstraintError("the threshold method needs each layer's output entropy and a fidelity judge.",
                               "run it through `onnxmpq quantize --method threshold` with --calib.")
     widths = sorted({w for w in problem.weight_bits if w})
     if len(widths) < 2:
         raise ConstraintError("the threshold method needs at least two weight widths.", "pass e.g. --bits 2,3,4,5,6,8.")
-    seen: dict[tuple, float] = {}
+    seen: dict[tuple[int, ...], float] = {}
 
-    def drop_of(index) -> float:
+    def drop_of(index: Sequence[int]) -> float:
         key = tuple(index)
         if key not in seen:
-            seen[key] = problem.fidelity(index)
+            seen[key] = fidelity(index)
         return seen[key]
 
-    def objective(trial) -> float:
+    def objective(trial: optuna.Trial) -> float:
         tau = trial.suggest_float("tau", 0.5, 1.5)
         window = trial.suggest_categorical("window", list(WINDOWS))
         low_at = trial.suggest_int("low_index", 0, len(widths) - 2)
@@ -105,12 +108,12 @@ def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
     study.optimize(objective, n_trials=trials, timeout=None)
-    good = [t for t in study.trials if t.value is not None and t.value < 1e3 and "index" in t.user_attrs]
+    good = [(t.value, t) for t in study.trials if t.value is not None and t.value < 1e3 and "index" in t.user_attrs]
     if not good:
         raise ConstraintError(f"no threshold split in {trials} trials meets the budgets"
                               f"{' and the drop limit' if max_drop is not None else ''}.",
                               "raise the budget or --max-drop, or use --method ilp.")
-    best = min(good, key=lambda t: t.value)
+    best = min(good, key=lambda vt: vt[0])[1]
     alloc = result(problem, best.user_attrs["index"], "threshold (entropy, Optuna TPE)", "feasible")
     params = {"tau": best.params["tau"], "window": best.params["window"], "levels": best.user_attrs["levels"],
               "trials": trials, "drop": best.user_attrs["drop"]}

@@ -23,7 +23,7 @@ __all__ = ["READERS", "ActParams", "DataSource", "Histogram", "Preprocess", "act
            "choose_range", "collect", "read", "with_outputs"]
 
 
-def read(source, model: Model, *, limit: int | None = None, preprocess: Preprocess | None = None,
+def read(source: object, model: Model, *, limit: int | None = None, preprocess: Preprocess | None = None,
          reader: str | None = None) -> DataSource:
     """Opens a calibration or evaluation source checked against `model`'s inputs.
 
@@ -54,7 +54,7 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 
 def collect(model: Model, source: DataSource, groups: Mapping[str, Sequence[str]] | Sequence[str], *,
-            batch_size: int = 32, on_batch: Callable[[int], None] | None = None,
+            batch_size: int = 32, on_batch: Callable[[int], object] | None = None,
             logits: Mapping[str, int] | None = None) -> dict[str, TensorStats]:
     """Streams `source` through the float model and returns the statistics of each group: one histogram
     over the values of all its tensors (a list of names stands for one group per tensor). Groups in

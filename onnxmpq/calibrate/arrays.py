@@ -39,12 +39,13 @@ def add_batch_axis(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]
 
 
 def _batch_size(batch: Batch) -> int:
-    sizes = {k: (a.shape[0] if a.ndim else None) for k, a in batch.inputs.items()}
-    if None in sizes.values() or len(set(sizes.values())) != 1:
+    sizes: dict[str, int | None] = {k: (a.shape[0] if a.ndim else None) for k, a in batch.inputs.items()}
+    distinct = set(sizes.values())
+    size = distinct.pop() if len(distinct) == 1 else None
+    if size is None:
         listed = ", ".join(f"{k}: {tuple(batch.inputs[k].shape)}" for k in sizes)
         raise OnnxmpqError(f"the arrays of one batch disagree on the number of samples (dim 0): {listed}.",
                            "store every input (and the labels) with the samples along dim 0.")
-    size = next(iter(sizes.values()))
     if batch.labels is not None and np.shape(batch.labels)[:1] != (size,):
         raise OnnxmpqError(f"there are {np.shape(batch.labels)} labels for {size} samples.",
                            "give exactly one integer label per sample.")
@@ -232,8 +233,8 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], bool, np.dtype]
     return headers
 
 
-def _existing_file(source: object, kind: str) -> Path:
-    return paths.regular_file(source, f"{kind} file", "check the data path.")  # type: ignore[arg-type]
+def _existing_file(source: paths.PathLike, kind: str) -> Path:
+    return paths.regular_file(source, f"{kind} file", "check the data path.")
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ class NpzReader:
     inputs: tuple[InputSpec, ...]
 
     @classmethod
-    def open(cls, source: object, inputs: Sequence[InputSpec], *, limit: int | None = None,
+    def open(cls, source: paths.PathLike, inputs: Sequence[InputSpec], *, limit: int | None = None,
              preprocess: object = None, labels_key: str = "labels") -> NpzReader:
         """Reads the headers of the .npz and checks its keys and sample counts."""
         path = _existing_file(source, ".npz")
@@ -308,7 +309,7 @@ class NpyReader:
     inputs: tuple[InputSpec, ...]
 
     @classmethod
-    def open(cls, source: object, inputs: Sequence[InputSpec], *, limit: int | None = None,
+    def open(cls, source: paths.PathLike, inputs: Sequence[InputSpec], *, limit: int | None = None,
              preprocess: object = None, labels_key: str = "labels") -> NpyReader:
         """Checks that the model has one input and reads the array's header."""
         path = _existing_file(source, ".npy")
@@ -350,10 +351,10 @@ class ArrayFolderReader:
     files: tuple[NpzReader | NpyReader, ...]
 
     @classmethod
-    def open(cls, source: object, inputs: Sequence[InputSpec], *, limit: int | None = None,
+    def open(cls, source: paths.PathLike, inputs: Sequence[InputSpec], *, limit: int | None = None,
              preprocess: object = None, labels_key: str = "labels") -> ArrayFolderReader:
         """Opens (headers only) every .npz/.npy file directly inside the folder."""
-        root = Path(source)  # type: ignore[arg-type]
+        root = Path(source)
         if not root.is_dir():
             raise OnnxmpqError(f"data folder {str(root)!r} does not exist.", "check the data path.")
         paths = sorted(
@@ -396,7 +397,8 @@ def find_test_sets(root: Path) -> list[Path]:
 
 def _read_tensor(path: Path) -> onnx.TensorProto:
     try:
-        return onnx.TensorProto.FromString(path.read_bytes())
+        tensor: onnx.TensorProto = onnx.TensorProto.FromString(path.read_bytes())
+        return tensor
     except Exception as exc:  # protobuf raises its own DecodeError
         raise OnnxmpqError(f"{str(path)!r} is not a serialized onnx.TensorProto ({exc}).",
                            "re-create it with onnx.numpy_helper.from_array(...).SerializeToString().") from None
@@ -424,10 +426,10 @@ class OnnxTestDataReader:
     inputs: tuple[InputSpec, ...]
 
     @classmethod
-    def open(cls, source: object, inputs: Sequence[InputSpec], *, limit: int | None = None,
+    def open(cls, source: paths.PathLike, inputs: Sequence[InputSpec], *, limit: int | None = None,
              preprocess: object = None, labels_key: str = "labels") -> OnnxTestDataReader:
         """Lists the test sets (sorted by number); a test_data_set folder itself is one set."""
-        root = Path(source)  # type: ignore[arg-type]
+        root = Path(source)
         sets = find_test_sets(root) if root.is_dir() else []
         if not sets:
             raise OnnxmpqError(f"{str(root)!r} has no test_data_set_*/input_*.pb files.",

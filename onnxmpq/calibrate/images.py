@@ -307,12 +307,13 @@ def _target_size(spec: InputSpec, pre: Preprocess) -> tuple[int, int]:
         )
     if pre.size is not None:
         return pre.size
-    if any(d is None for d in spatial):
+    height, width = spatial
+    if height is None or width is None:
         raise OnnxmpqError(
             f"model input {spec.name!r} has dynamic spatial dims {shape}, so the image size is unknown.",
             "set Preprocess.size=(height, width).",
         )
-    return (int(spatial[0]), int(spatial[1]))
+    return (int(height), int(width))
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,9 @@ class ImageFolderReader:
             raise OnnxmpqError(
                 f"image folder {str(root)!r} has no image files ({', '.join(IMAGE_SUFFIXES)}), "
                 "neither directly nor in sub-folders.", "point to a folder that holds images.")
+        files: tuple[Path, ...]
+        labels: tuple[int, ...] | None
+        classes: tuple[str, ...]
         if direct:
             files, labels, classes = tuple(direct[:limit]), None, ()
         else:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.formats import IntFormat
 from onnxmpq.types import ActRange, TensorStats
 
@@ -51,7 +51,8 @@ class Histogram:
         self.floor_axis = floor_axis
         self.floor: float | None = None
         self.counts = np.zeros(bins, dtype=np.float64)
-        self.lo = self.hi = None
+        self.lo: float | None = None  # the bins' range, set by the first non-empty batch
+        self.hi: float | None = None
         self.min = np.inf
         self.max = -np.inf
         self.count = 0
@@ -72,7 +73,7 @@ class Histogram:
         self.min, self.max = min(self.min, vmin), max(self.max, vmax)
         self.count += values.size
         self.zeros += int(np.count_nonzero(values == 0))
-        if self.lo is None:
+        if self.lo is None or self.hi is None:
             self.lo, self.hi = vmin, vmax if vmax > vmin else vmin + max(1e-8, 1e-6 * abs(vmin))
         elif vmin < self.lo or vmax > self.hi:
             self._grow(min(vmin, self.lo), max(vmax, self.hi))
@@ -80,25 +81,33 @@ class Histogram:
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
         """Counts of `values` in the current bins (the last bin closed), by index arithmetic + bincount."""
-        scale = self.bins / (self.hi - self.lo)
-        idx = ((values - np.float32(self.lo)) * np.float32(scale)).astype(np.int64)
+        lo, hi = self._bounds()
+        scale = self.bins / (hi - lo)
+        idx = ((values - np.float32(lo)) * np.float32(scale)).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         return np.bincount(idx, minlength=self.bins)
 
     def _grow(self, lo: float, hi: float) -> None:
         """Widens the range (by at least a quarter, so re-binning stays rare) and re-bins old counts."""
-        width = self.hi - self.lo
-        if lo < self.lo:
-            lo = min(lo, self.lo - 0.25 * width)
-        if hi > self.hi:
-            hi = max(hi, self.hi + 0.25 * width)
+        old_lo, old_hi = self._bounds()
+        width = old_hi - old_lo
+        if lo < old_lo:
+            lo = min(lo, old_lo - 0.25 * width)
+        if hi > old_hi:
+            hi = max(hi, old_hi + 0.25 * width)
         centres = self.edges[:-1] + 0.5 * (self.edges[1] - self.edges[0])
         self.lo, self.hi = lo, hi
         self.counts, _ = np.histogram(centres, bins=self.bins, range=(lo, hi), weights=self.counts)
 
+    def _bounds(self) -> tuple[float, float]:
+        if self.lo is None or self.hi is None:
+            raise InternalError(f"histogram {self.name!r} has no range before its first values")
+        return self.lo, self.hi
+
     @property
     def edges(self) -> np.ndarray:
-        return np.linspace(self.lo, self.hi, self.bins + 1)
+        lo, hi = self._bounds()
+        return np.linspace(lo, hi, self.bins + 1)
 
     def stats(self) -> TensorStats:
         if self.lo is None:

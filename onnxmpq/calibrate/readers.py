@@ -59,7 +59,15 @@ class DataSource(Protocol):
         ...
 
 
-READERS: Registry[type] = Registry("data reader")
+class Reader(DataSource, Protocol):
+    """What `READERS` holds the classes of: a data source opened on a path (a Python object for "python")."""
+
+    @classmethod
+    def open(cls, source: Any, inputs: Sequence[InputSpec], *, limit: int | None = None,
+             preprocess: Preprocess | None = None, labels_key: str = "labels") -> Reader: ...
+
+
+READERS: Registry[type[Reader]] = Registry("data reader")
 
 
 def _dims(shape: Sequence[int | None]) -> str:
@@ -143,14 +151,14 @@ def check_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec]) -> dict[s
 def _check_labels(labels: Any, size: int) -> np.ndarray | None:
     if labels is None:
         return None
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (size,):
+    array: np.ndarray = np.asarray(labels)
+    if not np.issubdtype(array.dtype, np.integer) or array.shape != (size,):
         raise OnnxmpqError(
-            f"labels must be {size} integer class indices for a batch of {size}, got dtype {labels.dtype} "
-            f"and shape {labels.shape}.",
+            f"labels must be {size} integer class indices for a batch of {size}, got dtype {array.dtype} "
+            f"and shape {array.shape}.",
             "give one integer label per sample.",
         )
-    return labels
+    return array
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ that rejects them) and claim a whole pattern of nodes (`claims`: the Erf form of
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar, Unpack
 
 import numpy as np
 import onnx
@@ -25,6 +26,10 @@ from onnx import TensorProto
 from onnxmpq.index import FLOAT_TYPES, GraphIndex
 from onnxmpq.registry import Registry
 from onnxmpq.types import LayerSpec
+
+if TYPE_CHECKING:
+    from onnxmpq.rounding import QuantizedWeight
+    from onnxmpq.writer import Editor
 
 __all__ = ["FLOAT_TYPES", "OP_HANDLERS", "Handler", "Kind", "NodeQuant", "NodeView", "known_prod"]
 
@@ -37,11 +42,11 @@ class NodeView:
     index: GraphIndex
 
     @property
-    def consts(self):
+    def consts(self) -> dict[str, TensorProto]:
         return self.index.consts
 
     @property
-    def shapes(self):
+    def shapes(self) -> dict[str, tuple[int | None, ...]]:
         return self.index.shapes
 
     def input(self, i: int) -> str | None:
@@ -73,11 +78,11 @@ class NodeView:
         """Input 0 to every output, one shared scale."""
         return NodeQuant(Kind.PASS, self.ins(0), tuple(o for o in self.node.output if o))
 
-    def compute(self, reads: tuple[int, ...] = (0,), **kw) -> NodeQuant:
+    def compute(self, reads: tuple[int, ...] = (0,), **kw: Unpack[QuantFields]) -> NodeQuant:
         """A COMPUTE unit reading the inputs `reads` and writing output 0."""
         return NodeQuant(Kind.COMPUTE, self.ins(*reads), self.outs(0), **kw)
 
-    def attr(self, name: str, default=None):
+    def attr(self, name: str, default: Any = None) -> Any:  # an attribute's value: int, float, str, list, ...
         for attr in self.node.attribute:
             if attr.name == name:
                 return onnx.helper.get_attribute_value(attr)
@@ -98,7 +103,7 @@ class NodeView:
         return self.index.consumers.get(self.node.output[k], []) if k < len(self.node.output) else []
 
 
-def known_prod(dims) -> int:
+def known_prod(dims: Sequence[int | None] | None) -> int:
     """Product of the known dims; dynamic ones count as 1."""
     return int(np.prod([d if d else 1 for d in dims], dtype=np.int64)) if dims else 1
 
@@ -155,6 +160,19 @@ class NodeQuant:
     logits_axis: int | None = None
 
 
+class QuantFields(TypedDict, total=False):
+    """The optional fields of `NodeQuant`, as `NodeView.compute` takes them."""
+
+    kernel: str | None
+    float_output: bool
+    shared: bool
+    macs: int
+    covers: tuple[str, ...]
+    op_type: str | None
+    note: str
+    logits_axis: int | None
+
+
 class Handler:
     """Base of the op handlers: no weight, no quantization, no guard."""
 
@@ -185,7 +203,7 @@ class Handler:
         """Whether the Q of the node's output must be kept apart from it (`writer.Editor.guard`)."""
         return False
 
-    def write_weight(self, editor, layer: LayerSpec, qweight, guard: bool, cast: bool) -> None:
+    def write_weight(self, editor: Editor, layer: LayerSpec, qweight: QuantizedWeight, guard: bool, cast: bool) -> None:
         """Feeds the layer its dequantized codes in place of the float weight (`writer.Editor`)."""
         out = editor.dequantized_weight(layer.weight, layer.name, qweight, guard, cast)
         editor.replace_input(layer.name, layer.weight, out)
@@ -202,15 +220,19 @@ class OpHandler(Protocol):
     def needs_guard(self, layer: LayerSpec, weight_rank: int, weight_container: int,
                     act_container: int | None) -> bool: ...
     def guards_output(self, act_container: int) -> bool: ...
-    def write_weight(self, editor, layer: LayerSpec, qweight, guard: bool, cast: bool) -> None: ...
+    def write_weight(self, editor: Editor, layer: LayerSpec, qweight: QuantizedWeight, guard: bool,
+                     cast: bool) -> None: ...
 
 
 OP_HANDLERS: Registry[OpHandler] = Registry("op handler")
 
 
-def register(*op_types: str):
+_H = TypeVar("_H", bound=Handler)
+
+
+def register(*op_types: str) -> Callable[[type[_H]], type[_H]]:
     """Registers one handler instance for each of `op_types`."""
-    def decorator(cls):
+    def decorator(cls: type[_H]) -> type[_H]:
         instance = cls()
         for op_type in op_types:
             OP_HANDLERS.register(op_type)(instance)

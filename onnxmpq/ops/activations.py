@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
+from onnxmpq.index import GraphIndex
 from onnxmpq.ops import Handler, Kind, NodeQuant, NodeView, register
 
 KERNELS = {"LeakyRelu": "QLinearLeakyRelu", "Sigmoid": "QLinearSigmoid", "Softmax": "QLinearSoftmax"}
@@ -72,26 +74,28 @@ class ErfHandler(Handler):
                          note="GELU (Erf form) quantized as one unit; onnxruntime fuses it into Gelu")
 
 
-def _only_consumer(index, tensor):
+def _only_consumer(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     consumers = index.consumers.get(tensor, [])
     return consumers[0] if len(consumers) == 1 and tensor not in index.outputs else None
 
 
-def _const_operand(node, index, other: str, value: float) -> bool:
+def _const_operand(node: onnx.NodeProto, index: GraphIndex, other: str, value: float) -> bool:
     """`node` reads `other` and a scalar constant equal to `value` (to float32 precision)."""
     if len(node.input) != 2 or other not in node.input:
         return False
     const = node.input[1] if node.input[0] == other else node.input[0]
     array = index.value(const)
-    return array is not None and array.size == 1 and np.isclose(float(array.ravel()[0]), value, rtol=1e-4)
+    return array is not None and array.size == 1 and bool(np.isclose(float(array.ravel()[0]), value, rtol=1e-4))
 
 
-def _scaled_input(node, index, factor: float) -> str | None:
+def _scaled_input(node: onnx.NodeProto, index: GraphIndex, factor: float) -> str | None:
     """x of Div(x, 1/factor) or Mul(x, factor) with a scalar constant."""
     if node.op_type not in ("Div", "Mul") or len(node.input) != 2:
         return None
     wanted = 1 / factor if node.op_type == "Div" else factor
-    for x, const in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+    a: str = node.input[0]  # protobuf's containers have no stubs here
+    b: str = node.input[1]
+    for x, const in ((a, b), (b, a)):
         array = index.value(const)
         if node.op_type == "Div" and x != node.input[0]:
             continue
@@ -101,7 +105,7 @@ def _scaled_input(node, index, factor: float) -> str | None:
     return None
 
 
-def _gelu_tail(index, added: str, x: str):
+def _gelu_tail(index: GraphIndex, added: str, x: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
     """The two Muls after Add(erf, 1): Mul(x, a) then Mul(., 0.5), or Mul(a, 0.5) then Mul(x, .)."""
     first = _only_consumer(index, added)
     if first is None or first.op_type != "Mul" or len(first.input) != 2:

@@ -11,21 +11,24 @@ applied by the output's Q), the weight per output channel, the bias as INT32 at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from onnxmpq.ops import Handler, NodeQuant, NodeView, known_prod, register
 from onnxmpq.types import LayerSpec
 
 
-def _conv_spec(view: NodeView, channel_axis: int, spatial_from) -> LayerSpec | None:
-    weight = view.float_const(1)
-    if weight is None or view.input(0) is None or len(weight.dims) < 3:
+def _conv_spec(view: NodeView, channel_axis: int,
+               spatial_from: Callable[[], tuple[int | None, ...] | None]) -> LayerSpec | None:
+    weight, activation = view.float_const(1), view.input(0)
+    if weight is None or activation is None or len(weight.dims) < 3:
         return None
     params = int(np.prod(weight.dims))
     shape = spatial_from()
     spatial = known_prod(shape[2:]) if shape else 1
     bias = view.input(2) if view.float_const(2) is not None else None
-    return LayerSpec(view.node.name, view.node.op_type, weight.name, view.input(0), view.node.output[0],
+    return LayerSpec(view.node.name, view.node.op_type, weight.name, activation, view.node.output[0],
                      params, spatial * params, channel_axis, bias)
 
 

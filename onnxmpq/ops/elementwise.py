@@ -25,8 +25,8 @@ class ElementwiseHandler(Handler):
             if view.node.op_type == "Div" or view.input(0) == view.input(1):
                 return None
             return view.compute(acts, kernel=KERNELS.get(view.node.op_type))
-        other = inputs[1 - acts[0]] if acts[0] in (0, 1) else None
-        if other is None or not view.index.is_const(view.input(other)) or not view.index.is_float(view.input(other)):
+        other = view.input(inputs[1 - acts[0]]) if acts[0] in (0, 1) else None
+        if other is None or not view.index.is_const(other) or not view.index.is_float(other):
             return None
         return view.compute(acts)
 

@@ -10,11 +10,17 @@ Parameters = V * D; MACs 0. Gather of an activation by indices: its output share
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
 from onnxmpq.ops import Handler, NodeQuant, NodeView, register
 from onnxmpq.types import LayerSpec
+
+if TYPE_CHECKING:
+    from onnxmpq.rounding import QuantizedWeight
+    from onnxmpq.writer import Editor
 
 
 @register("Gather")
@@ -41,10 +47,11 @@ class GatherHandler(Handler):
     def reason(self, view: NodeView) -> str:
         return "Gather on a constant that is not a 2-D table looked up along axis 0"
 
-    def needs_guard(self, layer, weight_rank, weight_container, act_container) -> bool:
+    def needs_guard(self, layer: LayerSpec, weight_rank: int, weight_container: int,
+                    act_container: int | None) -> bool:
         return False
 
-    def write_weight(self, editor, layer: LayerSpec, qweight, guard: bool, cast: bool) -> None:
+    def write_weight(self, editor: Editor, layer: LayerSpec, qweight: QuantizedWeight, guard: bool, cast: bool) -> None:
         """Gather(codes) -> DequantizeLinear with the looked-up rows' scales (see the module docstring);
         sub-byte codes are cast to INT8 first (onnxruntime folds the Cast of the constant at load)."""
         codes, scales, _ = editor.weight_codes(f"{layer.weight}_{layer.name}", qweight, layer.weight, cast,

@@ -16,13 +16,13 @@ from onnxmpq.types import LayerSpec
 @register("Gemm")
 class GemmHandler(Handler):
     def describe(self, view: NodeView) -> LayerSpec | None:
-        weight = view.float_const(1)
-        if weight is None or len(weight.dims) != 2 or view.float_const(0) is not None:
+        weight, activation = view.float_const(1), view.input(0)
+        if weight is None or activation is None or len(weight.dims) != 2 or view.float_const(0) is not None:
             return None
         axis = 0 if view.attr("transB", 0) else 1
         params = int(np.prod(weight.dims))
         bias = view.input(2) if view.float_const(2) is not None else None
-        return LayerSpec(view.node.name, "Gemm", weight.name, view.input(0), view.node.output[0],
+        return LayerSpec(view.node.name, "Gemm", weight.name, activation, view.node.output[0],
                          params, params, axis, bias)
 
     def quant(self, view: NodeView) -> NodeQuant | None:

@@ -24,9 +24,15 @@ def _macs(view: NodeView, contraction: int, batched: bool, fallback: int) -> int
 class MatMulHandler(Handler):
     def describe(self, view: NodeView) -> LayerSpec | None:
         right, left = view.float_const(1), view.float_const(0)
-        if (right is None) == (left is None):
+        if right is not None and left is None:
+            weight, act_index = right, 0
+        elif left is not None and right is None:
+            weight, act_index = left, 1
+        else:
             return None  # no constant operand, or both constant (constant folding's job)
-        weight, act_index = (right, 0) if right is not None else (left, 1)
+        activation = view.input(act_index)
+        if activation is None:
+            return None  # a MatMul without its second operand (not a valid graph)
         rank = len(weight.dims)
         if rank < 2:
             return None
@@ -36,7 +42,7 @@ class MatMulHandler(Handler):
         act = view.in_shape(act_index)
         # dim 0 of the output is the batch unless W @ x with a 2-D x, where it is W's rows
         batched = right is not None or (act is not None and len(act) > 2)
-        return LayerSpec(view.node.name, "MatMul", weight.name, view.input(act_index), view.node.output[0],
+        return LayerSpec(view.node.name, "MatMul", weight.name, activation, view.node.output[0],
                          params, _macs(view, contraction, batched, params), axis)
 
     def quant(self, view: NodeView) -> NodeQuant | None:

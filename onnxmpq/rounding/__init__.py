@@ -29,7 +29,8 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         shape = [1] * self.codes.ndim
         shape[self.axis] = -1
-        return self.codes.astype(np.float32) * self.scale.reshape(shape)
+        values: np.ndarray = self.codes.astype(np.float32) * self.scale.reshape(shape)
+        return values
 
 
 def per_channel(weight: np.ndarray, axis: int) -> np.ndarray:
@@ -45,7 +46,7 @@ def clip_scale(rows: np.ndarray, fmt: IntFormat, method: WeightRange) -> np.ndar
     """
     amax = np.abs(rows).max(axis=1).astype(np.float32)
     amax[amax == 0] = 1.0
-    base = amax / np.float32(fmt.qmax)
+    base: np.ndarray = amax / np.float32(fmt.qmax)
     if method == WeightRange.MINMAX:
         return base.astype(np.float32)
     best_err = np.full(rows.shape[0], np.inf)

@@ -27,11 +27,12 @@ auto_pad), is rounded to nearest and listed in `RoundingResult.fallbacks`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from onnxmpq.errors import InternalError
 from onnxmpq.formats import IntFormat
 from onnxmpq.rounding import QuantizedWeight
 from onnxmpq.rounding.linear import LinearView
@@ -76,7 +77,7 @@ def clip_scales(w: np.ndarray, h: np.ndarray, fmt: IntFormat) -> np.ndarray:
     use_full = w.size * w.shape[2] <= FULL_H_CLIP_LIMIT
     diag = np.diagonal(h, axis1=1, axis2=2)[:, None, :]
     best_err = np.full(amax.shape, np.inf)
-    best = amax / fmt.qmax
+    best: np.ndarray = amax / fmt.qmax
     for alpha in CLIP_GRID:
         scale = (alpha * amax / fmt.qmax).astype(np.float32).astype(np.float64)
         delta = w - np.clip(np.rint(w / scale[..., None]), fmt.qmin, fmt.qmax) * scale[..., None]
@@ -119,7 +120,7 @@ def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray, fmt: IntFormat,
 
 def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
     """U (G, K, K) with H^-1 = U^T U after damping H; more damping while some H stays singular."""
-    mean_diag = np.diagonal(h, axis1=1, axis2=2).mean(axis=1)[:, None, None]
+    mean_diag: np.ndarray = np.diagonal(h, axis1=1, axis2=2).mean(axis=1)[:, None, None]
     eye = np.eye(h.shape[1])
     for factor in (1, 10, 100, 1000):
         try:
@@ -144,10 +145,11 @@ def round_layer(w: np.ndarray, view: LinearView, stats: tuple[np.ndarray, np.nda
 COLUMN_BUDGET = 1 << 24  # float32 im2col elements per side and chunk (64 MiB)
 
 
-def accumulate(view: LinearView, batches) -> tuple[np.ndarray, np.ndarray]:
+def accumulate(view: LinearView, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """H = sum X_q X_q^T and C = sum X_f X_q^T, each (G, K, K), over (x_float, x_quant) batches,
     im2col'd a few samples at a time so the columns stay within COLUMN_BUDGET."""
-    h = c = None
+    h: np.ndarray | None = None
+    c: np.ndarray | None = None
     for x_f, x_q in batches:
         x_f, x_q = np.asarray(x_f, np.float32), np.asarray(x_q, np.float32)
         per_sample = view.columns(x_q[:1]).size if x_q.ndim > 1 else x_q.size
@@ -155,11 +157,13 @@ def accumulate(view: LinearView, batches) -> tuple[np.ndarray, np.ndarray]:
         for i in range(0, max(len(x_q), 1), step):
             cols_q = view.columns(x_q[i:i + step])
             cols_f = view.columns(x_f[i:i + step])
-            if h is None:
+            if h is None or c is None:
                 h = np.zeros((cols_q.shape[0], cols_q.shape[1], cols_q.shape[1]))
                 c = np.zeros_like(h)
             h += cols_q @ np.swapaxes(cols_q, 1, 2)  # float32 products of a chunk, summed in float64
             c += cols_f @ np.swapaxes(cols_q, 1, 2)
+    if h is None or c is None:
+        raise InternalError("GPTQ statistics asked of no batches (the calibration data is checked non-empty)")
     return h, c
 
 

@@ -54,7 +54,7 @@ class LinearView:
             g = self.groups
             blocks = np.swapaxes(mats.reshape(g, shape[1], shape[0] // g, *shape[2:]), 1, 2)
             return np.flip(blocks.reshape(shape), axis=tuple(range(2, len(shape))))
-        m = mats[0]
+        m: np.ndarray = mats[0]
         if self.op_type == "Gemm":
             return m if self.trans_b else m.T
         return m if self.weight_left else m.T
@@ -99,7 +99,7 @@ def view_of(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_left: bo
     return None
 
 
-def _insert_zeros(x: np.ndarray, strides) -> np.ndarray:
+def _insert_zeros(x: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
     if all(s == 1 for s in strides):
         return x
     shape = list(x.shape[:2]) + [(d - 1) * s + 1 for d, s in zip(x.shape[2:], strides)]
@@ -108,7 +108,8 @@ def _insert_zeros(x: np.ndarray, strides) -> np.ndarray:
     return up
 
 
-def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+def _im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+            dilations: tuple[int, ...]) -> np.ndarray:
     """(N, C, *spatial) -> (C * prod(kernel), N * prod(out spatial)), rows ordered as the weight's
     (C, k1, k2, ...) flattening."""
     n = len(kernel)

@@ -11,24 +11,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import numpy_helper
 
 from onnxmpq import graph
 from onnxmpq.engine import Frontier
+from onnxmpq.errors import InternalError
 from onnxmpq.formats import required_opset
 from onnxmpq.graph import Model
 from onnxmpq.quantize import build, layer_formats
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.rounding.gptq import GptqSettings, RoundingResult, accumulate, round_layer, statistics_bytes
-from onnxmpq.rounding.linear import view_of
+from onnxmpq.rounding.linear import LinearView, view_of
 from onnxmpq.types import Candidate, QuantOptions, TensorStats
 
+if TYPE_CHECKING:
+    from onnxmpq.calibrate import DataSource
 
-def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats: Mapping[str, TensorStats],
+
+def round_model(model: Model, assignment: Mapping[str, Candidate], source: DataSource, stats: Mapping[str, TensorStats],
                 options: QuantOptions = QuantOptions(), settings: GptqSettings = GptqSettings(),
-                batch_size: int = 64, on_layer: Callable[[str], None] | None = None) -> RoundingResult:
+                batch_size: int = 64, on_layer: Callable[[str], object] | None = None) -> RoundingResult:
     """GPTQ codes for every layer of `assignment` with weight bits (nearest where GPTQ cannot apply).
 
     Args:
@@ -60,15 +65,17 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
         if cand is None or wfmt is None:
             continue
         spec = units[name].layer
+        if spec is None:
+            raise InternalError(f"unit {name!r} has a weight format but no weighted layer")
         weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
         node = nodes[spec.name]
         view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
-        reason = _unsupported(view, weight.shape)
-        if reason is None:
+        reason = _unsupported(view, weight.shape)  # never None without a view
+        if view is not None and reason is None:
             k = view.to_matrices(weight).shape[2]
             if statistics_bytes(view, k) > settings.memory_budget:
                 reason = f"its statistics would take {statistics_bytes(view, k) >> 20} MiB, over the memory budget"
-        if reason is None:
+        if view is not None and reason is None:
             before = set(order[:index])
             partial = {n: c for n, c in assignment.items() if n in before}
             partial[spec.name] = Candidate(None, cand.act_bits)
@@ -78,7 +85,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
             x_quant = quant_front.advance(qproto, [quant_input])
             acc = accumulate(view, ((f[0], q[0]) for f, q in zip(x_float, x_quant)))
             done[spec.name] = round_layer(weight, view, acc, wfmt, spec.channel_axis, settings)
-        if reason is not None:
+        else:
             fallbacks.append((spec.name, f"rounded to nearest: {reason}"))
             done[spec.name] = round_nearest(weight, spec.channel_axis, wfmt, options.weight_range, spec.name)
         if on_layer:
@@ -86,7 +93,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source, stats
     return RoundingResult(done, tuple(fallbacks), time.perf_counter() - start)
 
 
-def _unsupported(view, shape) -> str | None:
+def _unsupported(view: LinearView | None, shape: tuple[int, ...]) -> str | None:
     if view is None:
         return "GPTQ does not cover this op's form (batched MatMul weight, auto_pad or output_padding)"
     if view.op_type == "ConvTranspose" and view.groups > 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import numpy_helper
 
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.formats import weight_format
 from onnxmpq.graph import Model
 from onnxmpq.points import Unit
@@ -41,18 +41,27 @@ class LayerContext:
     ref: Reference
     float_output: np.ndarray | None
 
+    @property
+    def layer_output(self) -> np.ndarray:
+        """The float output of the unit, which `sweep` keeps for the metrics with `needs_layer_output`."""
+        if self.float_output is None:
+            raise InternalError(f"the float output of {self.unit.name!r} was not kept (needs_layer_output unset)")
+        return self.float_output
+
     @functools.cached_property
     def output_range(self) -> tuple[float, float]:
-        return float(self.float_output.min()), float(self.float_output.max())
+        return float(self.layer_output.min()), float(self.layer_output.max())
 
     @functools.cached_property
     def output_entropy(self) -> float:
         """Entropy of the float layer output on ENTROPY_BINS bins over its range."""
-        return m.histogram_entropy(self.float_output, *self.output_range, ENTROPY_BINS)
+        return m.histogram_entropy(self.layer_output, *self.output_range, ENTROPY_BINS)
 
     @functools.cached_property
     def weight_entropy_16(self) -> float:
         """Entropy of the weight codes on a 16-bit grid (the near-float reference of weight-entropy)."""
+        if self.weight is None or self.unit.layer is None:
+            raise InternalError(f"weight-entropy asked of {self.unit.name!r}, a unit without weights")
         return m.weight_entropy(round_nearest(self.weight, self.unit.layer.channel_axis, weight_format(16)).codes)
 
 
@@ -89,6 +98,8 @@ def _per_output(fn) -> Callable[[LayerContext, Probe], float]:
 
 
 def _output_entropy(ctx: LayerContext, probe: Probe) -> float:
+    if probe.layer_output is None:
+        raise InternalError(f"the probe of {ctx.unit.name!r} kept no layer output (needs_layer_output unset)")
     quant = m.histogram_entropy(probe.layer_output, *ctx.output_range, ENTROPY_BINS)
     return m.entropy_loss(ctx.output_entropy, quant)
 
@@ -149,7 +160,7 @@ def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None],
 def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_names: Sequence[str],
             candidates: Sequence[Candidate], stats=None, options: QuantOptions = QuantOptions(),
             rounding: Rounding = Rounding.NEAREST, naive: bool = False,
-            on_layer: Callable[[str], None] | None = None,
+            on_layer: Callable[[str], object] | None = None,
             unit_acts: Sequence[int | None] | None = None) -> list[SensitivityTable]:
     """One SensitivityTable per metric (see the module docstring); `unit_acts` are the activation widths
     the units without weights are probed at (default: those of `candidates`; () for none)."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from onnxmpq.export import write_json
 from onnxmpq.types import SensitivityTable
 
 
-def cache_key(proto: onnx.ModelProto, batches: Sequence[dict], settings: dict) -> str:
+def cache_key(proto: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], settings: Mapping[str, object]) -> str:
     digest = hashlib.sha256()
     digest.update(proto.SerializeToString(deterministic=True))
     for batch in batches:
@@ -33,7 +34,7 @@ def cache_key(proto: onnx.ModelProto, batches: Sequence[dict], settings: dict) -
     return digest.hexdigest()
 
 
-def _checksum(tables: list[dict]) -> str:
+def _checksum(tables: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
 
 

@@ -27,7 +27,8 @@ def probabilities(y: np.ndarray) -> np.ndarray:
     if y.min() >= 0 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3):
         return y
     e = np.exp(y - y.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return p
 
 
 def noise_to_signal(y_ref: np.ndarray, y: np.ndarray) -> float:
@@ -44,10 +45,13 @@ def noise_to_signal(y_ref: np.ndarray, y: np.ndarray) -> float:
 def log_probabilities(y: np.ndarray) -> np.ndarray:
     """log of `probabilities(y)`, computed as log-softmax for scores (exact for large logit gaps)."""
     y = rows(y)
+    log_p: np.ndarray
     if y.min() >= 0 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3):
-        return np.log(np.maximum(y, EPS))
+        log_p = np.log(np.maximum(y, EPS))
+        return log_p
     shifted = y - y.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return log_p
 
 
 def kl_divergence(y_ref: np.ndarray, y: np.ndarray) -> float:
@@ -101,7 +105,8 @@ def mutual_information_binned(z: np.ndarray, labels: np.ndarray, bins: int = 16)
     joint = np.bincount(flat.ravel(), minlength=cols * bins * classes).reshape(cols, bins, classes) / max(n, 1)
     pz, py = joint.sum(axis=2, keepdims=True), joint.sum(axis=1, keepdims=True)
     ratio = np.where(joint > 0, joint / np.maximum(pz * py, 1e-300), 1.0)
-    return np.sum(joint * np.log(ratio), axis=(1, 2))
+    mi: np.ndarray = np.sum(joint * np.log(ratio), axis=(1, 2))
+    return mi
 
 
 def sliced_mutual_information(features: np.ndarray, labels: np.ndarray, projections: np.ndarray,

@@ -64,7 +64,7 @@ def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Cand
 
 def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candidate], stats, options: QuantOptions,
             rounding: Rounding, *, workers: int = 1, naive: bool = False, executor: str = "process",
-            address: str | None = None, on_layer: Callable[[str], None] | None = None) -> list[SensitivityTable]:
+            address: str | None = None, on_layer: Callable[[str], object] | None = None) -> list[SensitivityTable]:
     """`sensitivity.measure`, on `workers` processes or Ray tasks when there are several candidates."""
     from onnxmpq import sensitivity
     workers = max(1, min(workers, len(candidates)))

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from onnxmpq import graph
 from onnxmpq.calibrate.ranges import act_params, choose_range
 from onnxmpq.engine import Frontier
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.formats import act_format, required_opset, weight_format
 from onnxmpq.points import Unit
 from onnxmpq.quantize import build
@@ -119,8 +119,8 @@ def labels_of(outputs: list[list[np.ndarray]], sizes: Sequence[int]) -> np.ndarr
 def observer_rows(values: list[np.ndarray], sizes: Sequence[int], n_rows: int) -> np.ndarray | None:
     """One observer tensor over all batches as one row per label (see `align_rows`), its batch axis
     first; None when a batch has no axis of its sample count."""
-    turned = [batch_first(v, n) for v, n in zip(values, sizes)]
-    if any(t is None for t in turned):
+    turned = [t for v, n in zip(values, sizes) if (t := batch_first(v, n)) is not None]
+    if len(turned) < len(values):
         return None
     return align_rows(np.concatenate(turned), sum(sizes), n_rows)
 
@@ -216,7 +216,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
         group = points.group.get(spec.activation) if spec else None
         for cand in cands:
             codes = layer_codes(spec, weight, nodes[spec.name], cand, x, rounding, options, stats, cache, group) \
-                if spec else None
+                if spec and weight is not None else None
             proto, _ = build(model, {unit.name: cand}, stats, options, weights={unit.name: codes} if codes else None)
             runner = Frontier(batches) if naive else front
             values = [dict(zip(targets, v)) for v in runner.peek(proto, targets)]
@@ -224,6 +224,9 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
             if needs_layer_output:
                 probe.layer_output = np.concatenate([v[unit.output] for v in values])
             for name in observers:
-                probe.observers[name] = observer_rows([v[name] for v in values], sizes, len(ref.labels))
+                rows = observer_rows([v[name] for v in values], sizes, len(ref.labels))
+                if rows is None:  # the reference aligned this tensor, and Q/DQ leaves its shape alone
+                    raise InternalError(f"observer {name!r} has no row axis in the probe of {unit.name!r}")
+                probe.observers[name] = rows
             probes.append(probe)
         on_layer(unit, ref, float_out, probes)
