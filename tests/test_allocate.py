@@ -367,6 +367,7 @@ def test_unknown_method_is_a_user_error():
     assert "ilp" in str(info.value) and "greedy" in str(info.value)
 
 
+@pytest.mark.e2e
 def test_ilp_500_layers_two_budgets_meets_both():
     """The time of this solve is a benchmark figure (BENCHMARKS.md), not asserted here."""
     rng = np.random.default_rng(0)

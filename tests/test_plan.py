@@ -406,6 +406,7 @@ def test_greedy_max_drop_search(quantize):
     assert check["drop"] <= 0.05 + 1 / check["samples"]
 
 
+@pytest.mark.e2e
 def test_threshold_max_drop(quantize):
     code, report, _, err, _ = quantize("threshold", "--method", "threshold", "--max-drop", "0.05", "--trials", "8",
                                        "--bits", "2,4,8", fast=["--rounding", "nearest", "--limit", "32", "-q"])

@@ -172,6 +172,7 @@ def error_ratios(bits, act_bits, seeds=(3, 13, 23)):
     return ratios
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("act_bits", [None, 8], ids=["w3", "w3a8"])
 def test_gptq_beats_nearest_on_held_out_inputs(act_bits):
     ratios = error_ratios(3, act_bits)
@@ -271,6 +272,7 @@ def test_each_layer_sees_the_inputs_of_the_network_quantized_so_far(monkeypatch)
 # --- through the API on the bundled ResNet-20 -----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_quantize_gptq_resnet20_w3a8(tmp_path):
     model_path = ROOT / "models" / "resnet20_cifar10.onnx"
     calib = ROOT / "calibration" / "cifar10_train256.npz"

@@ -446,6 +446,7 @@ def resnet():
     return m, batches, fast, naive
 
 
+@pytest.mark.e2e
 def test_resnet_tables_structure_and_order(resnet):
     m, _, fast, _ = resnet
     names = [spec.name for spec in m.layers]
@@ -458,18 +459,21 @@ def test_resnet_tables_structure_and_order(resnet):
     assert max(l.scores["w2"] for l in fast["mutual-info"].layers) > 0
 
 
+@pytest.mark.e2e
 def test_resnet_sqnr_and_kl_fall_as_bits_rise(resnet):
     _, _, fast, _ = resnet
     assert_monotone(fast["sqnr"])
     assert_monotone(fast["kl"])
 
 
+@pytest.mark.e2e
 def test_resnet_engine_equals_naive_sweep(resnet):
     _, _, fast, naive = resnet
     for metric in ("sqnr", "kl"):
         assert_tables_close(fast[metric], naive[metric], rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index", [0, 11, 19])
 def test_resnet_probe_matches_single_layer_model(resnet, index):
     m, batches, fast, _ = resnet

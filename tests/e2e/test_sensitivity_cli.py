@@ -16,7 +16,7 @@ from conftest import build_cnn, model, node, vi
 from onnxmpq import graph
 from onnxmpq.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ from PIL import Image, ImageStat
 
 from onnxmpq.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 CHROMIUM = Path("/usr/bin/chromium")

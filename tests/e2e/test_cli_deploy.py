@@ -27,7 +27,7 @@ from onnxmpq import profiles
 from onnxmpq.cli import main
 from onnxmpq.latency import LatencyTable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 BUILTIN_NAMES = {"any", "cpu-ort", "cpu-ort-integer", "int8-only", "npu-w4a8", "npu-w4w8-a8a16"}

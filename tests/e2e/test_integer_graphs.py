@@ -22,7 +22,7 @@ from onnxmpq.quantize import build
 from onnxmpq.rounding import round_nearest
 from onnxmpq.types import Candidate, QuantOptions, Scope
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 
 

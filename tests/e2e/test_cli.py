@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxmpq import runtime
 from onnxmpq.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 TEST_IMAGES = ROOT / "data" / "cifar10-test"

@@ -61,7 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxmpq.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # the console script installed beside the interpreter running the tests (the project's .venv), else .venv's
 CLI = next((p for p in (Path(sys.executable).parent / "onnxmpq", ROOT / ".venv" / "bin" / "onnxmpq") if p.exists()),
            ROOT / ".venv" / "bin" / "onnxmpq")

@@ -15,7 +15,7 @@ import pytest
 from onnxmpq import api
 from onnxmpq.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 FAST = ["--metric", "weight-entropy", "--rounding", "nearest", "--limit", "32", "-q"]
