@@ -23,7 +23,7 @@ from onnxmpq.context import RunContext
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.evaluate import Evaluation
 from onnxmpq.evaluate import evaluate as _evaluate
-from onnxmpq.export import FLOAT_BITS, Report, file_breakdown, save_model, storage_notes, summarize, write_json
+from onnxmpq.export import FLOAT_BITS, Report, file_breakdown, save_model, storage_notes, summarize
 from onnxmpq.graph import Model
 from onnxmpq.quantize import build
 from onnxmpq.rounding import sequential
@@ -255,10 +255,6 @@ def evaluate(model, data, reference=None, *, limit: int | None = None, batch_siz
     source = calibrate.read(data, model, limit=limit, preprocess=preprocess)
     with progress.bar("evaluate", len(source)) as advance:
         return _evaluate(model.proto, source, ref.proto if ref else None, batch_size=batch_size, on_batch=advance)
-
-
-def write_report(report: Report, path: str | os.PathLike) -> None:
-    write_json(report.to_dict(), path)
 
 
 def inspect(model) -> dict:

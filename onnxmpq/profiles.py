@@ -3,6 +3,7 @@ by `onnxmpq check` (what a finished QDQ model must obey).
 
 The YAML form users write (`yaml.safe_load` only; unknown keys are errors that name the key and line):
 
+    schema: 1                   # the layout's version; a file without it is read as schema 1
     name: npu-w4a8
     description: free text
     ops:                        # per op type; `default` covers the rest
@@ -38,7 +39,8 @@ from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Candidate
 
-KEYS = ("name", "description", "ops", "pairs", "per_channel", "symmetric_weights", "float_layers",
+SCHEMA = 1  # the profile layout written and read; bump it (and read the old one) when a key changes meaning
+KEYS = ("schema", "name", "description", "ops", "pairs", "per_channel", "symmetric_weights", "float_layers",
         "max_distinct_bits", "pin", "tie", "requantize", "integer_ops")
 OP_KEYS = ("weights", "activations")
 ALL_WEIGHTS = (2, 3, 4, 5, 6, 7, 8)
@@ -90,7 +92,7 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         def acts(values):
             return ["float" if a is None else a for a in values]
-        out = {"name": self.name, "description": self.description,
+        out = {"schema": SCHEMA, "name": self.name, "description": self.description,
                "ops": {op: {"weights": list(r.weights), "activations": acts(r.activations)} for op, r in self.ops.items()},
                "per_channel": self.per_channel, "symmetric_weights": self.symmetric_weights,
                "float_layers": self.float_layers}
@@ -205,6 +207,7 @@ class _Validator:
         for key in data:
             if key not in KEYS:
                 self.fail((str(key),), "is unknown", f"known keys: {', '.join(KEYS)}.")
+        self.schema(data.get("schema", SCHEMA))
         if "ops" not in data:
             self.fail(("ops",), "is missing", "add ops: {default: {weights: [8], activations: [8]}}.")
         ops = self.ops(data["ops"])
@@ -223,6 +226,15 @@ class _Validator:
             integer_ops=frozenset(self.ties(data.get("integer_ops") or [], "integer_ops")), source=self.source)
         self.consistent(profile)
         return profile
+
+    def schema(self, value) -> None:
+        """Schema 1 is the only layout so far; files written before it was versioned carry no key and
+        read as 1. A newer number came from a newer onnxmpq."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(("schema",), f"must be a whole number >= 1, not {value!r}", f"write schema: {SCHEMA}.")
+        if value > SCHEMA:
+            self.fail(("schema",), f"is {value}, newer than this onnxmpq reads ({SCHEMA})",
+                      "upgrade onnxmpq, or rewrite the profile for schema 1.")
 
     def text(self, data, key, default) -> str:
         value = data.get(key, default)

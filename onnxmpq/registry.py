@@ -50,5 +50,3 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
-    def names(self) -> list[str]:
-        return list(self._items)

@@ -184,12 +184,25 @@ BASE = "name: t\nops:\n  default:\n    weights: [8]\n"   # lines 1-4
     (BASE + "float_layers: maybe\n", "float_layers", 5),
     (BASE + "tie: Concat\n", "tie", 5),
     ("name: t\nops: [8]\n", "ops", 2),
+    (BASE + "schema: 2\n", "schema", 5),
+    ("schema: one\n" + BASE, "schema", 1),
+    (BASE + "schema: 0\n", "schema", 5),
 ])
 def test_yaml_error_names_key_and_line(text, key, line):
     message = parse_error(text)
     assert f"'{key}'" in message, message
     assert line_of(message) == line, message
     assert "p.yaml" in message and "Hint:" in message
+
+
+def test_schema_is_written_and_files_without_it_read_as_schema_1():
+    dumped = BUILTINS["npu-w4a8"].to_dict()
+    assert dumped["schema"] == profiles.SCHEMA == 1
+    with_key = profiles.parse(yaml.safe_dump(dumped))
+    without = profiles.parse(yaml.safe_dump({k: v for k, v in dumped.items() if k != "schema"}))
+    assert dataclasses.replace(with_key, source="") == dataclasses.replace(without, source="") \
+        == dataclasses.replace(BUILTINS["npu-w4a8"], source="")
+    assert "newer than this onnxmpq reads" in parse_error(BASE + "schema: 2\n")
 
 
 def test_missing_ops_is_named():
