@@ -20,6 +20,7 @@ import onnx
 
 from onnxmpq import staging
 from onnxmpq.errors import InternalError, OnnxmpqError
+from onnxmpq.index import GraphIndex
 from onnxmpq.quantize import LayerResult, TensorResult, UnitResult, Written
 
 PROTO_LIMIT = 2**31 - 1
@@ -165,7 +166,7 @@ def file_breakdown(proto: onnx.ModelProto) -> dict[str, int]:
     input 0, directly or through a Cast or Reshape), the scales and zero points (its inputs 1 and 2, and a
     QuantizeLinear's), the other constants (biases, float weights, shapes), and the rest: nodes, names,
     value infos and metadata (the serialized size minus the three)."""
-    producers = {o: n for n in proto.graph.node for o in n.output}
+    producers = GraphIndex.of(proto.graph).producer
 
     def source(name: str) -> str:
         node = producers.get(name)

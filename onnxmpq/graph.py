@@ -12,6 +12,7 @@ MatMul with a constant weight, Gather on a constant table) and, on request, its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Container, Iterator, Mapping, Sequence
@@ -71,7 +72,8 @@ class Model:
         options = options or QuantOptions()
         key = (options.scope, options.integer_ops, options.tie_ops)
         if key not in self.memo:
-            self.memo[key] = points.find(self.proto, self.layers, options.scope, options.integer_ops, options.tie_ops)
+            self.memo[key] = points.find(self.proto, self.layers, options.scope, options.integer_ops, options.tie_ops,
+                                         self.index)
         return self.memo[key]
 
     def layer(self, name: str) -> LayerSpec:
@@ -84,6 +86,11 @@ class Model:
     @property
     def opset(self) -> int:
         return default_opset(self.proto)
+
+    @functools.cached_property
+    def index(self) -> GraphIndex:
+        """Producers, consumers, constants and shapes of the top-level graph, built once per model."""
+        return GraphIndex.of(self.proto.graph)
 
 
 def default_opset(proto: onnx.ModelProto) -> int:

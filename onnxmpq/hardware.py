@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from onnxmpq import profiles, qdq
+from onnxmpq.index import GraphIndex
 from onnxmpq.profiles import Profile
 from onnxmpq.types import Candidate
 
@@ -69,13 +70,14 @@ def check(proto: onnx.ModelProto, profile: Profile | str) -> list[Violation]:
         Violations in network order: per layer, then the model-wide width count, then ties.
     """
     profile = profiles.load(profile)
-    layers = qdq.read_layers(proto)
+    index = GraphIndex.of(proto.graph)
+    layers = qdq.read_layers(proto, index)
     out = [v for layer in layers for v in _layer_violations(layer, profile)]
     out += _missing_pins(layers, profile)
     out += _distinct_bits(layers, profile)
-    out += _ties(proto.graph, profile)
-    out += _float_tensors(proto.graph, profile)
-    out += _requantizes(proto, profile)
+    out += _ties(index, profile)
+    out += _float_tensors(index, profile)
+    out += _requantizes(proto, index, profile)
     out += _unreadable(proto.graph)
     return out
 
@@ -179,20 +181,19 @@ def _distinct_bits(layers: Sequence[qdq.QLayer], profile: Profile) -> list[Viola
                       f"{profile.name} allows at most {limit}.", f"requantize {move} at one of the other widths.")]
 
 
-def _ties(graph: onnx.GraphProto, profile: Profile) -> list[Violation]:
+def _ties(graph: GraphIndex, profile: Profile) -> list[Violation]:
     if not profile.tie:
         return []
-    consts = _constants(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = graph.producer
     out = []
-    for index, node in enumerate(graph.node):
+    for index, node in enumerate(graph.graph.node):
         if node.op_type not in profile.tie:
             continue
         dqs = [(name, producers[name]) for name in node.input
                if name in producers and producers[name].op_type == "DequantizeLinear"]
         groups: dict[tuple, list[str]] = {}
         for name, dq in dqs:
-            groups.setdefault(_qparams(dq, consts, producers), []).append(name)
+            groups.setdefault(_qparams(dq, graph), []).append(name)
         if len(groups) > 1:
             label = node.name or f"{node.op_type}#{index}"
             parts = "; ".join(f"{', '.join(names)} ({_describe(key)})" for key, names in groups.items())
@@ -203,18 +204,21 @@ def _ties(graph: onnx.GraphProto, profile: Profile) -> list[Violation]:
     return out
 
 
-def _float_tensors(graph: onnx.GraphProto, profile: Profile) -> list[Violation]:
+def _float_tensors(graph: GraphIndex, profile: Profile) -> list[Violation]:
     """Float activations read by the ops the target runs on integers (see the module docstring)."""
     if profile.float_layers:
         return []
-    consts = _constants(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = graph.producer
+
+    def constant(name: str) -> bool:
+        return name in graph.consts or (name in producers and producers[name].op_type == "Constant")
+
     integer = set(INTEGER_OPS) | set(profile.integer_ops)
     out = []
-    for index, node in enumerate(graph.node):
-        acts = [name for name in node.input if name and name not in consts
+    for index, node in enumerate(graph.graph.node):
+        acts = [name for name in node.input if name and not constant(name)
                 and not (name in producers and producers[name].op_type == "DequantizeLinear"
-                         and producers[name].input[0] in consts)]  # a weight's DQ is no activation
+                         and constant(producers[name].input[0]))]  # a weight's DQ is no activation
         if not (node.op_type in integer or "all" in integer or
                 (node.op_type in TWO_INPUT_INTEGER_OPS and len(acts) == 2)):
             continue
@@ -229,52 +233,47 @@ def _float_tensors(graph: onnx.GraphProto, profile: Profile) -> list[Violation]:
     return out
 
 
-def _requantizes(proto: onnx.ModelProto, profile: Profile) -> list[Violation]:
+def _requantizes(proto: onnx.ModelProto, index: GraphIndex, profile: Profile) -> list[Violation]:
     if profile.requantize:
         return []
     return [Violation(t.quantizer or t.name, "requantize", f"tensor {t.name!r} is stored at {t.requantized_from} "
                       f"bits and read again at {t.bits} bits (a DQ feeding a Q); profile {profile.name} takes "
                       "each tensor at one width.", "give the units that read and write it one activation width "
                       "(onnxmpq quantize --profile with this profile ties them).")
-            for t in qdq.read_tensors(proto) if t.requantized_from is not None]
+            for t in qdq.read_tensors(proto, index) if t.requantized_from is not None]
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node values by name."""
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            if attr is not None:
-                values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
-def _qparams(dq: onnx.NodeProto, consts, producers) -> tuple:
+def _qparams(dq: onnx.NodeProto, graph: GraphIndex) -> tuple:
     """(scale, zero point, type) of a DequantizeLinear as hashable values; names when not constant."""
-    scale = _value(dq.input[1], consts)
+    scale = _value(dq.input[1], graph)
     zp_name = dq.input[2] if len(dq.input) > 2 else ""
-    zp = _value(zp_name, consts) if zp_name else (0.0,)
-    return scale, zp, _dq_type(dq, consts, producers)
+    zp = _value(zp_name, graph) if zp_name else (0.0,)
+    return scale, zp, _dq_type(dq, graph)
 
 
-def _value(name: str, consts) -> tuple:
-    if name not in consts:
+def _value(name: str, graph: GraphIndex) -> tuple:
+    array = graph.literal(name)
+    if array is None:
         return (("tensor", name),)
-    array = np.asarray(consts[name]).astype(np.float64).ravel()
-    return tuple(float(v) for v in array)
+    return tuple(float(v) for v in np.asarray(array).astype(np.float64).ravel())
 
 
-def _dq_type(dq: onnx.NodeProto, consts, producers) -> str:
+def _type_name(array: np.ndarray) -> str:
+    return TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+
+
+def _dq_type(dq: onnx.NodeProto, graph: GraphIndex) -> str:
     """Integer type DequantizeLinear reads: its zero point's, its constant input's, or its QuantizeLinear's."""
     zp_name = dq.input[2] if len(dq.input) > 2 else ""
     for name in (zp_name, dq.input[0]):
-        if name in consts:
-            return TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(consts[name].dtype))
-    q = producers.get(dq.input[0])
+        array = graph.literal(name) if name else None
+        if array is not None:
+            return _type_name(array)
+    q = graph.producer.get(dq.input[0])
     if q is not None and q.op_type == "QuantizeLinear":
-        if len(q.input) > 2 and q.input[2] in consts:
-            return TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(consts[q.input[2]].dtype))
+        zp = graph.literal(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+        if zp is not None:
+            return _type_name(zp)
         dtype = next((a.i for a in q.attribute if a.name == "output_dtype" and a.i), TensorProto.UINT8)
         return TensorProto.DataType.Name(dtype)
     return "unknown"

@@ -79,6 +79,32 @@ class GraphIndex:
         tensor = self.consts.get(name)
         return numpy_helper.to_array(tensor) if tensor is not None else None
 
+    def weight(self, name: str) -> np.ndarray:
+        """A float initializer's values as float32 (a layer's weight; an InternalError when it is none)."""
+        return self.const_array(name).astype(np.float32)
+
+    def literal(self, name: str) -> np.ndarray | None:
+        """The values of an initializer or of a Constant node's output (None for a computed tensor)."""
+        if name in self.consts:
+            return numpy_helper.to_array(self.consts[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            return numpy_helper.to_array(attr.t) if attr is not None else None
+        return None
+
+    def descendants(self, start: str) -> set[str]:
+        """Every tensor computed from `start` (itself included)."""
+        seen, stack = set(), [start]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for node in self.consumers.get(name, []):
+                stack.extend(o for o in node.output if o)
+        return seen
+
     def const_array(self, name: str) -> np.ndarray:
         """The values of a tensor the caller knows is an initializer (an InternalError when it is not)."""
         array = self.value(name)

@@ -138,10 +138,12 @@ class _Union:
 
 
 def find(proto: onnx.ModelProto, layers: Iterable[LayerSpec], scope: Scope = Scope.GRAPH,
-         integer_ops: frozenset[str] = frozenset(), tie_ops: frozenset[str] = frozenset()) -> Points:
+         integer_ops: frozenset[str] = frozenset(), tie_ops: frozenset[str] = frozenset(),
+         index: GraphIndex | None = None) -> Points:
     """The points of `proto`'s top-level graph; `layers` are its weighted layers (from `graph.load`);
-    units of `tie_ops` share one scale across their inputs and output (as a Concat always does)."""
-    index = GraphIndex.of(proto.graph)
+    units of `tie_ops` share one scale across their inputs and output (as a Concat always does).
+    `index`: the graph's index when the caller holds it (`graph.Model.index`)."""
+    index = index or GraphIndex.of(proto.graph)
     by_name = {spec.name: spec for spec in layers}
     if scope == Scope.LAYERS:
         return _layer_points(index, by_name)

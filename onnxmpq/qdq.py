@@ -65,11 +65,12 @@ class QLayer:
         return self.activation.bits if self.activation else None
 
 
-def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
-    """Every quantizable layer of the top-level graph with its weight and activation quantizers."""
+def read_layers(proto: onnx.ModelProto, index: GraphIndex | None = None) -> list[QLayer]:
+    """Every quantizable layer of the top-level graph with its weight and activation quantizers (`index`:
+    the graph's, when the caller has built it)."""
     graph = proto.graph
-    consts = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    index = index or GraphIndex.of(graph)
+    consts, producers = index.consts, index.producer
     stubs, weight_q = {}, {}
     stored = {**consts, **_casts_of_constants(graph, consts)}
     for node in graph.node:
@@ -88,7 +89,7 @@ def read_layers(proto: onnx.ModelProto) -> list[QLayer]:
             codes = stored[node.input[0]]
             stubs[node.input[0]] = TensorProto(name=node.input[0], data_type=TensorProto.FLOAT, dims=codes.dims)
             weight_q[node.input[0]] = (dq, codes)
-    index = dataclasses.replace(GraphIndex.of(graph), consts={**consts, **stubs})
+    index = dataclasses.replace(index, consts={**consts, **stubs})
     meta = _metadata_bits(proto)
     layers = []
     for node in graph.node:
@@ -251,12 +252,12 @@ class QTensor:
         return dataclasses.asdict(self)
 
 
-def read_tensors(proto: onnx.ModelProto) -> list[QTensor]:
+def read_tensors(proto: onnx.ModelProto, index: GraphIndex | None = None) -> list[QTensor]:
     """Every activation quantizer of the top-level graph, in graph order (a Q whose input is computed, not a
     constant: weights are read by `read_layers`)."""
     graph = proto.graph
-    consts = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    index = index or GraphIndex.of(graph)
+    consts, producers = index.consts, index.producer
     out = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in consts:

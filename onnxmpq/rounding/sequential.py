@@ -13,9 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
-from onnx import numpy_helper
-
 from onnxmpq import graph
 from onnxmpq.engine import Frontier
 from onnxmpq.errors import InternalError
@@ -52,7 +49,6 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source: DataS
                if name in units}
     target = required_opset(f for pair in formats.values() for f in pair if f)
     model = graph.at_opset(model, target)
-    consts = {t.name: t for t in model.proto.graph.initializer}
     nodes = {n.name: n for n in model.proto.graph.node}
     batches = [dict(batch.inputs) for batch in source.batches(batch_size)]
     float_front, quant_front = Frontier(batches), Frontier(batches)
@@ -67,7 +63,7 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source: DataS
         spec = units[name].layer
         if spec is None:
             raise InternalError(f"unit {name!r} has a weight format but no weighted layer")
-        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32)
+        weight = model.index.weight(spec.weight)
         node = nodes[spec.name]
         view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
         reason = _unsupported(view, weight.shape)  # never None without a view
