@@ -6,8 +6,8 @@ the types exchanged between the pipeline stages.
 
 __version__ = "0.1.0"
 
-from onnxmpq.api import assign, compare, evaluate, inspect, load, quantize, read_allocation
 from onnxmpq.errors import ConstraintError, InternalError, OnnxmpqError
+from onnxmpq.pipeline.api import assign, compare, evaluate, inspect, load, quantize, read_allocation
 from onnxmpq.types import ActRange, Candidate, LayerSpec, QuantOptions, WeightRange
 
 __all__ = ["ActRange", "Candidate", "ConstraintError", "InternalError", "LayerSpec", "OnnxmpqError",

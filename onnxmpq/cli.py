@@ -17,11 +17,12 @@ from pathlib import Path
 
 import click
 
-from onnxmpq import __version__, api, paths, progress
+from onnxmpq import __version__, paths, progress
 from onnxmpq.calibrate import Preprocess
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.export import write_json
+from onnxmpq.pipeline import api
 from onnxmpq.types import ActRange, Candidate, QuantOptions, Rounding, Scope, WeightRange
+from onnxmpq.write.save import write_json
 
 # ---------------------------------------------------------------- option groups
 
@@ -196,8 +197,8 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
              profile, keep, max_drop, latency_file, trials, seed, sweep, sweep_models, time_limit, cache_dir,
              weight_layout, no_verify, report_path, report_dir, stable_report, as_json, **kw):
     """Quantize MODEL: uniform bits, per-layer bits by hand, or bits chosen under budgets and hardware rules."""
-    from onnxmpq import plan
     from onnxmpq.allocate import parse_budget
+    from onnxmpq.pipeline import plan
 
     _check_quantize_paths(model, output, calib, allocation, latency_file, profile, report_path, report_dir, sweep,
                           sweep_models)
@@ -236,9 +237,9 @@ def quantize(model, output, calib, weight_bits, act_bits, layer_bits, allocation
 def _check_quantize_paths(model, output, calib, allocation, latency_file, profile, report_path, report_dir, sweep,
                           sweep_models) -> None:
     """Every file `quantize` writes against every file it reads (see onnxmpq.paths), before any work."""
-    from onnxmpq import report
-    from onnxmpq import sweep as sweeps
-    from onnxmpq.profiles import BUILTINS
+    from onnxmpq.hardware.profiles import BUILTINS
+    from onnxmpq.pipeline import sweep as sweeps
+    from onnxmpq.report import html as report
 
     writes = {"--report": report_path, **paths.folder_files(report_dir, report.FILES, "--report-dir")}
     writes.update(sweeps.outputs(output, sweep, sweep_models) if sweep else {"-o/--output": output})
@@ -410,7 +411,7 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
     if output:
         write_json(payload, output)
     if plot:
-        from onnxmpq.plots import sensitivity_plot
+        from onnxmpq.report.plots import sensitivity_plot
         sensitivity_plot(tables, plot)
     emit(as_json, payload, "\n\n".join(_table_text(t) for t in tables))
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import click
 
-from onnxmpq import api, hardware, paths, profiles
+from onnxmpq import paths
 from onnxmpq.cli import _bits, cli, emit, quantize, quiet_option
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.hardware import compliance as hardware
+from onnxmpq.hardware import profiles
+from onnxmpq.pipeline import api
 
 
 @cli.command()
@@ -62,8 +65,9 @@ def list_profiles(name, as_json):
 @quiet_option
 def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_layout, as_json):
     """Measure each layer's latency at each candidate in onnxruntime on this machine (batch 1)."""
-    from onnxmpq import latency, progress
-    from onnxmpq.context import RunContext
+    from onnxmpq import progress
+    from onnxmpq.allocate import latency
+    from onnxmpq.pipeline.context import RunContext
     from onnxmpq.sensitivity import parse_candidates
     from onnxmpq.types import QuantOptions
 
@@ -127,7 +131,7 @@ def run(ctx, config):
 def config_args(path: str, overrides: list[str]) -> tuple[list[str], str | None]:
     """quantize's argument list from the YAML config, with the command line's options replacing its own."""
     from onnxmpq import yamlfile
-    from onnxmpq.profiles import _key_lines
+    from onnxmpq.hardware.profiles import _key_lines
 
     try:
         text = paths.read_regular(path, "config", "pass a YAML file.").decode("utf-8")

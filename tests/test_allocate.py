@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxmpq import api
 from onnxmpq.allocate import Budget, Problem, check_feasible, parse_budget, solve
 from onnxmpq.errors import ConstraintError, OnnxmpqError
-from onnxmpq.formats import weight_format
+from onnxmpq.pipeline import api
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
+from onnxmpq.write.formats import weight_format
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

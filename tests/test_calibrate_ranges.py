@@ -9,8 +9,8 @@ import pytest
 
 from onnxmpq.calibrate.ranges import BINS, Histogram, act_params, choose_range
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.formats import act_format
 from onnxmpq.types import ActRange
+from onnxmpq.write.formats import act_format
 
 
 def widening_chunks(seed=0, n=4000):

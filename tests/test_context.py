@@ -11,10 +11,10 @@ import pytest
 from conftest import arr, model, node, vi
 
 import onnxmpq.calibrate
-from onnxmpq import api, context, plan
 from onnxmpq.allocate import parse_budget
-from onnxmpq.context import HELD_OUT, RunContext, Samples, split_sizes
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.pipeline import api, context, plan
+from onnxmpq.pipeline.context import HELD_OUT, RunContext, Samples, split_sizes
 from onnxmpq.types import Batch, Candidate, QuantOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_budgets_hold_on_the_written_model_when_input_dims_are_dynamic(dynamic, 
 
 def test_batch_size_reaches_statistics_probes_and_verification(dynamic, monkeypatch, tmp_path):
     """--batch-size bounds every onnxruntime call of a run (a model fixed at a small batch needs it)."""
-    from onnxmpq import runtime
+    from onnxmpq.graph import runtime
 
     sizes = []
     real = runtime.run

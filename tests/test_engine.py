@@ -1,4 +1,4 @@
-"""Tests of onnxmpq.engine.Frontier: a graph run segment by segment over cached batches.
+"""Tests of onnxmpq.graph.engine.Frontier: a graph run segment by segment over cached batches.
 
 Oracle: one full onnxruntime run of the same proto with every asked-for tensor as an extra output.
 """
@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 from conftest import activation_stats, arr, group_stats, model, node, vi
 
-from onnxmpq import engine, graph
 from onnxmpq.calibrate import with_outputs
-from onnxmpq.engine import Frontier
-from onnxmpq.quantize import build as build_qdq
+from onnxmpq.graph import engine
+from onnxmpq.graph import model as graph
+from onnxmpq.graph.engine import Frontier
 from onnxmpq.types import Candidate, QuantOptions, Scope
+from onnxmpq.write.build import build as build_qdq
 
 BATCH_SIZES = (1, 3, 5)
 

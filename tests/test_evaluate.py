@@ -8,8 +8,8 @@ import pytest
 from conftest import model, node, vi
 
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.evaluate import Evaluation, evaluate, probabilities
 from onnxmpq.types import Batch
+from onnxmpq.verify.evaluate import Evaluation, evaluate, probabilities
 
 W = np.array([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [0.0, -1.0, 1.5], [1.0, 1.0, 1.0]], np.float32)
 W_NOISY = W + np.array([[0.3, -0.2, 0.1], [0.0, 0.4, -0.5], [0.2, 0.0, 0.3], [-0.4, 0.1, 0.0]], np.float32)
@@ -142,14 +142,14 @@ def test_a_time_major_output_counts_samples_not_time_steps(tmp_path):
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).normal(size=(37, 5, 4)).astype(np.float32))
     report = onnxmpq.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz", weight_bits=8, act_bits=8)
     assert report.verification["samples"] == 37 // 5 and report.verification["held_out"]  # the held-out fifth
-    from onnxmpq import api
+    from onnxmpq.pipeline import api
     assert api.evaluate(tmp_path / "q.onnx", tmp_path / "c.npz", tmp_path / "m.onnx").samples == 37
 
 
 def test_a_single_score_output_is_scored_as_binary_decisions():
     """A detector's [N, 1] probability has no argmax: agreement was always 1.0 and KL 0, so --max-drop
     could never see a damaged model. Decisions at 0.5 (probabilities) or 0 (logits) instead."""
-    from onnxmpq.evaluate import Sums
+    from onnxmpq.verify.evaluate import Sums
 
     ref = np.array([[0.1], [0.4], [0.6], [0.9]])
     same, flipped = Sums(), Sums()

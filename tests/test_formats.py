@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.formats import act_format, pack, required_opset, weight_format
+from onnxmpq.write.formats import act_format, pack, required_opset, weight_format
 
 
 def signed_type(bits):

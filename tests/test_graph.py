@@ -10,8 +10,8 @@ from conftest import MODELS, arr, build_cnn, build_if_model, feed_for, model, no
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.graph import model as graph
 
 
 def layers_by_name(m):

@@ -14,9 +14,14 @@ import pytest
 from conftest import ArraySource, build_cnn, feed_for, ort_reader, uniform
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmpq import api, calibrate, graph, hardware, profiles, qdq
-from onnxmpq.quantize import build
+from onnxmpq import calibrate
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import qdq
+from onnxmpq.hardware import compliance as hardware
+from onnxmpq.hardware import profiles
+from onnxmpq.pipeline import api
 from onnxmpq.types import Candidate, QuantOptions, Scope
+from onnxmpq.write.build import build
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

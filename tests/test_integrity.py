@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.integrity import check_tensor_sizes
+from onnxmpq.graph.integrity import check_tensor_sizes
 
 
 def raw(dtype: int, dims, nbytes: int) -> TensorProto:

@@ -15,11 +15,13 @@ import onnx
 import pytest
 from conftest import build_cnn, cli, feed_for, one_error_line
 
-from onnxmpq import api, calibrate, graph
+from onnxmpq import calibrate
 from onnxmpq.allocate import parse_budget, solve
-from onnxmpq.context import RunContext
+from onnxmpq.allocate.latency import LatencyTable, kernel_class, profile
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.latency import LatencyTable, kernel_class, profile
+from onnxmpq.graph import model as graph
+from onnxmpq.pipeline import api
+from onnxmpq.pipeline.context import RunContext
 from onnxmpq.types import Candidate, QuantOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +259,7 @@ def tiny_files(tmp_path_factory):
 
 
 def quantize_tiny(folder, name, keep=None):
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     settings = plan.Settings(metric="weight-entropy", weight_bits=(4, 8), keep=keep or {})
     return api.quantize(folder / "cnn.onnx", folder / f"{name}.onnx", folder / "calib.npz",

@@ -9,9 +9,9 @@ from conftest import MODELS, arr, feed_for, model, node, vi
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import graph
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.index import GraphIndex
+from onnxmpq.graph import model as graph
+from onnxmpq.graph.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView, known_prod
 from onnxmpq.registry import Registry
 

@@ -18,10 +18,13 @@ import pytest
 from conftest import arr, cli, node, one_error_line, vi
 from conftest import model as make_model
 
-from onnxmpq import api, graph, hardware, profiles
 from onnxmpq.allocate import Problem, parse_budget, solve, tied_ok, totals
 from onnxmpq.allocate.problem import build_problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.graph import model as graph
+from onnxmpq.hardware import compliance as hardware
+from onnxmpq.hardware import profiles
+from onnxmpq.pipeline import api
 from onnxmpq.sensitivity import parse_candidates
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
 
@@ -259,7 +262,7 @@ def drop_problem(allowed=None) -> Problem:
 
 @pytest.mark.parametrize("method", ["greedy", "ilp"])
 def test_drop_search_takes_the_smallest_point_within_the_drop(method):
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     problem = drop_problem()
     alloc, search = plan._drop_search(problem, plan.Settings(method=method, max_drop=0.03))
@@ -274,7 +277,7 @@ def test_drop_search_takes_the_smallest_point_within_the_drop(method):
 
 
 def test_drop_search_most_precise_over_the_limit_exit_2():
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     problem = Problem(**{**drop_problem().__dict__, "fidelity": lambda index: 0.5})
     with pytest.raises(ConstraintError) as info:
@@ -283,7 +286,7 @@ def test_drop_search_most_precise_over_the_limit_exit_2():
 
 
 def test_greedy_drop_search_with_a_rule_limited_layer():
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     problem = drop_problem(allowed=[[True] * 3, [True] * 3, [True] * 3, [False, True, True]])
     alloc, _ = plan._drop_search(problem, plan.Settings(method="greedy", max_drop=0.5))
@@ -294,7 +297,7 @@ def test_greedy_drop_search_with_a_rule_limited_layer():
 def test_ilp_drop_search_with_a_rule_limited_layer(method):
     """Layer 3 may not take 2 bits (a profile rule, or --keep): the smallest average is (2*3 + 4) / 4 = 2.5.
     Every point is within a drop of 0.5, so the answer is the most compressed feasible one, 2.5 bits."""
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     problem = drop_problem(allowed=[[True] * 3, [True] * 3, [True] * 3, [False, True, True]])
     alloc, _ = plan._drop_search(problem, plan.Settings(method=method, max_drop=0.5))

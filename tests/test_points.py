@@ -14,7 +14,7 @@ from conftest import arr, build_cnn, build_encoder, feed_for, model, node, vi
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import graph
+from onnxmpq.graph import model as graph
 from onnxmpq.types import QuantOptions, Scope
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def test_chained_folds_never_reuse_an_initializer_name():
 
 
 def test_long_tensor_names_are_shortened_unless_a_short_name_is_taken():
-    from onnxmpq.graph import short_name
+    from onnxmpq.graph.model import short_name
 
     long = "t" * 300
     proto = model([node("Conv", ["x", "W"], [long], "conv"), node("Relu", [long], ["y"], "relu")],

@@ -12,9 +12,9 @@ import re
 import pytest
 import yaml
 
-from onnxmpq import profiles
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.profiles import BUILTINS, OpRule, Profile
+from onnxmpq.hardware import profiles
+from onnxmpq.hardware.profiles import BUILTINS, OpRule, Profile
 from onnxmpq.types import Candidate
 
 

@@ -20,7 +20,7 @@ container, INT32 biases, weight layout). For every example:
    mean error under 25% of the scale);
 3. the weight bytes are the bytes actually stored: each layer's result and the report equal the bytes
    of its codes + scales + zero-point initializers summed here over the graph, equal what
-   `onnxmpq.qdq.read_layers` and `onnxmpq inspect --json` read back, and the codes take
+   `onnxmpq.graph.qdq.read_layers` and `onnxmpq inspect --json` read back, and the codes take
    ceil(params * container bits / 8) bytes.
 
 Two properties: `build` directly (40 examples) and the public `api.quantize` from a saved model and a
@@ -45,10 +45,12 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import api, graph, qdq
 from onnxmpq.cli import main
-from onnxmpq.quantize import build
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import qdq
+from onnxmpq.pipeline import api
 from onnxmpq.types import ActRange, Candidate, QuantOptions, Scope, WeightRange
+from onnxmpq.write.build import build
 
 CONTAINER_BITS = {TensorProto.INT2: 2, TensorProto.INT4: 4, TensorProto.INT8: 8, TensorProto.INT16: 16,
                   TensorProto.UINT2: 2, TensorProto.UINT4: 4, TensorProto.UINT8: 8, TensorProto.UINT16: 16}

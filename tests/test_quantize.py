@@ -1,4 +1,4 @@
-"""Tests of the QDQ writer (onnxmpq.quantize.build), numerics checked against onnx's reference evaluator.
+"""Tests of the QDQ writer (onnxmpq.write.build.build), numerics checked against onnx's reference evaluator.
 
 The written model must pass the full checker, run in onnxruntime's CPU provider at the default
 optimisation level and agree with `onnx.reference.ReferenceEvaluator`; its weights must be exactly
@@ -30,12 +30,12 @@ from conftest import (
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import graph
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.formats import act_format, weight_format
-from onnxmpq.quantize import CAST_SUFFIX, GUARD_SUFFIX, build
+from onnxmpq.graph import model as graph
 from onnxmpq.rounding import round_nearest
 from onnxmpq.types import ActRange, Candidate, QuantOptions, Scope, WeightRange
+from onnxmpq.write.build import CAST_SUFFIX, GUARD_SUFFIX, build
+from onnxmpq.write.formats import act_format, weight_format
 
 WEIGHT_BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 ACT_BITS = [None, 4, 8, 16]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.formats import weight_format
 from onnxmpq.rounding import CLIP_GRID, per_channel, round_nearest
 from onnxmpq.types import WeightRange
+from onnxmpq.write.formats import weight_format
 
 BITS = [2, 3, 4, 5, 6, 8, 16]
 

@@ -13,10 +13,10 @@ from conftest import arr, model, node, vi
 from onnx import numpy_helper
 from scipy.ndimage import uniform_filter
 
-from onnxmpq.formats import weight_format
 from onnxmpq.rounding import gptq, round_nearest
 from onnxmpq.rounding.gptq import CLIP_GRID, GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
+from onnxmpq.write.formats import weight_format
 
 # The functions work on all groups of a layer at once: w (G, R, K), h and c (G, K, K), scales (G, R).
 # These wrappers run them on one group.

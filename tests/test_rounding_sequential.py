@@ -17,13 +17,14 @@ from conftest import ArraySource, arr, model, node, vi
 from scipy.ndimage import uniform_filter
 
 import onnxmpq
-from onnxmpq import calibrate, graph
+from onnxmpq import calibrate
 from onnxmpq.calibrate import with_outputs
-from onnxmpq.formats import weight_format
-from onnxmpq.quantize import build, layer_formats
+from onnxmpq.graph import model as graph
 from onnxmpq.rounding import QuantizedWeight, round_nearest, sequential
 from onnxmpq.rounding.gptq import GptqSettings
 from onnxmpq.types import Candidate, QuantOptions
+from onnxmpq.write.build import build, layer_formats
+from onnxmpq.write.formats import weight_format
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,11 +30,13 @@ from conftest import (
 from onnx import TensorProto, helper, numpy_helper
 from scipy.special import rel_entr, softmax
 
-from onnxmpq import api, graph, progress, sensitivity
+from onnxmpq import progress, sensitivity
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.quantize import build
+from onnxmpq.graph import model as graph
+from onnxmpq.pipeline import api
 from onnxmpq.sensitivity import cache, parallel, probe
 from onnxmpq.types import Candidate, LayerScores, Rounding, SensitivityTable
+from onnxmpq.write.build import build
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

@@ -30,14 +30,14 @@ import numpy as np
 
 from onnxmpq.allocate import Budget, Link, Problem
 from onnxmpq.errors import ConstraintError, OnnxmpqError
-from onnxmpq.points import Points, Unit
-from onnxmpq.profiles import Profile
-from onnxmpq.quantize import layer_formats, layer_weight_bytes, weight_cast
+from onnxmpq.graph.points import Points, Unit
+from onnxmpq.hardware.profiles import Profile
 from onnxmpq.types import Candidate, QuantOptions, SensitivityTable
+from onnxmpq.write.build import layer_formats, layer_weight_bytes, weight_cast
 
 if TYPE_CHECKING:
-    from onnxmpq.graph import Model
-    from onnxmpq.latency import LatencyTable
+    from onnxmpq.allocate.latency import LatencyTable
+    from onnxmpq.graph.model import Model
 
 FLOAT_BITS = 32
 

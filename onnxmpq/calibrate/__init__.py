@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import onnx
 
-from onnxmpq import runtime
 from onnxmpq.calibrate.ranges import ActParams, Histogram, act_params, choose_range
 from onnxmpq.calibrate.readers import READERS, DataSource, Preprocess, check_batch, open_source
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.graph import Model
+from onnxmpq.graph import runtime
+from onnxmpq.graph.model import Model
 from onnxmpq.types import TensorStats
 
 __all__ = ["READERS", "ActParams", "DataSource", "Histogram", "Preprocess", "act_params", "check_batch",

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.formats import IntFormat
 from onnxmpq.types import ActRange, TensorStats
+from onnxmpq.write.formats import IntFormat
 
 BINS = 2048
 RANGE_GRID = np.linspace(1.0, 0.05, 96)

@@ -23,13 +23,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnxmpq.index import FLOAT_TYPES, GraphIndex
+from onnxmpq.graph.index import FLOAT_TYPES, GraphIndex
 from onnxmpq.registry import Registry
 from onnxmpq.types import LayerSpec
 
 if TYPE_CHECKING:
     from onnxmpq.rounding import QuantizedWeight
-    from onnxmpq.writer import Editor
+    from onnxmpq.write.editor import Editor
 
 __all__ = ["FLOAT_TYPES", "OP_HANDLERS", "Handler", "Kind", "NodeQuant", "NodeView", "known_prod"]
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import onnx
 
-from onnxmpq.index import GraphIndex
+from onnxmpq.graph.index import GraphIndex
 from onnxmpq.ops import Handler, Kind, NodeQuant, NodeView, register
 
 KERNELS = {"LeakyRelu": "QLinearLeakyRelu", "Sigmoid": "QLinearSigmoid", "Softmax": "QLinearSoftmax"}

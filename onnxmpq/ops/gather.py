@@ -20,7 +20,7 @@ from onnxmpq.types import LayerSpec
 
 if TYPE_CHECKING:
     from onnxmpq.rounding import QuantizedWeight
-    from onnxmpq.writer import Editor
+    from onnxmpq.write.editor import Editor
 
 
 @register("Gather")

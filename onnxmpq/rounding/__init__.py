@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.formats import IntFormat
 from onnxmpq.types import WeightRange
+from onnxmpq.write.formats import IntFormat
 
 CLIP_GRID = np.linspace(1.0, 0.1, 91)
 

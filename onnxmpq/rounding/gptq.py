@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxmpq.errors import InternalError
-from onnxmpq.formats import IntFormat
 from onnxmpq.rounding import QuantizedWeight
 from onnxmpq.rounding.linear import LinearView
+from onnxmpq.write.formats import IntFormat
 
 CLIP_GRID = np.linspace(1.0, 0.3, 36)
 FULL_H_CLIP_LIMIT = 3e8  # rows * K^2 above which the clip search uses diag(H)

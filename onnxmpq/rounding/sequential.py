@@ -13,16 +13,16 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from onnxmpq import graph
-from onnxmpq.engine import Frontier
 from onnxmpq.errors import InternalError
-from onnxmpq.formats import required_opset
-from onnxmpq.graph import Model
-from onnxmpq.quantize import build, layer_formats
+from onnxmpq.graph import model as graph
+from onnxmpq.graph.engine import Frontier
+from onnxmpq.graph.model import Model
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.rounding.gptq import GptqSettings, RoundingResult, accumulate, round_layer, statistics_bytes
 from onnxmpq.rounding.linear import LinearView, view_of
 from onnxmpq.types import Candidate, QuantOptions, TensorStats
+from onnxmpq.write.build import build, layer_formats
+from onnxmpq.write.formats import required_opset
 
 if TYPE_CHECKING:
     from onnxmpq.calibrate import DataSource

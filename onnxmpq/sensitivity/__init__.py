@@ -18,14 +18,14 @@ import numpy as np
 from onnx import numpy_helper
 
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.formats import weight_format
-from onnxmpq.graph import Model
-from onnxmpq.points import Unit
+from onnxmpq.graph.model import Model
+from onnxmpq.graph.points import Unit
 from onnxmpq.registry import Registry
 from onnxmpq.rounding import round_nearest
 from onnxmpq.sensitivity import metrics as m
 from onnxmpq.sensitivity.probe import Probe, Reference, sweep, unit_candidates
 from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
+from onnxmpq.write.formats import weight_format
 
 ENTROPY_BINS = 256
 N_PROJECTIONS = 32

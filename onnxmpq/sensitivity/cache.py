@@ -18,8 +18,8 @@ import onnx
 
 from onnxmpq import __version__, paths, progress
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.export import write_json
 from onnxmpq.types import SensitivityTable
+from onnxmpq.write.save import write_json
 
 
 def cache_key(proto: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], settings: Mapping[str, object]) -> str:

@@ -13,8 +13,8 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.graph import runtime
 from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
 
 

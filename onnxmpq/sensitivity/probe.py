@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import numpy_helper
 
-from onnxmpq import graph
 from onnxmpq.calibrate.ranges import act_params, choose_range
-from onnxmpq.engine import Frontier
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.formats import act_format, required_opset, weight_format
-from onnxmpq.points import Unit
-from onnxmpq.quantize import build
+from onnxmpq.graph import model as graph
+from onnxmpq.graph.engine import Frontier
+from onnxmpq.graph.points import Unit
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding
+from onnxmpq.write.build import build
+from onnxmpq.write.formats import act_format, required_opset, weight_format
 
 N_OBSERVERS = 3
 

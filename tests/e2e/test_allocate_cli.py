@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from onnxmpq import api
 from onnxmpq.cli import main
+from onnxmpq.pipeline import api
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

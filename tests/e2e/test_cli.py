@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import runtime
 from onnxmpq.cli import main
+from onnxmpq.graph import runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"

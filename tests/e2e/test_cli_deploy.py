@@ -23,9 +23,9 @@ import pytest
 import yaml
 from conftest import ort_reader
 
-from onnxmpq import profiles
+from onnxmpq.allocate.latency import LatencyTable
 from onnxmpq.cli import main
-from onnxmpq.latency import LatencyTable
+from onnxmpq.hardware import profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"

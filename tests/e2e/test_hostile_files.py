@@ -369,8 +369,8 @@ def test_disk_full_while_writing_is_one_line(cnn, tmp_path):
 
 
 def test_a_model_onnxruntime_would_not_load_is_never_written(cnn, tmp_path, capsys, monkeypatch):
-    from onnxmpq import runtime
     from onnxmpq.errors import OnnxmpqError
+    from onnxmpq.graph import runtime
 
     real = runtime.session
 
@@ -392,7 +392,7 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(cnn, tmp_path, 
     import subprocess
     import sys
 
-    from onnxmpq import staging
+    from onnxmpq.write import staging
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     started = staging.start_time(child.pid)
@@ -423,7 +423,7 @@ def test_an_interrupt_while_staging_is_cleaned_up_by_the_next_run(tmp_path):
     import subprocess
     import sys
 
-    from onnxmpq import export
+    from onnxmpq.write import save
 
     script = (  # Ctrl-C lands right after mkdtemp made the folder, before onnxmpq holds its name
         "import sys, tempfile\n"
@@ -431,13 +431,13 @@ def test_an_interrupt_while_staging_is_cleaned_up_by_the_next_run(tmp_path):
         "def interrupted(*a, **k):\n"
         "    print(real(*a, **k)); raise KeyboardInterrupt\n"
         "tempfile.mkdtemp = interrupted\n"
-        "from onnxmpq import export\n"
-        "export.write_text('x', sys.argv[1])\n")
+        "from onnxmpq.write import save\n"
+        "save.write_text('x', sys.argv[1])\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.txt")], capture_output=True, text=True)
     assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
     left = Path(done.stdout.strip())
     assert left.is_dir() and left.parent == tmp_path  # the interrupted process left it behind ...
-    export.write_text("y", tmp_path / "b.txt")
+    save.write_text("y", tmp_path / "b.txt")
     assert not left.exists()  # ... and the next write into that folder removed it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt"]
 
@@ -492,7 +492,7 @@ def test_malformed_onnxmpq_metadata_is_ignored_with_a_warning(cnn, tmp_path, cap
 
 def test_the_path_checks_let_a_python_data_reader_through(cnn, tmp_path):
     """A reader object (get_next) as calibration data is not a path to check against the outputs."""
-    from onnxmpq import api
+    from onnxmpq.pipeline import api
 
     class Reader:
         def __init__(self):
@@ -551,7 +551,7 @@ def wrong_output_shape_model(declared, batch="N") -> onnx.ModelProto:
 def test_a_wrongly_declared_output_shape_is_repaired_and_said(tmp_path, capsys, declared):
     """The loader's shape inference (with data propagation) used to store intermediate shapes that
     contradict the declared output, so the written model failed the checker: InternalError."""
-    from onnxmpq import graph
+    from onnxmpq.graph import model as graph
 
     static = declared[0] == 1
     proto = wrong_output_shape_model(declared, 1 if static else "N")
@@ -573,7 +573,7 @@ def test_a_wrongly_declared_output_shape_is_repaired_and_said(tmp_path, capsys, 
 
 
 def test_a_correct_declared_output_shape_raises_no_note(tmp_path):
-    from onnxmpq import graph
+    from onnxmpq.graph import model as graph
 
     path = tmp_path / "m.onnx"
     onnx.save(wrong_output_shape_model(["N", "C", "T"]), path)
@@ -587,7 +587,7 @@ def test_an_omitted_optional_input_inside_a_branch_is_not_a_tensor(tmp_path, cap
     from conftest import arr, model, node, vi
     from onnx import helper
 
-    from onnxmpq.graph import node_reads
+    from onnxmpq.graph.model import node_reads
 
     def branch(op, inputs, out):
         return helper.make_graph([helper.make_node(op, inputs, [out])], op, [], [vi(out, None)])

@@ -16,11 +16,14 @@ from conftest import arr, build_cnn, build_encoder, feed_for, group_stats, model
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import api, calibrate, graph, runtime
-from onnxmpq.formats import weight_format
-from onnxmpq.quantize import build
+from onnxmpq import calibrate
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import runtime
+from onnxmpq.pipeline import api
 from onnxmpq.rounding import round_nearest
 from onnxmpq.types import Candidate, QuantOptions, Scope
+from onnxmpq.write.build import build
+from onnxmpq.write.formats import weight_format
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"

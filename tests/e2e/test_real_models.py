@@ -12,7 +12,9 @@ import pytest
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq import api, graph, runtime
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import runtime
+from onnxmpq.pipeline import api
 
 
 def package_file(package: str, relative: str) -> Path | None:

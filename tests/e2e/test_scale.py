@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmpq import api, runtime
+from onnxmpq.graph import runtime
+from onnxmpq.pipeline import api
 from onnxmpq.types import Candidate
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import onnx
 import pytest
 from conftest import build_cnn, model, node, vi
 
-from onnxmpq import graph
 from onnxmpq.cli import main
+from onnxmpq.graph import model as graph
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"

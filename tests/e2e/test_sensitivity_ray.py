@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxmpq import graph
+from onnxmpq.graph import model as graph
 from onnxmpq.sensitivity import measure, parse_candidates
 from onnxmpq.sensitivity.parallel import measure as parallel_measure
 from onnxmpq.types import QuantOptions, Rounding

@@ -21,14 +21,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from onnxmpq import profiles, progress
+from onnxmpq import progress
 from onnxmpq.allocate import Allocation, Budget, Problem, extremes, result, solve
 from onnxmpq.allocate.greedy import ladder
 from onnxmpq.allocate.problem import build_problem, candidate_columns
-from onnxmpq.context import DEFAULT_LIMIT, RunContext
 from onnxmpq.errors import ConstraintError, InternalError, OnnxmpqError
-from onnxmpq.quantize import build
+from onnxmpq.hardware import profiles
+from onnxmpq.pipeline.context import DEFAULT_LIMIT, RunContext
 from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.write.build import build
 
 STEP_BITS = 0.25
 
@@ -114,7 +115,7 @@ def choose(ctx: RunContext, budgets: Sequence[Budget], settings: Settings, optio
 def _latency(ctx: RunContext, candidates, budgets, settings: Settings, options, profile):
     if not any(b.kind == "latency-ms" for b in budgets):
         return None
-    from onnxmpq import latency
+    from onnxmpq.allocate import latency
 
     if settings.latency:
         return latency.LatencyTable.load(settings.latency)

@@ -20,9 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxmpq.calibrate.ranges import ActParams
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.formats import pack
-from onnxmpq.graph import keep_initializers, names_read, node_reads, short_name
+from onnxmpq.graph.model import keep_initializers, names_read, node_reads, short_name
 from onnxmpq.rounding import QuantizedWeight
+from onnxmpq.write.formats import pack
 
 
 class Editor:

@@ -37,9 +37,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnxmpq import profiles, qdq
-from onnxmpq.index import GraphIndex
-from onnxmpq.profiles import Profile
+from onnxmpq.graph import qdq
+from onnxmpq.graph.index import GraphIndex
+from onnxmpq.hardware import profiles
+from onnxmpq.hardware.profiles import Profile
 from onnxmpq.types import Candidate
 
 RULES = ("pair", "float-layer", "per-channel", "symmetric-weights", "pin", "max-distinct-bits", "tie", "float-tensor",

@@ -34,14 +34,14 @@ import onnx
 
 from onnxmpq.calibrate.ranges import ActParams, act_params, choose_range
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.formats import IntFormat, act_format, required_opset, weight_format
-from onnxmpq.graph import Model, convert_opset, default_opset
+from onnxmpq.graph.model import Model, convert_opset, default_opset
+from onnxmpq.graph.points import Points, Unit
+from onnxmpq.graph.qdq import METADATA_KEY
 from onnxmpq.ops import OP_HANDLERS
-from onnxmpq.points import Points, Unit
-from onnxmpq.qdq import METADATA_KEY
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Scope, TensorStats
-from onnxmpq.writer import Editor
+from onnxmpq.write.editor import Editor
+from onnxmpq.write.formats import IntFormat, act_format, required_opset, weight_format
 
 GUARD_SUFFIX = " + Reshape guard"
 CAST_SUFFIX = " -> INT8 kernels"

@@ -72,10 +72,12 @@ def outputs(output, spec: str, write_models: bool) -> dict[str, Path]:
 
 def run(model, output, calib, spec: str, settings, *, options, rounding, batch_size: int = 32, preprocess=None,
         write_models: bool = False) -> dict:
-    from onnxmpq import api, plan, progress
-    from onnxmpq.context import RunContext
-    from onnxmpq.export import save_model, summarize, write_json
+    from onnxmpq import progress
+    from onnxmpq.pipeline import api, plan
+    from onnxmpq.pipeline.context import RunContext
+    from onnxmpq.report.summary import summarize
     from onnxmpq.types import Rounding
+    from onnxmpq.write.save import save_model, write_json
 
     kind, values, relative = parse_range(spec)
     model = api.load(model)
@@ -111,6 +113,6 @@ def run(model, output, calib, spec: str, settings, *, options, rounding, batch_s
            "rounding": str(rounding), "points": points, "frontier": frontier(points),
            "json": str(_json_path(output)), "plot": str(_plot_path(output))}
     write_json(out, out["json"])
-    from onnxmpq.plots import pareto_plot
+    from onnxmpq.report.plots import pareto_plot
     pareto_plot(points, out["frontier"], out["plot"], f"{model.path.name if model.path else 'model'}: {kind} sweep")
     return out

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from onnxmpq import runtime
 from onnxmpq.errors import InternalError
-from onnxmpq.graph import node_reads
+from onnxmpq.graph import runtime
+from onnxmpq.graph.model import node_reads
 
 
 class Frontier:

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from onnxmpq import runtime
-from onnxmpq.evaluate import Sums
+from onnxmpq.graph import runtime
+from onnxmpq.verify.evaluate import Sums
 
 
 @dataclass(frozen=True)

@@ -18,19 +18,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onnxmpq import calibrate, graph, paths, progress, qdq, runtime
-from onnxmpq.context import RunContext
+from onnxmpq import calibrate, paths, progress
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.evaluate import Evaluation
-from onnxmpq.evaluate import evaluate as _evaluate
-from onnxmpq.export import FLOAT_BITS, Report, file_breakdown, save_model, storage_notes, summarize
-from onnxmpq.graph import Model
-from onnxmpq.quantize import build
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import qdq, runtime
+from onnxmpq.graph.model import Model
+from onnxmpq.pipeline.context import RunContext
+from onnxmpq.report.summary import FLOAT_BITS, Report, file_breakdown, storage_notes, summarize
 from onnxmpq.rounding import sequential
 from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.verify.evaluate import Evaluation
+from onnxmpq.verify.evaluate import evaluate as _evaluate
+from onnxmpq.write.build import build
+from onnxmpq.write.save import save_model
 
 if TYPE_CHECKING:
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
 
 def load(model: str | os.PathLike | Model) -> Model:
@@ -97,7 +100,7 @@ def with_profile_rules(options: QuantOptions, profile) -> QuantOptions:
     inputs share one scale."""
     if profile is None:
         return options
-    from onnxmpq import profiles
+    from onnxmpq.hardware import profiles
 
     rules = profiles.load(profile)
     return dataclasses.replace(options, integer_ops=options.integer_ops | rules.integer_ops,
@@ -121,7 +124,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     and timed (report `verification`). `report_dir` also writes report.json and report.html with plots
     (see `onnxmpq.report`); `stable` leaves the run-dependent timings out of that report.json.
     """
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     start = time.perf_counter()
     rounding = Rounding(rounding)
@@ -134,7 +137,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
     if verify and calib is None:
         verify = False
     output = Path(output)
-    from onnxmpq.report import FILES
+    from onnxmpq.report.html import FILES
     paths.check_writes({"the output": output, **paths.folder_files(report_dir, FILES, "report folder")},
                        {"model": model.path, "calibration data": calib, **model_files(model)})
     if report_dir is not None:
@@ -190,7 +193,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
                   "integer_ops": sorted(options.integer_ops)},
         **summarize(results))
     if report_dir is not None:
-        from onnxmpq import report as pages
+        from onnxmpq.report import html as pages
         with progress.bar("report", 1, unit="page") as advance:
             figs = pages.figures(report.to_dict(), chosen, ctx, options)
             pages.write(report.to_dict(stable=stable), report_dir, figs)
@@ -218,7 +221,7 @@ def materialize(ctx: RunContext, assignment, options: QuantOptions, rounding: Ro
 def verification(ctx: RunContext, output: Path, chosen=None) -> dict:
     """The written file against the float model on the held-out samples, its latency beside the float
     model's (timed in alternation, batch 1), and the kernels onnxruntime runs it on after load."""
-    from onnxmpq import latency
+    from onnxmpq.allocate import latency
 
     fidelity = ctx.judge.score(str(output))
     quantized_ms, float_ms = latency.time_pair(str(output), ctx.model.proto, ctx.first())
@@ -354,8 +357,8 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
 def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets, options: QuantOptions = QuantOptions(),
                        profile=None, keep=None, latency=None):
     """The solver's view of `model` (see `onnxmpq.allocate.problem`); layers the rules fix are left out."""
-    from onnxmpq import profiles
     from onnxmpq.allocate.problem import build_problem
+    from onnxmpq.hardware import profiles
 
     return build_problem(model, table, candidates, budgets, profiles.load(profile), options, keep, latency)[0]
 
@@ -377,7 +380,7 @@ def allocate(model, calib, budgets, *, rounding: Rounding | str = Rounding.AUTO,
              preprocess=None, **settings):
     """Chooses every layer's precision under `budgets` (keyword settings: those of `plan.Settings`);
     returns (assignment, Allocation, SensitivityTable)."""
-    from onnxmpq import plan
+    from onnxmpq.pipeline import plan
 
     config = plan.Settings(**settings)
     judged = config.max_drop is not None or config.method == "threshold"
@@ -392,7 +395,7 @@ def sweep(model, output, calib, spec: str, settings, *, options: QuantOptions = 
           rounding: Rounding | str = Rounding.AUTO, batch_size: int = 32, preprocess=None,
           write_models: bool = False) -> dict:
     """Pareto sweep of one budget (see `onnxmpq.sweep`); returns the frontier dict it also writes."""
-    from onnxmpq import sweep as _sweep
+    from onnxmpq.pipeline import sweep as _sweep
 
     return _sweep.run(model, output, calib, spec, settings, options=options, rounding=rounding,
                       batch_size=batch_size, preprocess=preprocess, write_models=write_models)

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError
+from onnxmpq.graph import runtime
 from onnxmpq.sensitivity.metrics import log_probabilities, probabilities  # noqa: F401 (part of this API)
 
 

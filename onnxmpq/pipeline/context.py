@@ -30,12 +30,13 @@ from functools import cached_property
 
 import numpy as np
 
-from onnxmpq import calibrate, graph, progress
+from onnxmpq import calibrate, progress
 from onnxmpq.calibrate.readers import DataSource, Preprocess
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.graph import Model
+from onnxmpq.graph import model as graph
+from onnxmpq.graph.model import Model
 from onnxmpq.types import Batch, QuantOptions, TensorStats
-from onnxmpq.verify import Judge
+from onnxmpq.verify.judge import Judge
 
 DEFAULT_LIMIT = 256   # calibration samples
 HELD_OUT = 256        # held-out samples at most

@@ -25,15 +25,16 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 
-from onnxmpq import integrity, paths
+from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.folding import fold_all
-from onnxmpq.index import GraphIndex
+from onnxmpq.graph import integrity
+from onnxmpq.graph.folding import fold_all
+from onnxmpq.graph.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 from onnxmpq.types import InputSpec, LayerSpec
 
 if TYPE_CHECKING:
-    from onnxmpq.points import Points
+    from onnxmpq.graph.points import Points
     from onnxmpq.types import QuantOptions, Scope
 
 MIN_OPSET = 13
@@ -66,7 +67,7 @@ class Model:
     def points(self, options: QuantOptions | None = None) -> Points:
         """The quantization points of the model (`onnxmpq.points`) under the writer options' scope,
         integer ops and tied ops (`QuantOptions`), found once per rule set."""
-        from onnxmpq import points
+        from onnxmpq.graph import points
         from onnxmpq.types import QuantOptions
 
         options = options or QuantOptions()

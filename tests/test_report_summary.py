@@ -10,11 +10,12 @@ import pytest
 from conftest import build_cnn, model, node, vi
 from onnx import TensorProto, numpy_helper
 
-from onnxmpq import graph
 from onnxmpq.errors import InternalError, OnnxmpqError
-from onnxmpq.export import Report, save_model, storage_notes, summarize, write_json
-from onnxmpq.quantize import GUARD_SUFFIX, LayerResult, TensorResult, UnitResult, Written, build
+from onnxmpq.graph import model as graph
+from onnxmpq.report.summary import Report, storage_notes, summarize
 from onnxmpq.types import Candidate
+from onnxmpq.write.build import GUARD_SUFFIX, LayerResult, TensorResult, UnitResult, Written, build
+from onnxmpq.write.save import save_model, write_json
 
 
 def quantized_cnn(wb=4):
@@ -242,7 +243,7 @@ def test_a_constant_a_subgraph_reads_is_never_folded_into_its_twin():
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxmpq.writer import share_constants
+    from onnxmpq.write.editor import share_constants
 
     codes = np.arange(100, dtype=np.int8)
     branch = helper.make_graph([helper.make_node("DequantizeLinear", ["B", "s"], ["inner"], name="dq_in")], "b", [],

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnxmpq.index import GraphIndex
+from onnxmpq.graph.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 
 METADATA_KEY = "onnxmpq.layers"

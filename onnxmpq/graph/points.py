@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.index import GraphIndex
+from onnxmpq.graph.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, Kind, NodeQuant, NodeView
 from onnxmpq.types import LayerSpec, Scope
 

@@ -18,17 +18,30 @@ dequantize + float Conv, slower than its W8A8 kernel.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnx import TensorProto
 
-from onnxmpq import runtime
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.quantize import build, layer_formats, weight_cast
+from onnxmpq.graph import runtime
 from onnxmpq.types import Candidate, QuantOptions
+from onnxmpq.write.build import build, layer_formats, weight_cast
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+    from onnxmpq.graph.model import Model
+    from onnxmpq.graph.points import Unit
+    from onnxmpq.types import TensorStats
+
+Feed = Mapping[str, np.ndarray]
+KernelClass = tuple[int | None, int | None]
 
 RUNS = 30
 WARMUP = 5
@@ -48,11 +61,11 @@ class LatencyTable:
         """T_ref + sum of the chosen candidates' changes (layers not in the table count 0)."""
         return self.reference_ms + sum(self.layers.get(name, {}).get(c.key, 0.0) for name, c in assignment.items())
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> LatencyTable:
+    def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
         try:
             table = cls(**{**data, "layers": {k: dict(v) for k, v in data["layers"].items()}})
             for value in [table.reference_ms, table.float_ms] + [v for row in table.layers.values() for v in row.values()]:
@@ -62,12 +75,12 @@ class LatencyTable:
         except (TypeError, KeyError, AttributeError, ValueError) as exc:
             raise OnnxmpqError(f"not a latency table ({exc}).", "write one with `onnxmpq profile-latency`.") from None
 
-    def save(self, path) -> None:
-        from onnxmpq.export import write_json
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from onnxmpq.write.save import write_json
         write_json(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path) -> LatencyTable:
+    def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
         from onnxmpq import paths
 
         hint = "write one with `onnxmpq profile-latency`."
@@ -77,7 +90,7 @@ class LatencyTable:
             raise OnnxmpqError(f"cannot read latency table {str(path)!r}: {exc}.", hint) from None
 
 
-def _warm(proto, feed, threads: int):
+def _warm(proto: onnx.ModelProto | str, feed: Feed, threads: int) -> onnxruntime.InferenceSession:
     """A warmed-up session whose idle threads do not spin (sessions are timed in turn)."""
     sess = runtime.session(proto, threads, spin=False)
     for _ in range(WARMUP):
@@ -85,13 +98,14 @@ def _warm(proto, feed, threads: int):
     return sess
 
 
-def _once(sess, feed) -> float:
+def _once(sess: onnxruntime.InferenceSession, feed: Feed) -> float:
     start = time.perf_counter()
     sess.run(None, dict(feed))
     return time.perf_counter() - start
 
 
-def _alternate(first, second, feed, runs: int) -> tuple[float, float]:
+def _alternate(first: onnxruntime.InferenceSession, second: onnxruntime.InferenceSession, feed: Feed,
+               runs: int) -> tuple[float, float]:
     """Median ms of each of two sessions over alternating runs (a machine that slows down mid-way slows
     both alike)."""
     a, b = [], []
@@ -101,25 +115,27 @@ def _alternate(first, second, feed, runs: int) -> tuple[float, float]:
     return float(np.median(a) * 1e3), float(np.median(b) * 1e3)
 
 
-def paired_delta(ref_sess, proto, feed, runs: int = RUNS, threads: int = 2) -> float:
+def paired_delta(ref_sess: onnxruntime.InferenceSession, proto: onnx.ModelProto, feed: Feed, runs: int = RUNS,
+                 threads: int = 2) -> float:
     """median(T_variant) - median(T_ref) in ms over alternating runs of the two sessions."""
     ref, var = _alternate(ref_sess, _warm(proto, feed, threads), feed, runs)
     return var - ref
 
 
-def time_pair(a, b, feed: Mapping[str, np.ndarray], runs: int = RUNS, threads: int = 2) -> tuple[float, float]:
+def time_pair(a: onnx.ModelProto | str, b: onnx.ModelProto | str, feed: Feed, runs: int = RUNS,
+              threads: int = 2) -> tuple[float, float]:
     """Median ms per run of models `a` and `b` (protos or paths), timed in alternation in this process."""
     return _alternate(_warm(a, feed, threads), _warm(b, feed, threads), feed, runs)
 
 
-def kernel_class(unit, cand: Candidate, options: QuantOptions) -> tuple:
+def kernel_class(unit: Unit, cand: Candidate, options: QuantOptions) -> KernelClass:
     """What decides a unit's kernels: the ONNX types and layout a candidate gives it."""
     wfmt, afmt = layer_formats(unit.layer, cand, options)
-    cast = bool(wfmt and weight_cast(unit.layer, wfmt, afmt, options))
+    cast = bool(wfmt and unit.layer and weight_cast(unit.layer, wfmt, afmt, options))
     return (TensorProto.INT8 if cast else (wfmt.onnx_type if wfmt else None), afmt.onnx_type if afmt else None)
 
 
-def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np.ndarray],
+def profile(model: Model, candidates: Sequence[Candidate], stats: Mapping[str, TensorStats], feed: Feed,
             options: QuantOptions = QuantOptions(), runs: int = RUNS, threads: int = 2,
             on_layer: Callable[[str], object] | None = None,
             fixed: Mapping[str, Candidate] | None = None) -> LatencyTable:
@@ -139,7 +155,7 @@ def profile(model, candidates: Sequence[Candidate], stats, feed: Mapping[str, np
     for unit in points.units:
         own = list(candidates) if unit.layer else (acts if len(acts) > 1 else [])
         own += [(fixed or {})[unit.name]] if unit.name in (fixed or {}) else []
-        measured: dict[tuple, float] = {kernel_class(unit, base[unit.name], options): 0.0}
+        measured: dict[KernelClass, float] = {kernel_class(unit, base[unit.name], options): 0.0}
         row = {}
         for cand in own:
             key = kernel_class(unit, cand, options)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from onnxmpq import paths
-from onnxmpq.export import write_json, write_text
+from onnxmpq.write.save import write_json, write_text
 
 FILES = ("report.json", "report.html")  # what write() puts in a report folder
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -121,7 +121,7 @@ def png_of(draw, *args, **kwargs) -> bytes:
 def figures(report_dict: dict, chosen=None, ctx=None, options=None) -> dict[str, bytes]:
     """The report's plots: bits per layer; with a chosen allocation, its sensitivity table and a Pareto
     curve (nearest rounding, average bits from the smallest to the largest candidate in 0.5 steps)."""
-    from onnxmpq import plots
+    from onnxmpq.report import plots
 
     out = {"Bits per layer along the network": png_of(plots.bits_plot, report_dict["layers"])}
     if chosen is None:
@@ -130,7 +130,7 @@ def figures(report_dict: dict, chosen=None, ctx=None, options=None) -> dict[str,
         out[f"Sensitivity per layer and candidate ({chosen.table.metric})"] = png_of(plots.sensitivity_plot, [chosen.table])
     points = pareto_points(chosen, ctx, options)
     if points:
-        from onnxmpq.sweep import frontier
+        from onnxmpq.pipeline.sweep import frontier
         verified = report_dict.get("verification") or {}
         mark = {"weight_bytes": report_dict["weight_bytes"], "drop": verified["drop"]} if "drop" in verified else None
         out["Pareto curve: weight bytes against drop in agreement with float"] = png_of(
@@ -149,9 +149,9 @@ def pareto_points(chosen, ctx, options) -> list[dict]:
     from onnxmpq.allocate import Budget, solve
     from onnxmpq.allocate.problem import build_problem, candidate_columns
     from onnxmpq.errors import ConstraintError
-    from onnxmpq.export import summarize
-    from onnxmpq.quantize import build
+    from onnxmpq.report.summary import summarize
     from onnxmpq.sensitivity import parse_candidates
+    from onnxmpq.write.build import build
 
     settings, model = replace(chosen.settings, max_drop=None), ctx.model
     candidates = parse_candidates(settings.weight_bits, settings.act_bits)

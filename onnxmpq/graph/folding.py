@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxmpq.index import GraphIndex
+from onnxmpq.graph.index import GraphIndex
 
 
 def fold_batchnorm(graph: onnx.GraphProto) -> int:

@@ -9,13 +9,13 @@ from onnxmpq.types import SensitivityTable
 
 
 def _save(fig, path) -> None:
-    """PNG into a file object, or atomically into a file (export.write_bytes: no fixed temporary name)."""
+    """PNG into a file object, or atomically into a file (write.save.write_bytes: no fixed temporary name)."""
     if hasattr(path, "write"):
         fig.savefig(path, dpi=110, format="png")
         return
     import io
 
-    from onnxmpq.export import write_bytes
+    from onnxmpq.write.save import write_bytes
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
     write_bytes(buffer.getvalue(), path)
