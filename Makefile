@@ -5,7 +5,7 @@ ONNXMPQ  := $(VENV)/bin/onnxmpq
 OUT      ?= build
 STAMP    := $(VENV)/.installed
 
-.PHONY: setup quickstart lint typecheck test-fast test test-all bench models clean
+.PHONY: setup quickstart lint typecheck test-fast test test-all bench models clean readme
 
 setup: $(STAMP)
 
@@ -56,3 +56,9 @@ models:
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# the README's quantize option tables, regenerated from the configuration (tests/test_cli_options.py checks them)
+readme: setup
+	$(PY) -c "from pathlib import Path; from onnxmpq.cli.options import splice_readme; \
+	from onnxmpq.cli.quantize import QUANTIZE_SECTIONS; p = Path('README.md'); \
+	p.write_text(splice_readme(p.read_text(), QUANTIZE_SECTIONS))"

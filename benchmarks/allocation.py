@@ -32,8 +32,11 @@ def _quantize(model, out, calib, cache, **kw) -> tuple[object, float]:
 
 
 def _settings(metric, method, cache, **extra):
-    from onnxmpq import plan
-    return plan.Settings(metric=metric, method=method, cache_dir=str(cache), **extra)
+    from onnxmpq.allocate import SOLVERS
+    from onnxmpq.pipeline.config import SearchConfig
+
+    own = SOLVERS.get(method).metric  # a method with its own metric takes no other
+    return SearchConfig(metric=None if own else metric, method=method, cache_dir=str(cache), **extra)
 
 
 def _partial(parts: list[str]) -> None:
@@ -61,8 +64,8 @@ def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), 
         for metric, method in runs:
             settings = _settings(metric, method, cache, **({"trials": 30} if method == "threshold" else {}))
             report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget(f"avg-bits={bits}")],
-                                     allocation=settings, rounding="nearest")
-            rows.append([name, f"{method} avg {bits}", settings.effective_metric, "nearest",
+                                     search=settings, rounding="nearest")
+            rows.append([name, f"{method} avg {bits}", report.allocation["metric"], "nearest",
                          round(report.avg_weight_bits, 3), round(score(tmp / "m.onnx"), 4), report.weight_bytes,
                          f"{report.bitops:.3g}", f"{secs:.1f}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
@@ -71,7 +74,7 @@ def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), 
         if "eagl" in methods and bits == 3:
             settings = _settings("weight-entropy", "eagl", cache, weight_bits=(2, 4))
             report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget("avg-bits=3")],
-                                     allocation=settings, rounding="nearest")
+                                     search=settings, rounding="nearest")
             rows.append([name, "eagl {2,4} avg 3", "weight-entropy", "nearest", round(report.avg_weight_bits, 3),
                          round(score(tmp / "m.onnx"), 4), report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
     for wb in gptq_uniform:
@@ -81,7 +84,7 @@ def cifar_rows(ctx, name: str, metrics, methods, tmp: Path, gptq_bits=(2.5, 3), 
     for bits in gptq_bits:
         settings = _settings("kl", "ilp", cache)
         report, secs = _quantize(model, tmp / "m.onnx", calib, cache, budgets=[parse_budget(f"avg-bits={bits}")],
-                                 allocation=settings, rounding="gptq")
+                                 search=settings, rounding="gptq")
         rows.append([name, f"ilp avg {bits}", "kl (gptq probes)", "gptq", round(report.avg_weight_bits, 3),
                      round(score(tmp / "m.onnx"), 4), report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
     return rows, base
@@ -103,8 +106,9 @@ def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
         rows.append([f"uniform W{wb}A{ab}", "-", "auto", wb, round(100 * s["cer"], 2), round(100 * s["exact"], 1),
                      report.weight_bytes, f"{report.bitops:.3g}", f"{secs:.1f}"])
     for metric in ("sqnr",):
-        settings = _settings(metric, "ilp", cache, weight_bits=(4, 5, 6, 8), act_bits=(8, 16), limit=16)
-        report, secs = _quantize(model, tmp / "m.onnx", calib, cache, rounding="auto", allocation=settings,
+        settings = _settings(metric, "ilp", cache, weight_bits=(4, 5, 6, 8))
+        report, secs = _quantize(model, tmp / "m.onnx", calib, cache, rounding="auto", search=settings,
+                                 act_bits=(8, 16), limit=16,
                                  budgets=[parse_budget("avg-bits=5"), parse_budget("bitops=1.5x")])
         s = ocr.score(tmp / "m.onnx", ox, texts)
         a16 = sum(1 for l in report.layers if l.act_bits == 16)
@@ -138,11 +142,12 @@ def ilp_timing() -> list[list]:
 
 
 def pareto(tmp: Path) -> str:
-    from onnxmpq import api, plan
+    from onnxmpq.pipeline import api, config
 
     out = tmp / "sweep.onnx"
-    frontier = api.sweep(common.MODELS["resnet20"], out, common.CALIB, "avg-bits=2:8:0.5",
-                         plan.Settings(cache_dir=str(CACHE / "cache_resnet20")), rounding="nearest")
+    frontier = api.run(config.build(str(common.MODELS["resnet20"]), {
+        "output.path": str(out), "data.calib": str(common.CALIB), "sweep.spec": "avg-bits=2:8:0.5",
+        "search.cache_dir": str(CACHE / "cache_resnet20"), "precision.rounding": "nearest"}))
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / "pareto_resnet20.png"
     target.write_bytes(Path(frontier["plot"]).read_bytes())

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from onnxmpq import calibrate, graph, runtime
+from onnxmpq import calibrate
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -23,8 +23,8 @@ import onnxruntime as ort
 
 import onnxmpq
 from benchmarks import cnn, common
-from onnxmpq import runtime
 from onnxmpq.allocate import parse_budget
+from onnxmpq.graph import runtime
 from onnxmpq.types import QuantOptions, Scope
 
 THREADS, BATCHES = 2, (1, 8)
@@ -33,7 +33,7 @@ BLOCK_MS = 150.0   # K = runs per block, chosen so K runs of onnxruntime W8A8 ta
 TARGET = 1.05      # issue 11: onnxmpq W8A8 and W4A8 at most this times onnxruntime's W8A8, and below float
 FLOAT, ORT = "float", "onnxruntime W8A8"
 W8, W4, MIXED, LAYERS = "onnxmpq W8A8", "onnxmpq W4A8", "onnxmpq mixed (avg-bits=5)", "onnxmpq W8A8 scope=layers (before)"
-MIXED_ALLOCATION = {"weight_bits": (2, 3, 4, 5, 6, 7, 8), "act_bits": (8,), "metric": "sqnr"}
+MIXED_SEARCH = {"weight_bits": (2, 3, 4, 5, 6, 7, 8), "metric": "sqnr"}
 INTEGER_PREFIXES = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "MatMulNBits", "DynamicQuantize", "QAttention")
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -61,7 +61,7 @@ def build_variants(subject: Subject, tmp: Path) -> tuple[dict[str, Path], dict[s
     x = np.load(subject.calib)["input"]
     common.ort_quantize_static(subject.model, paths[ORT], "input", x)
     configs = {W8: dict(weight_bits=8, act_bits=8), W4: dict(weight_bits=4, act_bits=8),
-               MIXED: dict(budgets=[parse_budget("avg-bits=5")], allocation=MIXED_ALLOCATION, limit=64),
+               MIXED: dict(budgets=[parse_budget("avg-bits=5")], search=MIXED_SEARCH, limit=64),
                LAYERS: dict(weight_bits=8, act_bits=8, options=QuantOptions(scope=Scope.LAYERS))}
     notes = {}
     for i, (label, kwargs) in enumerate(configs.items()):
@@ -186,7 +186,7 @@ def run(ctx: common.Context) -> str:
              "in the default full-integer QDQ form; and onnxmpq W8A8 with `scope=layers`, the older form. "
              "All onnxmpq models with nearest rounding. Census: Conv/MatMul/Gemm ops that run on float kernels "
              "/ on integer kernels in the graph onnxruntime 1.32's CPU provider builds at load "
-             f"(`onnxmpq.runtime.census`). Latency: ms per batch, {THREADS} intra-op threads, 1 inter-op "
+             f"(`onnxmpq.graph.runtime.census`). Latency: ms per batch, {THREADS} intra-op threads, 1 inter-op "
              "thread, spinning off, random normal inputs; all variants of a model timed interleaved in one "
              "process, rounds of K runs of each (order rotated per round); ms = median over rounds, ratios = "
              "median of the per-round ratios.\n",

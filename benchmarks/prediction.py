@@ -1,7 +1,7 @@
 """Issue 11, latency-ms budgets on integer graphs: how close the report's predicted latency comes to the
 one verification measures, on the bundled ResNets.
 
-For each model and candidate set: `onnxmpq.latency.profile` (what `profile-latency` runs) measures the
+For each model and candidate set: `onnxmpq.allocate.latency.profile` (what `profile-latency` runs) measures the
 table, `onnxmpq.quantize` chooses under a latency-ms budget (with avg-bits for the weight-width sets)
 and verifies the written model (its latency timed in alternation with float, batch 1, 2 threads). The
 table predicts T = T_ref + sum d[u, c_u]; "now" rescales it by float_ms(verification) / float_ms(table)
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import onnxmpq
 from benchmarks import common
-from onnxmpq import api, latency, plan
-from onnxmpq.allocate import parse_budget
-from onnxmpq.context import RunContext
+from onnxmpq.allocate import latency, parse_budget
+from onnxmpq.pipeline import api
+from onnxmpq.pipeline.config import SearchConfig
+from onnxmpq.pipeline.context import RunContext
 from onnxmpq.sensitivity import parse_candidates
 from onnxmpq.types import QuantOptions
 
@@ -41,8 +42,8 @@ def rows(tmp: Path) -> list[list]:
             table.save(tmp / "lat.json")
             low = table.reference_ms + sum(min(row.values()) for row in table.layers.values())
             budget = low + where * (table.reference_ms - low)
-            settings = plan.Settings(metric="sqnr", weight_bits=weights, act_bits=acts, latency=str(tmp / "lat.json"))
-            report = onnxmpq.quantize(model, tmp / "q.onnx", common.CALIB, rounding="nearest", allocation=settings,
+            settings = SearchConfig(metric="sqnr", weight_bits=weights, latency=str(tmp / "lat.json"))
+            report = onnxmpq.quantize(model, tmp / "q.onnx", common.CALIB, rounding="nearest", search=settings, act_bits=acts,
                                       budgets=[parse_budget(b) for b in extra] + [parse_budget(f"latency-ms={budget}")])
             v = report.verification
             out.append([name, label, f"{budget:.3f}", f"{v['predicted_latency_ms']:.3f}",

@@ -22,7 +22,7 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 import onnxmpq
 start = time.perf_counter()
-onnxmpq.api.sensitivity({model!r}, {calib!r}, metrics=["sqnr"], weight_bits=(2, 4, 8), limit={limit},
+onnxmpq.pipeline.api.sensitivity({model!r}, {calib!r}, metrics=["sqnr"], weight_bits=(2, 4, 8), limit={limit},
                         naive={naive}, cache_dir={cache!r}, rounding="nearest")
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({{"time_s": time.perf_counter() - start, "peak_mb": hwm / 1024}}))
@@ -68,7 +68,7 @@ def true_damage(model, layers, bits: int, score, tmp: Path) -> np.ndarray:
 
 def correlation_rows(name: str, model, calib, score, tmp: Path, limit: int) -> list[list]:
     m = onnxmpq.load(model)
-    tables = {t.metric: t for t in onnxmpq.api.sensitivity(m, calib, metrics=METRICS, weight_bits=(2, 4), limit=limit,
+    tables = {t.metric: t for t in onnxmpq.pipeline.api.sensitivity(m, calib, metrics=METRICS, weight_bits=(2, 4), limit=limit,
                                                            rounding="nearest")}
     rows = []
     for bits in (2, 4):

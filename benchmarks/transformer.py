@@ -24,8 +24,8 @@ from onnxruntime.quantization import CalibrationDataReader
 
 import onnxmpq
 from benchmarks import common, minilm
-from onnxmpq import runtime
 from onnxmpq.allocate import parse_budget
+from onnxmpq.graph import runtime
 
 CALIB_LEN, EVAL_BATCH = 64, 32
 LAT_BATCH, LAT_LEN, LAT_ROUNDS, THREADS = 8, 64, 20, 2
@@ -115,9 +115,9 @@ def _quantizers(model: Path, tmp: Path) -> list[tuple[str, Path, dict]]:
     units = [u.name for u in onnxmpq.load(model).points(onnxmpq.QuantOptions()).units]
     gathers = {u: onnxmpq.Candidate(8, 8) for u in units if u.endswith("/Gather")}
     mask_float = {u: onnxmpq.Candidate(None, None) for u in units if u.endswith(("/self/Add", "/self/Softmax"))}
-    mixed = {"budgets": [parse_budget("bitops=1.25x")],
-             "allocation": {"weight_bits": (8,), "act_bits": (8, 16), "metric": "sqnr", "limit": 64}}
-    integer = {**mixed, "allocation": {**mixed["allocation"], "profile": "cpu-ort-integer"}}
+    mixed = {"budgets": [parse_budget("bitops=1.25x")], "act_bits": (8, 16), "limit": 64,
+             "search": {"weight_bits": (8,), "metric": "sqnr"}}
+    integer = {**mixed, "search": {**mixed["search"], "profile": "cpu-ort-integer"}}
     return [("onnxmpq W8A8", tmp / "w8a8.onnx", dict(weight_bits=8, act_bits=8, rounding="nearest")),
             ("onnxmpq W8A8 GPTQ", tmp / "w8a8_gptq.onnx", dict(weight_bits=8, act_bits=8, rounding="gptq")),
             (MIXED, tmp / "mixed_int.onnx", integer),
@@ -224,7 +224,7 @@ def _markdown(rows, results, n_eval, n_calib, matmuls) -> str:
         "per-round ratio. Units at A16: the units the allocator put at 16-bit activations, by op type.\n",
         common.table(header, rows), "",
         "Targets (the issue's):\n", *_targets(results, matmuls), "",
-        "Ops onnxruntime runs after load, per row (`onnxmpq.runtime.census`; MatMulNBits, which the census "
+        "Ops onnxruntime runs after load, per row (`onnxmpq.graph.runtime.census`; MatMulNBits, which the census "
         "counts as integer, is onnxruntime's fusion of DequantizeLinear(8-bit weight) + MatMul with a float "
         "input: at accuracy_level 4 it re-quantizes that input to int8 per block of 32 itself):\n",
         *_census_lines(results), "",

@@ -7,6 +7,8 @@ ending with a hint of what to do) and exits 1, or with `exit_code` when a rule o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class OnnxmpqError(Exception):
     """A user error: the message says what is wrong; `hint` says what to do about it."""
@@ -22,10 +24,37 @@ class OnnxmpqError(Exception):
         return f"{self.message} Hint: {self.hint}" if self.hint else self.message
 
 
+class ConfigError(OnnxmpqError):
+    """A setting with a bad value. `field` is its dotted config path ("search.max_drop"); the message
+    names it the way the front end in use does (`option`)."""
+
+    def __init__(self, field: str, problem: str, hint: str | None = None):
+        super().__init__(f"{option(field)} {problem}.", f"{hint}." if hint else None)
+        self.field = field
+
+
 class ConstraintError(OnnxmpqError):
     """A rule or budget cannot be met (exit code 2)."""
 
     exit_code = 2
+
+
+def _field_path(path: str) -> str:
+    return path
+
+
+_NAMER: list[Callable[[str], str]] = [_field_path]
+
+
+def option(path: str) -> str:
+    """How the front end in use names the setting at dotted config path `path`: its flag under the CLI
+    (`--max-drop`), the path itself for YAML configs and the Python API (`search.max_drop`)."""
+    return _NAMER[-1](path)
+
+
+def name_options(namer: Callable[[str], str]) -> None:
+    """Installs the front end's naming of settings (the CLI calls it once, at start)."""
+    _NAMER.append(namer)
 
 
 class InternalError(Exception):

@@ -130,7 +130,7 @@ class TensorStats:
 
 
 class Scope(StrEnum):
-    """Which tensors carry Q/DQ (`onnxmpq.points`): every tensor an integer kernel reads or writes
+    """Which tensors carry Q/DQ (`onnxmpq.graph.points`): every tensor an integer kernel reads or writes
     (graph), or only the weighted layers' weights and activation inputs (layers, the older form)."""
 
     GRAPH = "graph"
@@ -146,7 +146,7 @@ class QuantOptions:
     percentile: float = 99.99
     int2_container: str = "int2"
     bias: str = "auto"             # float | int32 | auto (int32 where the input is quantized, weights <= 8 bits)
-    weight_layout: str = "auto"    # native | int8-cast | auto (see quantize.cast_to_int8)
+    weight_layout: str = "auto"    # native | int8-cast | auto (see write.build.cast_to_int8)
     scope: Scope = Scope.GRAPH
     integer_ops: frozenset[str] = frozenset()  # op types the target runs on integers beyond onnxruntime's
     tie_ops: frozenset[str] = frozenset()      # op types whose inputs and output share one scale (a profile's tie)

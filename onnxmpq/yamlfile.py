@@ -38,3 +38,14 @@ def parse(text: str, source: str, hint: str) -> tuple[Any, yaml.Node | None]:
     except RecursionError:
         raise OnnxmpqError(f"{source} nests too deeply to be a profile or config.", hint) from None
     return data, node
+
+
+def key_lines(node: yaml.Node | None, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Line (1-based) of every mapping key in a composed YAML node tree, by key path."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = path + (str(key.value),)
+            lines[sub] = key.start_mark.line + 1
+            lines.update(key_lines(value, sub))
+    return lines

@@ -240,7 +240,7 @@ class ArraySource:
 
 def cli(*args) -> tuple[int, str, str]:
     """Runs `onnxmpq ARGS` in-process: (exit code, stdout, stderr)."""
-    from onnxmpq.cli import main
+    from onnxmpq.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

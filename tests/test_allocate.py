@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from onnxmpq.allocate import Budget, Problem, check_feasible, parse_budget, solve
 from onnxmpq.errors import ConstraintError, OnnxmpqError
-from onnxmpq.pipeline import api
+from onnxmpq.pipeline import api, stages
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
 from onnxmpq.write.formats import weight_format
 
@@ -495,7 +495,7 @@ def test_allocation_problem_absolute_bitops(resnet):
 def quantized(tmp_path_factory):
     out = tmp_path_factory.mktemp("alloc") / "r20_avg4.onnx"
     report = api.quantize(RESNET, out, CALIB, budgets=[parse_budget("avg-bits=4")],
-                          allocation={"metric": "weight-entropy"}, limit=32, rounding="nearest")
+                          search={"metric": "weight-entropy"}, limit=32, rounding="nearest")
     return out, report
 
 
@@ -534,8 +534,8 @@ def test_quantize_limit_reaches_the_sensitivity_measurement(monkeypatch, tmp_pat
         seen.update(metrics=metrics, samples=len(ctx.calibration))
         return [fake_table(resnet, cands)]
 
-    monkeypatch.setattr(api, "measure", spy)
+    monkeypatch.setattr(stages, "measure", spy)
     api.quantize(RESNET, tmp_path / "out.onnx", CALIB, budgets=[parse_budget("avg-bits=6")],
-                 allocation={"metric": "kl"}, limit=32, rounding="nearest")
+                 search={"metric": "kl"}, limit=32, rounding="nearest")
     assert seen["metrics"] == ["kl"]
     assert seen["samples"] <= 32, seen["samples"]

@@ -13,7 +13,8 @@ from conftest import arr, model, node, vi
 import onnxmpq.calibrate
 from onnxmpq.allocate import parse_budget
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.pipeline import api, context, plan
+from onnxmpq.pipeline import api, context, stages
+from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import HELD_OUT, RunContext, Samples, split_sizes
 from onnxmpq.types import Batch, Candidate, QuantOptions
 
@@ -89,8 +90,8 @@ def test_statistics_are_collected_once_and_memoised(dynamic, monkeypatch):
 
 def test_gptq_fits_on_the_calibration_split_and_is_verified_on_the_rest(dynamic, monkeypatch):
     seen = []
-    real = api.sequential.round_model
-    monkeypatch.setattr(api.sequential, "round_model",
+    real = stages.sequential.round_model
+    monkeypatch.setattr(stages.sequential, "round_model",
                         lambda m, a, source, *rest, **kw: seen.append(len(source)) or real(m, a, source, *rest, **kw))
     report = api.quantize(dynamic / "dyn.onnx", dynamic / "g.onnx", dynamic / "calib.npz", weight_bits=4,
                           rounding="gptq")
@@ -112,9 +113,9 @@ def test_one_quantize_reads_the_data_once_and_runs_the_float_reference_once(dyna
     monkeypatch.setattr(onnxmpq.calibrate, "open_source", counting("read", onnxmpq.calibrate.open_source))
     monkeypatch.setattr(onnxmpq.calibrate, "collect", counting("collect", onnxmpq.calibrate.collect))
     monkeypatch.setattr(context, "Judge", counting("reference", context.Judge))
-    settings = plan.Settings(metric="sqnr", weight_bits=(4, 8), max_drop=0.5)
+    settings = SearchConfig(metric="sqnr", weight_bits=(4, 8), max_drop=0.5)
     report = api.quantize(dynamic / "dyn.onnx", tmp_path / "q.onnx", dynamic / "calib.npz",
-                          budgets=[parse_budget("avg-bits=6")], allocation=settings, rounding="gptq",
+                          budgets=[parse_budget("avg-bits=6")], search=settings, rounding="gptq",
                           report_dir=tmp_path / "report")
     assert (tmp_path / "report" / "report.html").exists() and report.verification["held_out"]
     assert counts == {"read": 1, "collect": 1, "reference": 1}
@@ -128,9 +129,9 @@ def test_budgets_hold_on_the_written_model_when_input_dims_are_dynamic(dynamic, 
                       verify=False)
     value = {"bitops": 0.6 * w8.bitops, "weight-bytes": 0.6 * w8.weight_bytes, "avg-bits": 5.0,
              "latency-ms": 1000.0}[kind]
-    settings = plan.Settings(metric="sqnr", weight_bits=(2, 4, 8))
+    settings = SearchConfig(metric="sqnr", weight_bits=(2, 4, 8))
     report = api.quantize(dynamic / "dyn.onnx", tmp_path / "q.onnx", dynamic / "calib.npz", rounding="nearest",
-                          budgets=[parse_budget(f"{kind}={value!r}")], allocation=settings, verify=False)
+                          budgets=[parse_budget(f"{kind}={value!r}")], search=settings, verify=False)
     written = {"bitops": report.bitops, "weight-bytes": report.weight_bytes, "avg-bits": report.avg_weight_bits,
                "latency-ms": report.allocation["costs"].get("latency-ms")}[kind]
     assert written <= value * (1 + 1e-9), (kind, written, value)
@@ -156,5 +157,5 @@ def test_batch_size_reaches_statistics_probes_and_verification(dynamic, monkeypa
 
     monkeypatch.setattr(runtime, "run", spy)
     api.quantize(dynamic / "dyn.onnx", tmp_path / "q.onnx", dynamic / "calib.npz", rounding="nearest", batch_size=3,
-                 budgets=[parse_budget("avg-bits=6")], allocation=plan.Settings(metric="sqnr", weight_bits=(4, 8)))
+                 budgets=[parse_budget("avg-bits=6")], search=SearchConfig(metric="sqnr", weight_bits=(4, 8)))
     assert sizes and max(sizes) == 3, sorted(set(sizes))

@@ -21,6 +21,7 @@ from onnxmpq.allocate.latency import LatencyTable, kernel_class, profile
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import model as graph
 from onnxmpq.pipeline import api
+from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import RunContext
 from onnxmpq.types import Candidate, QuantOptions
 
@@ -259,11 +260,10 @@ def tiny_files(tmp_path_factory):
 
 
 def quantize_tiny(folder, name, keep=None):
-    from onnxmpq.pipeline import plan
 
-    settings = plan.Settings(metric="weight-entropy", weight_bits=(4, 8), keep=keep or {})
+    settings = SearchConfig(metric="weight-entropy", weight_bits=(4, 8), keep=keep or {})
     return api.quantize(folder / "cnn.onnx", folder / f"{name}.onnx", folder / "calib.npz",
-                        budgets=[parse_budget("latency-ms=1000")], allocation=settings, rounding="nearest", limit=32)
+                        budgets=[parse_budget("latency-ms=1000")], search=settings, rounding="nearest", limit=32)
 
 
 def test_measured_latency_budget(tiny_files):

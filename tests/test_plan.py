@@ -25,6 +25,7 @@ from onnxmpq.graph import model as graph
 from onnxmpq.hardware import compliance as hardware
 from onnxmpq.hardware import profiles
 from onnxmpq.pipeline import api
+from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.sensitivity import parse_candidates
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
 
@@ -265,7 +266,7 @@ def test_drop_search_takes_the_smallest_point_within_the_drop(method):
     from onnxmpq.pipeline import plan
 
     problem = drop_problem()
-    alloc, search = plan._drop_search(problem, plan.Settings(method=method, max_drop=0.03))
+    alloc, search = plan._drop_search(problem, SearchConfig(method=method, max_drop=0.03))
     assert alloc.details["drop"] <= 0.03 and alloc.details["measured"] == len(search)
     within = [p for p in search if p["drop"] <= 0.03]
     assert alloc.costs["avg-bits"] == pytest.approx(min(p["avg-bits"] for p in within))
@@ -281,7 +282,7 @@ def test_drop_search_most_precise_over_the_limit_exit_2():
 
     problem = Problem(**{**drop_problem().__dict__, "fidelity": lambda index: 0.5})
     with pytest.raises(ConstraintError) as info:
-        plan._drop_search(problem, plan.Settings(method="greedy", max_drop=0.1))
+        plan._drop_search(problem, SearchConfig(method="greedy", max_drop=0.1))
     assert info.value.exit_code == 2 and "most precise" in str(info.value)
 
 
@@ -289,7 +290,7 @@ def test_greedy_drop_search_with_a_rule_limited_layer():
     from onnxmpq.pipeline import plan
 
     problem = drop_problem(allowed=[[True] * 3, [True] * 3, [True] * 3, [False, True, True]])
-    alloc, _ = plan._drop_search(problem, plan.Settings(method="greedy", max_drop=0.5))
+    alloc, _ = plan._drop_search(problem, SearchConfig(method="greedy", max_drop=0.5))
     assert alloc.choice == {"l0": "w2a8", "l1": "w2a8", "l2": "w2a8", "l3": "w4a8"}
 
 
@@ -300,7 +301,7 @@ def test_ilp_drop_search_with_a_rule_limited_layer(method):
     from onnxmpq.pipeline import plan
 
     problem = drop_problem(allowed=[[True] * 3, [True] * 3, [True] * 3, [False, True, True]])
-    alloc, _ = plan._drop_search(problem, plan.Settings(method=method, max_drop=0.5))
+    alloc, _ = plan._drop_search(problem, SearchConfig(method=method, max_drop=0.5))
     assert alloc.costs["avg-bits"] == pytest.approx(2.5)
 
 

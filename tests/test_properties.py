@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 from onnxmpq.graph import model as graph
 from onnxmpq.graph import qdq
 from onnxmpq.pipeline import api

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -116,8 +117,37 @@ class Allocation:
     details: Mapping[str, object] = field(default_factory=dict)  # method-specific (threshold: tau, window)
 
 
-Solver = Callable[[Problem, float], Allocation]
-SOLVERS: Registry[Solver] = Registry("allocation method")
+Solver = Callable[..., Allocation]   # (problem, time_limit, **settings) -> Allocation
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """An allocation method and what it needs from the pipeline, so that no code outside it names it.
+
+    metric: the sensitivity metric it values layers by (None: the configured metric).
+    judge: it measures fidelity itself, so the problem needs a fidelity judge (`Problem.fidelity`).
+    drop: how a drop limit (`max_drop`) is met: "grid" solves at average weight widths from the widest
+      down and binary-searches the measured drop; "ladder" binary-searches along `ladder(problem)`, the
+      method's own list of ever smaller points; "self" hands `max_drop`, `trials` and `seed` to the solver.
+    """
+
+    solve: Solver
+    summary: str
+    metric: str | None = None
+    judge: bool = False
+    drop: str = "grid"
+    ladder: Callable[[Problem], list[list[int]]] | None = None
+
+
+SOLVERS: Registry[SolverSpec] = Registry("allocation method")
+
+
+def solver(name: str, summary: str, **needs: Any) -> Callable[[Solver], Solver]:
+    """Registers a solve function under `name` with its `SolverSpec` fields (`needs`)."""
+    def register(fn: Solver) -> Solver:
+        SOLVERS.register(name)(SolverSpec(fn, summary, **needs))
+        return fn
+    return register
 
 
 def admissible(problem: Problem) -> np.ndarray:
@@ -178,8 +208,8 @@ def tied_ok(problem: Problem, index: Sequence[int]) -> bool:
 def solve(problem: Problem, method: str = "ilp", time_limit: float = 10.0, **settings: float | None) -> Allocation:
     """Runs the solver `method`; `settings` go to solvers that take them (threshold: max_drop, trials)."""
     check_feasible(problem)
-    solver = SOLVERS.get(method)
-    return solver(problem, time_limit, **settings) if settings else solver(problem, time_limit)
+    spec = SOLVERS.get(method)
+    return spec.solve(problem, time_limit, **settings) if settings else spec.solve(problem, time_limit)
 
 
 def result(problem: Problem, index: Sequence[int], solver: str, status: str) -> Allocation:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result
+from onnxmpq.allocate import Allocation, Problem, admissible, result, solver
 from onnxmpq.allocate.ilp import solve_mip
 from onnxmpq.errors import ConstraintError
 
@@ -40,7 +40,7 @@ def _levels(problem: Problem) -> list[tuple[int, int]] | None:
     return levels
 
 
-@SOLVERS.register("eagl")
+@solver("eagl", "weight entropy as value, a knapsack over the candidate widths (EAGL 2023)", metric="weight-entropy")
 def solve_eagl(problem: Problem, time_limit: float = 10.0) -> Allocation:
     from ortools.algorithms.python import knapsack_solver
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result, tied_ok, totals
+from onnxmpq.allocate import Allocation, Problem, admissible, result, solver, tied_ok, totals
 from onnxmpq.errors import ConstraintError
 
 
@@ -73,7 +73,8 @@ def ladder(problem: Problem) -> list[list[int]]:
     return points
 
 
-@SOLVERS.register("greedy")
+@solver("greedy", "lower precision step by step, least sensitivity per cost saved first (AIMET AMP)",
+        drop="ladder", ladder=ladder)
 def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
     allowed = admissible(problem)
     points = ladder(problem)

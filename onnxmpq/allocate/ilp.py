@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, result
+from onnxmpq.allocate import Allocation, Problem, result, solver
 from onnxmpq.errors import ConstraintError
 
 SCORE_SCALE = 10 ** 9
@@ -37,7 +37,7 @@ COST_SCALE = 10 ** 9
 Var = Any
 
 
-@SOLVERS.register("ilp")
+@solver("ilp", "integer program, OR-Tools MIP (SCIP): least summed sensitivity under every budget and rule")
 def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
     """The same program with OR-Tools' MIP solver (SCIP): float scores and costs, no scaling; it proves
     optimality on 500 layers x 6 candidates x 2 budgets in about a second, where CP-SAT needs ~14 s."""
@@ -121,7 +121,7 @@ def add_rules(problem: Problem, x: Sequence[Sequence[Var]], add: Callable[[Var],
         add(total(list(y.values())) <= problem.max_distinct)
 
 
-@SOLVERS.register("ilp-cpsat")
+@solver("ilp-cpsat", "the same integer program with OR-Tools CP-SAT")
 def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
     from ortools.sat.python import cp_model
 

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from onnx import TensorProto
 
+from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import runtime
 from onnxmpq.types import Candidate, QuantOptions
 from onnxmpq.write.build import build, layer_formats, weight_cast
+from onnxmpq.write.save import write_json
 
 if TYPE_CHECKING:
     import onnx
@@ -76,13 +78,10 @@ class LatencyTable:
             raise OnnxmpqError(f"not a latency table ({exc}).", "write one with `onnxmpq profile-latency`.") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from onnxmpq.write.save import write_json
         write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
-        from onnxmpq import paths
-
         hint = "write one with `onnxmpq profile-latency`."
         try:
             return cls.from_dict(json.loads(paths.read_regular(path, "latency table", hint)))

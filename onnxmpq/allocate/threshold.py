@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnxmpq.allocate import SOLVERS, Allocation, Problem, admissible, result, tied_ok, totals
+from onnxmpq.allocate import Allocation, Problem, admissible, result, solver, tied_ok, totals
 from onnxmpq.errors import ConstraintError
 
 TRIALS = 40
@@ -68,7 +68,8 @@ def _within(problem: Problem, index: Sequence[int]) -> bool:
     return tied_ok(problem, index) and all(v <= problem.limits[k] * (1 + 1e-9) for k, v in totals(problem, index).items())
 
 
-@SOLVERS.register("threshold")
+@solver("threshold", "smoothed output entropy against an Optuna-tuned threshold (Qin et al. 2025)",
+        metric="output-entropy", judge=True, drop="self")
 def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float | None = None,
                     trials: int = TRIALS, seed: int = 0) -> Allocation:
     import optuna

@@ -27,15 +27,15 @@ from onnx import TensorProto, numpy_helper, shape_inference, version_converter
 
 from onnxmpq import paths
 from onnxmpq.errors import OnnxmpqError
-from onnxmpq.graph import integrity
+from onnxmpq.graph import integrity, points
 from onnxmpq.graph.folding import fold_all
 from onnxmpq.graph.index import GraphIndex
+from onnxmpq.graph.points import Points
 from onnxmpq.ops import OP_HANDLERS, NodeView
-from onnxmpq.types import InputSpec, LayerSpec
+from onnxmpq.types import InputSpec, LayerSpec, QuantOptions
 
 if TYPE_CHECKING:
-    from onnxmpq.graph.points import Points
-    from onnxmpq.types import QuantOptions, Scope
+    from onnxmpq.types import Scope
 
 MIN_OPSET = 13
 _PROTO_LIMIT = 2**31 - 1
@@ -65,11 +65,8 @@ class Model:
         default_factory=dict, compare=False, repr=False)  # points per rule set
 
     def points(self, options: QuantOptions | None = None) -> Points:
-        """The quantization points of the model (`onnxmpq.points`) under the writer options' scope,
+        """The quantization points of the model (`onnxmpq.graph.points`) under the writer options' scope,
         integer ops and tied ops (`QuantOptions`), found once per rule set."""
-        from onnxmpq.graph import points
-        from onnxmpq.types import QuantOptions
-
         options = options or QuantOptions()
         key = (options.scope, options.integer_ops, options.tie_ops)
         if key not in self.memo:
@@ -354,7 +351,7 @@ _FOLDABLE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast",
 
 
 def _widens_codes(node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) -> bool:
-    """A Cast of packed INT4/INT2 codes is a storage layout (see `quantize`), kept so readers see the width."""
+    """A Cast of packed INT4/INT2 codes is a storage layout (see `write.build`), kept so readers see the width."""
     sub_byte = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2}
     return node.op_type == "Cast" and consts[node.input[0]].data_type in sub_byte
 

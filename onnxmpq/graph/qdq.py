@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxmpq import progress
 from onnxmpq.graph.index import GraphIndex
 from onnxmpq.ops import OP_HANDLERS, NodeView
 
@@ -138,7 +139,6 @@ def _metadata_bits(proto: onnx.ModelProto) -> dict[str, tuple[int | None, int | 
                     raise ValueError("not a {layer: [weight bits, act bits]} mapping")
                 return {str(k): (v[0], v[1]) for k, v in data.items()}
             except (ValueError, TypeError, RecursionError) as exc:
-                from onnxmpq import progress
                 progress.log(f"warning: ignoring the model's {METADATA_KEY} metadata ({exc}); widths are read "
                              "from the tensor types")
                 return {}

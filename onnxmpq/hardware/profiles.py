@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, overload
 
-from onnxmpq import paths
+from onnxmpq import paths, yamlfile
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import Candidate
 
@@ -169,24 +169,10 @@ def load(spec: str | os.PathLike | Profile | None) -> Profile:
 
 def parse(text: str, source: str = "<profile>") -> Profile:
     """Validates and builds a Profile from YAML text; every error names the key and its line."""
-    from onnxmpq import yamlfile
 
     data, node = yamlfile.parse(text, f"profile {source}",
                                 "fix the YAML syntax (see `onnxmpq profiles npu-w4a8` for an example).")
-    return _Validator(source, _key_lines(node)).profile(data)
-
-
-def _key_lines(node, path: tuple = ()) -> dict[tuple, int]:
-    """Line (1-based) of every mapping key in a composed YAML node tree, by key path."""
-    import yaml
-
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = path + (str(key.value),)
-            lines[sub] = key.start_mark.line + 1
-            lines.update(_key_lines(value, sub))
-    return lines
+    return _Validator(source, yamlfile.key_lines(node)).profile(data)
 
 
 class _Validator:

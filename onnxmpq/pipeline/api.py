@@ -6,6 +6,9 @@ Example:
     ...                           calib="calibration/cifar10_train256.npz", weight_bits=4, act_bits=8)
     >>> report.weight_bytes < report.float_weight_bytes
     True
+
+`run(QuantizeConfig)` is the one entry point of a quantize run; `quantize(...)` is its keyword form,
+and the CLI and `onnxmpq run CONFIG.yaml` build the same config (`onnxmpq.pipeline.config`).
 """
 
 from __future__ import annotations
@@ -16,47 +19,39 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from onnxmpq import calibrate, paths, progress
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.allocate import SOLVERS, Budget
+from onnxmpq.allocate.problem import build_problem
+from onnxmpq.errors import InternalError, OnnxmpqError, option
 from onnxmpq.graph import model as graph
-from onnxmpq.graph import qdq, runtime
+from onnxmpq.graph import qdq
 from onnxmpq.graph.model import Model
+from onnxmpq.hardware import profiles
+from onnxmpq.pipeline import config, plan, sweep
+from onnxmpq.pipeline.config import DataConfig, OutputConfig, PrecisionConfig, SearchConfig
 from onnxmpq.pipeline.context import RunContext
+from onnxmpq.pipeline.stages import (
+    assign,
+    load,
+    materialize,
+    measure,
+    model_files,
+    table_source,
+    verification,
+    with_profile_rules,
+)
+from onnxmpq.report import html as pages
+from onnxmpq.report.html import FILES
 from onnxmpq.report.summary import FLOAT_BITS, Report, file_breakdown, storage_notes, summarize
-from onnxmpq.rounding import sequential
+from onnxmpq.sensitivity import METRICS
 from onnxmpq.types import Candidate, QuantOptions, Rounding
 from onnxmpq.verify.evaluate import Evaluation
 from onnxmpq.verify.evaluate import evaluate as _evaluate
-from onnxmpq.write.build import build
-from onnxmpq.write.save import save_model
+from onnxmpq.write.save import save_model, write_json
 
-if TYPE_CHECKING:
-    from onnxmpq.pipeline import plan
-
-
-def load(model: str | os.PathLike | Model) -> Model:
-    """A `Model` from a path (or the model itself)."""
-    return model if isinstance(model, Model) else graph.load(model)
-
-
-def model_files(model: Model) -> dict[str, Path]:
-    """The external data files a model was read with, by role (for `paths.check_writes`)."""
-    return {f"model's external data {p.name!r}": p for p in model.data_files}
-
-
-def assign(model: Model, weight_bits: int | None, act_bits: int | None,
-           layer_bits: Mapping[str, Candidate] | None = None,
-           options: QuantOptions = QuantOptions()) -> dict[str, Candidate]:
-    """Uniform precision for every unit (weight bits for the weighted layers, activation bits for all),
-    then the per-unit overrides by name."""
-    points = model.points(options)
-    assignment = {u.name: Candidate(weight_bits if u.layer else None, act_bits) for u in points.units}
-    for name, cand in (layer_bits or {}).items():
-        points.unit(name)  # raises a clear error for an unknown name
-        assignment[name] = cand
-    return {name: cand for name, cand in assignment.items() if cand.weight_bits or cand.act_bits}
+__all__ = ["allocation_problem", "assign", "compare", "evaluate", "inspect", "load", "quantize", "read_allocation",
+           "run", "sensitivity"]
 
 
 def read_allocation(path: str | os.PathLike) -> dict[str, Candidate]:
@@ -87,79 +82,106 @@ def _allocation_bits(entry: dict, key: str, path) -> int | None:
     return value
 
 
-def round_weights(ctx: RunContext, assignment, stats, options: QuantOptions, batch_size: int = 32):
-    """GPTQ codes for the assignment's layers, with a progress bar per layer."""
-    todo = sum(1 for c in assignment.values() if c.weight_bits)
-    with progress.bar("gptq", todo, unit="layer") as advance:
-        return sequential.round_model(ctx.model, assignment, ctx.require_data("gptq rounding"), stats, options,
-                                      batch_size=max(batch_size, 64), on_layer=lambda name: advance(1))
-
-
-def with_profile_rules(options: QuantOptions, profile) -> QuantOptions:
-    """The writer options with a hardware profile's op rules: the ops it runs on integers and the ops whose
-    inputs share one scale."""
-    if profile is None:
-        return options
-    from onnxmpq.hardware import profiles
-
-    rules = profiles.load(profile)
-    return dataclasses.replace(options, integer_ops=options.integer_ops | rules.integer_ops,
-                               tie_ops=options.tie_ops | frozenset(rules.tie))
-
-
-def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
-             act_bits: int | None = 8, layer_bits: Mapping[str, Candidate] | None = None,
+def quantize(model: str | os.PathLike | Model, output: str | os.PathLike, calib=None, *, weight_bits: int | None = 8,
+             act_bits: int | None | Sequence[int | None] = 8, layer_bits: Mapping[str, Candidate] | None = None,
              options: QuantOptions = QuantOptions(), rounding: Rounding | str = Rounding.AUTO,
-             batch_size: int = 32, limit: int | None = None, preprocess=None, budgets=(),
-             allocation: plan.Settings | Mapping | None = None, verify: bool = True,
-             report_dir: str | os.PathLike | None = None, stable: bool = False) -> Report:
-    """Quantizes `model` to `output` and returns the report (see `onnxmpq quantize --help`).
+             batch_size: int = DataConfig().batch_size, limit: int | None = None, preprocess=None,
+             budgets: Sequence[Budget | str] = (), search: SearchConfig | Mapping | None = None,
+             verify: bool = True, report_dir: str | os.PathLike | None = None, stable: bool = False) -> Report:
+    """Quantizes `model` to `output` and returns the report: the keyword form of `run` (see
+    `onnxmpq.pipeline.config` for every setting and `onnxmpq quantize --help` for what it does).
 
-    With `budgets` (or `allocation.max_drop`) every layer's precision is chosen by `plan.choose` under
-    `allocation` (a `plan.Settings`: metric, method, candidates, profile, kept layers); `layer_bits`
-    then override single layers. `rounding="gptq"` rounds each layer against the inputs the quantized
-    network gives it, after a least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`);
-    `auto` (the default) uses gptq when a layer has fewer than 8 weight bits and `calib` is given.
-    With `calib` and `verify`, the written file is scored against the float model on held-out samples
-    and timed (report `verification`). `report_dir` also writes report.json and report.html with plots
-    (see `onnxmpq.report`); `stable` leaves the run-dependent timings out of that report.json.
+    With `budgets` (or `search.max_drop`) every layer's precision is chosen under `search` (a
+    `SearchConfig` or a mapping of its fields: metric, method, candidate widths, profile, kept layers);
+    `layer_bits` then override single layers. `act_bits` may list several activation candidates then.
+    `rounding="gptq"` rounds each layer against the inputs the quantized network gives it, after a
+    least-squares re-fit to the float outputs (see `onnxmpq.rounding.gptq`); `auto` (the default) uses
+    gptq when a layer has fewer than 8 weight bits and `calib` is given. With `calib` and `verify`, the
+    written file is scored against the float model on held-out samples and timed (report
+    `verification`). `report_dir` also writes report.json and report.html with plots (see
+    `onnxmpq.report`); `stable` leaves the run-dependent timings out of that report.json.
     """
-    from onnxmpq.pipeline import plan
+    search = search if isinstance(search, SearchConfig) else config.build_section("search", dict(search or {}))
+    if budgets:
+        search = dataclasses.replace(search, budgets=config.parse_budgets(list(budgets), "search.budgets"))
+    acts = tuple(act_bits) if isinstance(act_bits, (list, tuple)) else (act_bits,)
+    cfg = config.QuantizeConfig(
+        model=str(model.path) if isinstance(model, Model) and model.path else "<memory>" if isinstance(model, Model)
+        else str(model),
+        data=DataConfig(None if calib is None or not isinstance(calib, (str, os.PathLike)) else str(calib),
+                        DataConfig().limit if limit is None else limit, batch_size),
+        precision=PrecisionConfig(weight_bits, acts, dict(layer_bits or {}), None, Rounding(rounding)),
+        quantizers=options, search=search,
+        output=OutputConfig(str(output), verify, None, None if report_dir is None else str(report_dir), stable))
+    report = run(cfg, preprocess, model=load(model), calib=calib)
+    if not isinstance(report, Report):
+        raise InternalError("a run without a sweep returned no report")
+    return report
 
+
+def run(cfg: config.QuantizeConfig, preprocess=None, *, model: Model | None = None, calib=None) -> Report | dict:
+    """Runs one quantize configuration: a Pareto sweep when `cfg.sweep.spec` is set (returns the
+    frontier dict it also writes), else one model (returns its Report, and writes `output.report`).
+    `model` and `calib` may be given as objects (a loaded Model, a calibration data reader)."""
+    cfg = cfg.check()
+    model = load(cfg.model if model is None else model)
+    calib = cfg.data.calib if calib is None else calib
+    check_paths(cfg, model, calib)
+    overrides = read_allocation(cfg.precision.allocation) if cfg.precision.allocation else {}
+    if overrides:
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(
+            cfg.precision, layer_bits={**overrides, **cfg.precision.layer_bits}))
+    if cfg.sweep.spec:
+        return sweep.run(cfg, model, preprocess)
+    report = run_model(cfg, model, calib, preprocess)
+    if cfg.output.report:
+        write_json(report.to_dict(stable=cfg.output.stable_report), cfg.output.report)
+    return report
+
+
+def check_paths(cfg: config.QuantizeConfig, model: Model, calib) -> None:
+    """Every file the run writes against every file it reads (see `paths.check_writes`), before any work;
+    each named as the front end in use names its setting."""
+    out, search = cfg.output, cfg.search
+    writes = {option("output.report"): out.report,
+              **paths.folder_files(out.report_dir, FILES, option("output.report_dir"))}
+    writes.update(sweep.outputs(out.path, cfg.sweep.spec, cfg.sweep.models) if cfg.sweep.spec
+                  else {option("output.path"): out.path})
+    profile = search.profile if search.profile and search.profile not in profiles.BUILTINS else None
+    paths.check_writes(writes, {"model": model.path, option("data.calib"): calib,
+                                option("precision.allocation"): cfg.precision.allocation,
+                                option("search.latency"): search.latency,
+                                option("search.profile"): profile if profile and Path(profile).exists() else None,
+                                **model_files(model)})
+    if out.report_dir is not None:
+        paths.check_new_folder(out.report_dir)
+
+
+def run_model(cfg: config.QuantizeConfig, model: Model, calib=None, preprocess=None) -> Report:
+    """One model from a checked config whose paths were checked (`run`)."""
     start = time.perf_counter()
-    rounding = Rounding(rounding)
-    settings = allocation if isinstance(allocation, plan.Settings) else plan.Settings(**(allocation or {}))
-    if limit is not None:
-        settings = dataclasses.replace(settings, limit=limit)
-    choosing = bool(budgets) or (allocation is not None and settings.max_drop is not None)
-    options = with_profile_rules(options, settings.profile if allocation is not None else None)
-    model = load(model)
-    if verify and calib is None:
-        verify = False
-    output = Path(output)
-    from onnxmpq.report.html import FILES
-    paths.check_writes({"the output": output, **paths.folder_files(report_dir, FILES, "report folder")},
-                       {"model": model.path, "calibration data": calib, **model_files(model)})
-    if report_dir is not None:
-        paths.check_new_folder(report_dir)
+    search, precision, out = cfg.search, cfg.precision, cfg.output
+    options = with_profile_rules(cfg.quantizers, search.profile if search.choosing else None)
+    verify = out.verify and calib is not None
+    output = Path(str(out.path))
     if not model.layers:
         raise OnnxmpqError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight).",
                            "nothing to do; run `onnxmpq inspect MODEL` to see what it holds.")
-    judged = verify or (choosing and (settings.max_drop is not None or settings.method == "threshold"
-                                      or report_dir is not None))
-    ctx = RunContext(model, calib, limit=settings.limit, holdout=judged, preprocess=preprocess,
-                     batch_size=batch_size)
-    model, chosen = ctx.model, None
-    if choosing:
+    judged = verify or (search.choosing and (search.max_drop is not None or SOLVERS.get(search.method).judge
+                                             or out.report_dir is not None))
+    ctx = RunContext(model, calib, limit=cfg.data.limit, holdout=judged, preprocess=preprocess,
+                     batch_size=cfg.data.batch_size)
+    model, chosen, rounding = ctx.model, None, precision.rounding
+    if search.choosing:
         if calib is None:
-            raise OnnxmpqError("choosing bits under a budget needs calibration data.", "pass --calib PATH.")
-        rounding = rounding.resolve(settings.weight_bits, True)
-        chosen = plan.choose(ctx, budgets, settings, options, rounding,
-                             sensitivity=table_source(ctx, settings, rounding, options))
-        assignment = {**chosen.assignment, **(layer_bits or {})}
+            raise OnnxmpqError("choosing bits under a budget needs calibration data.", f"set {option('data.calib')}.")
+        rounding = rounding.resolve(search.weight_bits, True)
+        chosen = plan.choose(ctx, search, precision.act_bits, options,
+                             sensitivity=table_source(ctx, search, rounding, options))
+        assignment = {**chosen.assignment, **precision.layer_bits}
     else:
-        assignment = assign(model, weight_bits, act_bits, layer_bits, options)
-    proto, results, notes = materialize(ctx, assignment, options, rounding, batch_size)
+        assignment = assign(model, precision.weight_bits, precision.act_bits[0], precision.layer_bits, options)
+    proto, results, notes = materialize(ctx, assignment, options, rounding, cfg.data.batch_size)
     with progress.bar("write", 1, unit="file") as advance:
         file_bytes = save_model(proto, output)
         advance(1)
@@ -169,7 +191,8 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         notes.append(f"the quantized file is larger than its input ({file_bytes:,d} against {float_file_bytes:,d} "
                      "bytes): " + ", ".join(f"{k.replace('_', ' ')} {v:,d}" for k, v in breakdown.items())
                      + "; small layers carry a Q/DQ pair per tensor and a scale per channel, which can outweigh "
-                     "what their narrower weights save (keep such layers float with --layer-bits NAME=float)")
+                     f"what their narrower weights save (keep such layers float with {option('precision.layer_bits')} "
+                     "NAME=float)")
     checked = None
     if verify:
         with progress.bar("verify", 1, unit="model") as advance:
@@ -184,7 +207,7 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
         file_bytes=file_bytes, float_file_bytes=float_file_bytes, file_breakdown=breakdown,
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
         notes=list(model.notes) + storage_notes(results.layers) + notes,
-        allocation=_allocation_dict(chosen, budgets, settings, {s.name for s in model.layers}),
+        allocation=_allocation_dict(chosen, cfg, {s.name for s in model.layers}),
         verification=checked,
         settings={"rounding": str(rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)),
                   "weight_range": str(options.weight_range), "act_range": str(options.act_range),
@@ -192,62 +215,26 @@ def quantize(model, output: str | os.PathLike, calib=None, *, weight_bits: int |
                   "weight_layout": options.weight_layout, "scope": str(options.scope),
                   "integer_ops": sorted(options.integer_ops)},
         **summarize(results))
-    if report_dir is not None:
-        from onnxmpq.report import html as pages
+    if out.report_dir is not None:
         with progress.bar("report", 1, unit="page") as advance:
-            figs = pages.figures(report.to_dict(), chosen, ctx, options)
-            pages.write(report.to_dict(stable=stable), report_dir, figs)
+            curve = sweep.pareto_points(chosen, ctx, options) if chosen is not None else []
+            figs = pages.figures(report.to_dict(), chosen, curve)
+            pages.write(report.to_dict(stable=out.stable_report), out.report_dir, figs)
             advance(1)
     return report
 
 
-def materialize(ctx: RunContext, assignment, options: QuantOptions, rounding: Rounding, batch_size: int = 32):
-    """Statistics, rounding and the QDQ writer for one assignment: (proto, results, notes)."""
-    rounding = rounding.resolve([c.weight_bits for c in assignment.values()], ctx.has_data)
-    acts = [name for name, cand in assignment.items() if cand.act_bits]
-    if not ctx.has_data and (acts or rounding == Rounding.GPTQ):
-        raise OnnxmpqError(f"{'gptq rounding' if rounding == Rounding.GPTQ else 'quantized activations'} "
-                           "needs calibration data.", "pass --calib PATH.")
-    stats = ctx.stats(options, acts) if acts else {}
-    weights, notes = None, []
-    if rounding == Rounding.GPTQ:
-        result = round_weights(ctx, assignment, stats, options, batch_size)
-        weights = result.weights
-        notes += [f"{name}: {reason}" for name, reason in result.fallbacks]
-    proto, results = build(ctx.model, assignment, stats, options, weights=weights)
-    return proto, results, notes
-
-
-def verification(ctx: RunContext, output: Path, chosen=None) -> dict:
-    """The written file against the float model on the held-out samples, its latency beside the float
-    model's (timed in alternation, batch 1), and the kernels onnxruntime runs it on after load."""
-    from onnxmpq.allocate import latency
-
-    fidelity = ctx.judge.score(str(output))
-    quantized_ms, float_ms = latency.time_pair(str(output), ctx.model.proto, ctx.first())
-    kernels = runtime.census(str(output))
-    out = {**fidelity.to_dict(), "latency_ms": quantized_ms, "float_latency_ms": float_ms, "latency_batch": 1,
-           "kernels": {"integer_compute": kernels.int_compute, "float_compute": kernels.float_compute}}
-    if chosen is not None and chosen.latency is not None:
-        # the table's prediction, and the same rescaled by how fast the float model runs now against
-        # when the table was measured: T_now = T_pred * float_ms(now) / float_ms(table)
-        out["predicted_latency_ms"] = predicted = chosen.latency.predict(chosen.assignment)
-        if chosen.latency.float_ms > 0:
-            out["predicted_latency_now_ms"] = predicted * float_ms / chosen.latency.float_ms
-    return out
-
-
-def _allocation_dict(chosen, budgets, settings, layers) -> dict | None:
+def _allocation_dict(chosen, cfg: config.QuantizeConfig, layers) -> dict | None:
     if chosen is None:
         return None
-    alloc = chosen.allocation
+    alloc, search = chosen.allocation, cfg.search
     return {"solver": alloc.solver, "status": alloc.status, "objective": alloc.objective,
-            "budgets": [{"kind": b.kind, "value": b.value, "relative": b.relative} for b in budgets],
+            "budgets": [{"kind": b.kind, "value": b.value, "relative": b.relative} for b in search.budgets],
             "costs": dict(alloc.costs), "details": dict(alloc.details),
             "fixed": {name: c.key for name, c in chosen.fixed.items()  # units without weights only when asked
-                      if name in layers or name in settings.keep or name in chosen.profile.pin},
-            "search": list(chosen.search),
-            **settings.to_dict()}
+                      if name in layers or name in search.keep or name in chosen.profile.pin},
+            "search": list(chosen.search), "act_bits": list(cfg.precision.act_bits),
+            **plan.search_dict(search, cfg.data.limit)}
 
 
 def evaluate(model, data, reference=None, *, limit: int | None = None, batch_size: int = 100,
@@ -306,96 +293,17 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
     The calibration samples (at most `limit`) are held in memory with the activations at the probe
     engine's cut; `workers` > 1 splits the candidates over processes.
     """
-    from onnxmpq import sensitivity as sens
-
     model = load(model)
-    for name in metrics:
-        sens.METRICS.get(name)
-    data_free = all(sens.METRICS.get(name).data_free for name in metrics)
+    data_free = all(METRICS.get(name).data_free for name in metrics)
     ctx = RunContext(model, None if data_free else calib, limit=limit, preprocess=preprocess, batch_size=batch_size)
     return measure(ctx, metrics, weight_bits, act_bits, separate=separate, rounding=rounding, options=options,
                    batch_size=batch_size, workers=workers, cache_dir=cache_dir, naive=naive, executor=executor,
                    address=address)
 
 
-def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int], act_bits: Sequence[int | None], *,
-            separate: bool = False, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
-            batch_size: int = 64, workers: int = 1, cache_dir=None, naive: bool = False, executor: str = "process",
-            address: str | None = None) -> list:
-    """The sensitivity tables of `sensitivity`, measured on the run's calibration samples and statistics."""
-    from onnxmpq import sensitivity as sens
-    from onnxmpq.sensitivity import cache, parallel
-
-    candidates = sens.parse_candidates(weight_bits, act_bits, separate)
-    data_free = all(sens.METRICS.get(name).data_free for name in metrics)
-    rounding = Rounding(rounding).resolve(weight_bits, ctx.has_data and not data_free)
-    batches, stats = [], None
-    if not data_free:
-        if not ctx.has_data:
-            raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", "pass --calib PATH.")
-        batches = ctx.require_data("sensitivity").feeds(batch_size)
-        if any(c.act_bits for c in candidates):
-            stats = ctx.stats(options)
-    model = ctx.model
-    keys = [c.key for c in candidates]
-    settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
-                "options": repr(options), "naive": naive}
-    key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
-    if key and (hit := cache.load(cache_dir, key, list(metrics), keys)) is not None:
-        return hit
-    points = model.points(options)
-    several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free
-    with progress.bar("sensitivity", len(points.units) if several_acts else len(points.layers), unit="unit") as advance:
-        tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
-                                  workers=workers, naive=naive, executor=executor, address=address,
-                                  on_layer=lambda name: advance(1))
-    if key:
-        cache.store(cache_dir, key, tables)
-    return tables
-
-
 def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets, options: QuantOptions = QuantOptions(),
                        profile=None, keep=None, latency=None):
     """The solver's view of `model` (see `onnxmpq.allocate.problem`); layers the rules fix are left out."""
-    from onnxmpq.allocate.problem import build_problem
-    from onnxmpq.hardware import profiles
-
     return build_problem(model, table, candidates, budgets, profiles.load(profile), options, keep, latency)[0]
 
 
-def table_source(ctx: RunContext, settings, rounding: Rounding, options: QuantOptions):
-    """The `sensitivity(metric, weight_bits, act_bits)` callable `plan.choose` takes: one measured table
-    per metric, with the run's samples, cache and rounding, kept for later calls (a sweep)."""
-    tables: dict = {}
-
-    def table(metric: str, weight_bits, act_bits):
-        if metric not in tables:
-            tables[metric] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
-                                     batch_size=ctx.batch_size, cache_dir=settings.cache_dir)[0]
-        return tables[metric]
-    return table
-
-
-def allocate(model, calib, budgets, *, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
-             preprocess=None, **settings):
-    """Chooses every layer's precision under `budgets` (keyword settings: those of `plan.Settings`);
-    returns (assignment, Allocation, SensitivityTable)."""
-    from onnxmpq.pipeline import plan
-
-    config = plan.Settings(**settings)
-    judged = config.max_drop is not None or config.method == "threshold"
-    ctx = RunContext(load(model), calib, limit=config.limit, holdout=judged, preprocess=preprocess)
-    rounding = Rounding(rounding).resolve(config.weight_bits, True)
-    chosen = plan.choose(ctx, budgets, config, options, rounding,
-                         sensitivity=table_source(ctx, config, rounding, options))
-    return chosen.assignment, chosen.allocation, chosen.table
-
-
-def sweep(model, output, calib, spec: str, settings, *, options: QuantOptions = QuantOptions(),
-          rounding: Rounding | str = Rounding.AUTO, batch_size: int = 32, preprocess=None,
-          write_models: bool = False) -> dict:
-    """Pareto sweep of one budget (see `onnxmpq.sweep`); returns the frontier dict it also writes."""
-    from onnxmpq.pipeline import sweep as _sweep
-
-    return _sweep.run(model, output, calib, spec, settings, options=options, rounding=rounding,
-                      batch_size=batch_size, preprocess=preprocess, write_models=write_models)

@@ -35,10 +35,10 @@ from onnxmpq.calibrate.readers import DataSource, Preprocess
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import model as graph
 from onnxmpq.graph.model import Model
+from onnxmpq.pipeline.config import DEFAULT_LIMIT
 from onnxmpq.types import Batch, QuantOptions, TensorStats
 from onnxmpq.verify.judge import Judge
 
-DEFAULT_LIMIT = 256   # calibration samples
 HELD_OUT = 256        # held-out samples at most
 MIN_SPLIT = 5         # fewer samples than this are not split
 READ_BATCH = 64

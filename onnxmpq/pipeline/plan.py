@@ -3,10 +3,11 @@
 `choose` is the allocation stage of `quantize`:
 
 - budgets only: the solver's answer under them;
-- `max_drop` only: the most compressed point whose measured drop (see `verify`) stays within it. For
-  `greedy` the points are its walk (AIMET phase 2: binary search along the list); for `ilp` and `eagl`
-  the solutions at average weight bits from the largest candidate width down in steps of 0.25; for
-  `threshold` its Optuna search. The search assumes the drop grows along the list, as AIMET does.
+- `max_drop` only: the most compressed point whose measured drop (see `verify.judge`) stays within it, found
+  as the method's `SolverSpec.drop` says: along its own ladder of points (greedy's walk, AIMET phase 2:
+  binary search along the list), along the solutions at average weight bits from the largest candidate
+  width down in steps of 0.25 (the integer programs, eagl), or by the method itself (threshold's Optuna
+  search). The search assumes the drop grows along the list, as AIMET does.
 - both: the budgets' answer, checked against the drop (exit 2 when it does not hold).
 
 Probes inside a search use nearest rounding (fast); the written model uses the requested rounding and
@@ -17,51 +18,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from onnxmpq import progress
-from onnxmpq.allocate import Allocation, Budget, Problem, extremes, result, solve
-from onnxmpq.allocate.greedy import ladder
+from onnxmpq.allocate import SOLVERS, Allocation, Budget, Problem, extremes, latency, result, solve
+from onnxmpq.allocate.latency import LatencyTable
 from onnxmpq.allocate.problem import build_problem, candidate_columns
-from onnxmpq.errors import ConstraintError, InternalError, OnnxmpqError
+from onnxmpq.errors import ConfigError, ConstraintError, InternalError, OnnxmpqError, option
 from onnxmpq.hardware import profiles
-from onnxmpq.pipeline.context import DEFAULT_LIMIT, RunContext
-from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.hardware.profiles import Profile
+from onnxmpq.pipeline.config import SearchConfig
+from onnxmpq.pipeline.context import RunContext
+from onnxmpq.sensitivity import parse_candidates
+from onnxmpq.types import Candidate, QuantOptions, SensitivityTable
 from onnxmpq.write.build import build
 
 STEP_BITS = 0.25
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How to choose: metric, method, candidate widths, rules and search limits."""
+def metric_of(search: SearchConfig) -> str:
+    """The metric the allocation minimises: the method's own (its `SolverSpec.metric`), else the
+    configured one, else kl. Asking a method for another metric than its own is an error, not a swap."""
+    own = SOLVERS.get(search.method).metric
+    if own and search.metric and search.metric != own:
+        raise ConfigError("search.metric", f"is {search.metric}, but method {search.method} values layers by {own}",
+                          f"leave {option('search.metric')} unset with this method")
+    return own or search.metric or "kl"
 
-    metric: str = "kl"
-    method: str = "ilp"
-    weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    act_bits: tuple[int | None, ...] = (8,)
-    time_limit: float = 10.0
-    cache_dir: str | None = None
-    profile: str | None = None
-    keep: Mapping[str, Candidate] = field(default_factory=dict)
-    max_drop: float | None = None
-    latency: str | None = None     # a latency table file; measured when a latency-ms budget needs one
-    trials: int = 40
-    limit: int = DEFAULT_LIMIT
-    seed: int = 0
 
-    def to_dict(self) -> dict:
-        return {"metric": self.effective_metric, "method": self.method, "weight_bits": list(self.weight_bits),
-                "act_bits": list(self.act_bits), "time_limit": self.time_limit,
-                "profile": self.profile or "any", "keep": {k: v.key for k, v in self.keep.items()},
-                "max_drop": self.max_drop, "trials": self.trials, "samples": self.limit, "seed": self.seed}
-
-    @property
-    def effective_metric(self) -> str:
-        """eagl values weight entropy; threshold needs the output entropy; the rest use `metric`."""
-        return {"eagl": "weight-entropy", "threshold": "output-entropy"}.get(self.method, self.metric)
+def search_dict(search: SearchConfig, samples: int) -> dict:
+    """The search settings as the report records them."""
+    return {"metric": metric_of(search), "method": search.method, "weight_bits": list(search.weight_bits),
+            "time_limit": search.time_limit, "profile": search.profile or "any",
+            "keep": {k: v.key for k, v in search.keep.items()}, "max_drop": search.max_drop, "trials": search.trials,
+            "samples": samples, "seed": search.seed}
 
 
 @dataclass(frozen=True)
@@ -70,11 +62,12 @@ class Plan:
     allocation: Allocation
     problem: Problem
     fixed: dict[str, Candidate]
-    table: object = None
-    latency: object = None
+    table: SensitivityTable | None = None
+    latency: LatencyTable | None = None
     search: tuple[dict, ...] = ()   # the points a drop-limited search measured
-    settings: Settings = Settings()
-    profile: object = None
+    settings: SearchConfig = SearchConfig()
+    act_bits: tuple[int | None, ...] = (8,)
+    profile: Profile = Profile("any", {})
 
 
 def measured_drop(ctx: RunContext, assignment: Mapping[str, Candidate], options: QuantOptions) -> float:
@@ -83,24 +76,25 @@ def measured_drop(ctx: RunContext, assignment: Mapping[str, Candidate], options:
     return ctx.judge.score(proto).drop
 
 
-def choose(ctx: RunContext, budgets: Sequence[Budget], settings: Settings, options: QuantOptions,
-           rounding: Rounding, sensitivity: Callable) -> Plan:
-    """The allocation stage (see the module docstring) on the run's model and data.
-    `sensitivity(metric, weight_bits, act_bits)` gives the SensitivityTable (the caller decides rounding,
-    samples and caching)."""
-    from onnxmpq.sensitivity import parse_candidates
-
-    if not budgets and settings.max_drop is None:
-        raise OnnxmpqError("choosing bits needs a --budget or a --max-drop.", "add e.g. --budget avg-bits=4.")
+def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | None], options: QuantOptions,
+           sensitivity: Callable) -> Plan:
+    """The allocation stage (see the module docstring) on the run's model and data, with `act_bits` the
+    activation candidates. `sensitivity(metric, weight_bits, act_bits)` gives the SensitivityTable (the
+    caller decides rounding, samples and caching)."""
+    budgets = settings.budgets
+    if not settings.choosing:
+        raise OnnxmpqError(f"choosing bits needs {option('search.budgets')} or {option('search.max_drop')}.",
+                           f"set e.g. {option('search.budgets')} avg-bits=4.")
+    spec = SOLVERS.get(settings.method)
     profile = profiles.load(settings.profile)
-    candidates = parse_candidates(settings.weight_bits, settings.act_bits)
+    candidates = parse_candidates(settings.weight_bits, act_bits)
     model = ctx.model
-    table = sensitivity(settings.effective_metric, settings.weight_bits, settings.act_bits)
+    table = sensitivity(metric_of(settings), settings.weight_bits, tuple(act_bits))
     latency = _latency(ctx, candidates, budgets, settings, options, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
     columns = candidate_columns(model.points(options), candidates)
-    if settings.max_drop is not None or settings.method == "threshold":
+    if settings.max_drop is not None or spec.judge:
         problem = _with_fidelity(problem, fixed, columns, ctx, options)
     with progress.bar(f"solve ({settings.method})", 1, unit="step") as advance:
         allocation, search = _solve(problem, budgets, settings)
@@ -109,14 +103,13 @@ def choose(ctx: RunContext, budgets: Sequence[Budget], settings: Settings, optio
     assignment = {**{n: by_key[k] for n, k in allocation.choice.items()}, **fixed}
     assignment = {u.name: assignment[u.name] for u in model.points(options).units
                   if u.name in assignment}
-    return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, profile)
+    return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, tuple(act_bits),
+                profile)
 
 
-def _latency(ctx: RunContext, candidates, budgets, settings: Settings, options, profile):
+def _latency(ctx: RunContext, candidates, budgets, settings: SearchConfig, options, profile):
     if not any(b.kind == "latency-ms" for b in budgets):
         return None
-    from onnxmpq.allocate import latency
-
     if settings.latency:
         return latency.LatencyTable.load(settings.latency)
     points = ctx.model.points(options)
@@ -142,9 +135,9 @@ def _judge(problem: Problem) -> Callable[[Sequence[int]], float]:
     return problem.fidelity
 
 
-def _solve(problem: Problem, budgets, settings: Settings) -> tuple[Allocation, list[dict]]:
-    if settings.method == "threshold":
-        alloc = solve(problem, "threshold", settings.time_limit, max_drop=settings.max_drop,
+def _solve(problem: Problem, budgets, settings: SearchConfig) -> tuple[Allocation, list[dict]]:
+    if SOLVERS.get(settings.method).drop == "self":
+        alloc = solve(problem, settings.method, settings.time_limit, max_drop=settings.max_drop,
                       trials=settings.trials, seed=settings.seed)
         return alloc, []
     if settings.max_drop is None:
@@ -154,20 +147,21 @@ def _solve(problem: Problem, budgets, settings: Settings) -> tuple[Allocation, l
         index = [problem.candidates.index(alloc.choice[n]) for n in problem.layers]
         drop = _judge(problem)(index)
         if drop > settings.max_drop:
-            raise ConstraintError(f"at the budget the measured drop is {drop:.4f}, over --max-drop "
-                                  f"{settings.max_drop:g}.", "raise the budget, or drop --budget to let "
-                                  "--max-drop find the smallest model within it.")
+            limit, budget = option("search.max_drop"), option("search.budgets")
+            raise ConstraintError(f"at the budget the measured drop is {drop:.4f}, over {limit} "
+                                  f"{settings.max_drop:g}.", f"raise the budget, or drop {budget} to let "
+                                  f"{limit} find the smallest model within it.")
         return alloc, [{"drop": drop, **alloc.costs}]
     return _drop_search(problem, settings)
 
 
-def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list[dict]]:
+def _drop_search(problem: Problem, settings: SearchConfig) -> tuple[Allocation, list[dict]]:
     """Binary search along the method's list of points for the last one within the drop."""
-    fidelity, max_drop = _judge(problem), settings.max_drop
+    fidelity, max_drop, spec = _judge(problem), settings.max_drop, SOLVERS.get(settings.method)
     if max_drop is None:
-        raise InternalError("the drop search needs --max-drop")
-    if settings.method == "greedy":
-        points = ladder(problem)
+        raise InternalError("the drop search needs a drop limit")
+    if spec.drop == "ladder" and spec.ladder is not None:
+        points = spec.ladder(problem)
         at = lambda i: points[i]  # noqa: E731
         count = len(points)
     else:
@@ -195,8 +189,9 @@ def _drop_search(problem: Problem, settings: Settings) -> tuple[Allocation, list
         return drops[i]
 
     if drop(0) > max_drop:
-        raise ConstraintError(f"even the most precise choice drops {drops[0]:.4f}, over --max-drop "
-                              f"{settings.max_drop:g}.", "raise --max-drop or add wider candidates (--bits).")
+        raise ConstraintError(f"even the most precise choice drops {drops[0]:.4f}, over {option('search.max_drop')} "
+                              f"{settings.max_drop:g}.", f"raise {option('search.max_drop')} or add wider candidates "
+                              f"({option('search.weight_bits')}).")
     lo, hi = 0, count - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2

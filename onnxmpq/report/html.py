@@ -14,9 +14,12 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from onnxmpq import paths
+from onnxmpq.report import plots
+from onnxmpq.report.summary import frontier
 from onnxmpq.write.save import write_json, write_text
 
 FILES = ("report.json", "report.html")  # what write() puts in a report folder
@@ -118,55 +121,16 @@ def png_of(draw, *args, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def figures(report_dict: dict, chosen=None, ctx=None, options=None) -> dict[str, bytes]:
-    """The report's plots: bits per layer; with a chosen allocation, its sensitivity table and a Pareto
-    curve (nearest rounding, average bits from the smallest to the largest candidate in 0.5 steps)."""
-    from onnxmpq.report import plots
-
+def figures(report_dict: dict, chosen=None, pareto: Sequence[dict] = ()) -> dict[str, bytes]:
+    """The report's plots: bits per layer; with a chosen allocation, its sensitivity table; with the
+    `pareto` points the pipeline measured (`sweep.pareto_points`), their curve with the written model."""
     out = {"Bits per layer along the network": png_of(plots.bits_plot, report_dict["layers"])}
-    if chosen is None:
-        return out
-    if chosen.table is not None:
+    if chosen is not None and chosen.table is not None:
         out[f"Sensitivity per layer and candidate ({chosen.table.metric})"] = png_of(plots.sensitivity_plot, [chosen.table])
-    points = pareto_points(chosen, ctx, options)
-    if points:
-        from onnxmpq.pipeline.sweep import frontier
+    if pareto:
         verified = report_dict.get("verification") or {}
         mark = {"weight_bytes": report_dict["weight_bytes"], "drop": verified["drop"]} if "drop" in verified else None
         out["Pareto curve: weight bytes against drop in agreement with float"] = png_of(
-            plots.pareto_plot, points, frontier(points), title="nearest rounding; the star is the written model",
+            plots.pareto_plot, list(pareto), frontier(list(pareto)), title="nearest rounding; the star is the written model",
             chosen=mark)
     return out
-
-
-def pareto_points(chosen, ctx, options) -> list[dict]:
-    """Solve at each average width on the chosen problem, build with nearest rounding and score on the
-    run's held-out samples (`ctx`, a RunContext)."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from onnxmpq.allocate import Budget, solve
-    from onnxmpq.allocate.problem import build_problem, candidate_columns
-    from onnxmpq.errors import ConstraintError
-    from onnxmpq.report.summary import summarize
-    from onnxmpq.sensitivity import parse_candidates
-    from onnxmpq.write.build import build
-
-    settings, model = replace(chosen.settings, max_drop=None), ctx.model
-    candidates = parse_candidates(settings.weight_bits, settings.act_bits)
-    widths = [w for w in settings.weight_bits if w]
-    points = []
-    for value in np.arange(min(widths), max(widths) + 0.25, 0.5):
-        budgets = [Budget("avg-bits", float(value))]
-        problem, fixed = build_problem(model, chosen.table, candidates, budgets, chosen.profile, options,
-                                       settings.keep, None)
-        try:
-            alloc = solve(problem, "ilp", settings.time_limit)
-        except ConstraintError:
-            continue
-        by_key = {c.key: c for c in candidate_columns(model.points(options), candidates)}
-        assignment = {**{n: by_key[k] for n, k in alloc.choice.items()}, **fixed}
-        proto, results = build(model, assignment, ctx.stats(options), options)
-        points.append({"value": float(value), **summarize(results), **ctx.judge.score(proto).to_dict()})
-    return points

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from onnxmpq.types import SensitivityTable
+from onnxmpq.write.save import write_bytes
 
 
 def _save(fig, path) -> None:
@@ -13,9 +15,6 @@ def _save(fig, path) -> None:
     if hasattr(path, "write"):
         fig.savefig(path, dpi=110, format="png")
         return
-    import io
-
-    from onnxmpq.write.save import write_bytes
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
     write_bytes(buffer.getvalue(), path)

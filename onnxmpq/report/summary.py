@@ -127,3 +127,12 @@ def storage_notes(results: Sequence[LayerResult]) -> list[str]:
         notes.append("Layers with quantized activations but float weights: onnxruntime's "
                      "WeightBiasQuantization pass quantizes such Conv/Gemm weights to 8 bits at load time.")
     return notes
+
+
+def frontier(points: list[dict]) -> list[int]:
+    """Indices of points no other point beats on both weight bytes and drop (ties kept)."""
+    ok = [i for i, p in enumerate(points) if "error" not in p]
+    return [i for i in ok if not any(points[j]["weight_bytes"] <= points[i]["weight_bytes"]
+                                     and points[j]["drop"] <= points[i]["drop"]
+                                     and (points[j]["weight_bytes"], points[j]["drop"]) !=
+                                     (points[i]["weight_bytes"], points[i]["drop"]) for j in ok)]

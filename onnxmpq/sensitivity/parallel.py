@@ -13,13 +13,13 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
+from onnxmpq import sensitivity
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import runtime
 from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
 
 
 def _worker(threads: int, args: tuple, kwargs: dict) -> list[SensitivityTable]:
-    from onnxmpq import sensitivity
     runtime.THREADS = threads
     return sensitivity.measure(*args, **kwargs)
 
@@ -66,7 +66,6 @@ def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candida
             rounding: Rounding, *, workers: int = 1, naive: bool = False, executor: str = "process",
             address: str | None = None, on_layer: Callable[[str], object] | None = None) -> list[SensitivityTable]:
     """`sensitivity.measure`, on `workers` processes or Ray tasks when there are several candidates."""
-    from onnxmpq import sensitivity
     workers = max(1, min(workers, len(candidates)))
     if workers == 1 and executor == "process":
         return sensitivity.measure(model, batches, metrics, candidates, stats, options, rounding, naive, on_layer)

@@ -49,7 +49,7 @@ class Evaluation:
 
 
 class Sums:
-    """Streamed sums behind the metrics of the module docstring (shared with `verify`)."""
+    """Streamed sums behind the metrics of the module docstring (shared with `verify.judge`)."""
 
     def __init__(self):
         self.samples = self.correct = self.labelled = 0

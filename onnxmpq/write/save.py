@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from onnxmpq.errors import InternalError, OnnxmpqError
+from onnxmpq.graph import runtime
 from onnxmpq.write import staging
 
 PROTO_LIMIT = 2**31 - 1
@@ -40,8 +41,6 @@ def _check_loads(proto: onnx.ModelProto, staged: Path) -> None:
     the user's runtime's); an op onnxruntime's CPU provider has no kernel for (NOT_IMPLEMENTED: a CUDA-
     only com.microsoft op) is left to the user's runtime too. What is refused: a model onnxruntime
     cannot even read, such as one declaring an opset newer than it supports."""
-    from onnxmpq.graph import runtime
-
     if any(i.domain not in STANDARD_DOMAINS for i in proto.opset_import):
         return
     try:
@@ -91,7 +90,7 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, external_thresho
 
 
 def write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Writes `data` to `path` atomically: into a fresh file of a staging folder (`onnxmpq.staging`: made
+    """Writes `data` to `path` atomically: into a fresh file of a staging folder (`onnxmpq.write.staging`: made
     by mkdtemp, mode 0700, a name no one can plant a link at), then renamed over `path`, which replaces
     a link at `path` by the file instead of writing through it."""
     path = Path(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 from onnxmpq.pipeline import api
 
 ROOT = Path(__file__).resolve().parents[2]

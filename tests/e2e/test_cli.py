@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 from onnxmpq.graph import runtime
 
 ROOT = Path(__file__).resolve().parents[2]

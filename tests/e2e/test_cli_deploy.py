@@ -24,7 +24,7 @@ import yaml
 from conftest import ort_reader
 
 from onnxmpq.allocate.latency import LatencyTable
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 from onnxmpq.hardware import profiles
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -59,7 +59,7 @@ import pytest
 from conftest import arr, build_cnn, build_constant_weights, build_if_model, build_unnamed, feed_for, model, node, vi
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 # the console script installed beside the interpreter running the tests (the project's .venv), else .venv's

@@ -20,7 +20,7 @@ import pytest
 from conftest import build_cnn
 from PIL import EpsImagePlugin, Image
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

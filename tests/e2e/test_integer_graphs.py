@@ -216,7 +216,7 @@ def test_encoder_allocation_puts_some_units_at_16_bits(tmp_path):
     calib = tmp_path / "ids.npz"
     np.savez(calib, ids=np.random.default_rng(3).integers(0, 50, (96, 8)).astype(np.int64))
     report = api.quantize(src, tmp_path / "mixed.onnx", calib, budgets=[api_budget("bitops=1.4x")],
-                          allocation={"weight_bits": (8,), "act_bits": (8, 16), "metric": "sqnr"},
+                          act_bits=(8, 16), search={"weight_bits": (8,), "metric": "sqnr"},
                           rounding="nearest", verify=False)
     # (the embedding table is weight-only: None)
     widths = ({u.act_bits for u in report.units} | {r.act_bits for r in report.layers}) - {None}

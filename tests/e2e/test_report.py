@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageStat
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "resnet20_cifar10.onnx"

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from conftest import build_cnn, model, node, vi
 
-from onnxmpq.cli import main
+from onnxmpq.cli.main import main
 from onnxmpq.graph import model as graph
 
 ROOT = Path(__file__).resolve().parents[2]

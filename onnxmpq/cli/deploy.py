@@ -1,24 +1,35 @@
-"""Commands for deployment pipelines: check, profiles, profile-latency, run (registered on `cli.cli`).
+"""Commands for deployment pipelines: check, profiles, profile-latency, run.
 
-`onnxmpq run CONFIG.yaml [QUANTIZE OPTIONS]` reads every `quantize` option from a YAML mapping whose
-keys are the option names without dashes (`budget: [avg-bits=4]`, `max-drop: 0.01`, `report-dir:
-out/`), plus `model`, `output` and an optional `check: {profile: NAME}`; options given on the command
-line replace the file's. Exit codes as everywhere: 0, 1 for bad input, 2 for a broken rule or budget.
+`onnxmpq run CONFIG.yaml [QUANTIZE OPTIONS]` reads the run configuration from a YAML mapping: `model`,
+`output`, the settings as quantize's long option names without dashes (`budget: [avg-bits=4]`,
+`max-drop: 0.01`, `report-dir: out/`) or by section (`search: {max_drop: 0.01}`), and an optional
+`check: {profile: NAME}`; options given on the command line replace the file's. Exit codes as everywhere:
+0, 1 for bad input, 2 for a broken rule or budget.
 """
 
 from __future__ import annotations
 
-import click
+from typing import Any
 
-from onnxmpq import paths
-from onnxmpq.cli import _bits, cli, emit, quantize, quiet_option
+import click
+import yaml
+
+from onnxmpq import paths, progress, yamlfile
+from onnxmpq.allocate import latency
+from onnxmpq.cli.common import emit, quiet_option, widths
+from onnxmpq.cli.options import GroupedCommand, config_options, given
+from onnxmpq.cli.quantize import QUANTIZE_SECTIONS, emit_result, execute
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.hardware import compliance as hardware
 from onnxmpq.hardware import profiles
-from onnxmpq.pipeline import api
+from onnxmpq.pipeline import api, config
+from onnxmpq.pipeline.context import RunContext
+from onnxmpq.report.summary import Report
+from onnxmpq.sensitivity import parse_candidates
+from onnxmpq.types import QuantOptions
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--profile", required=True, help="A built-in profile (see `onnxmpq profiles`) or a YAML file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict and the violations as JSON.")
@@ -37,13 +48,11 @@ def check(ctx, model, profile, as_json):
         ctx.exit(2)
 
 
-@cli.command("profiles")
+@click.command("profiles")
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_profiles(name, as_json):
     """List the built-in hardware profiles, or show one (a name or a YAML file) in the YAML form."""
-    import yaml
-
     if name is None:
         data = {p.name: p.description for p in profiles.BUILTINS.values()}
         emit(as_json, data, "\n".join(f"{k:<16} {v}" for k, v in data.items()))
@@ -52,7 +61,7 @@ def list_profiles(name, as_json):
     emit(as_json, profile, yaml.safe_dump(profile, sort_keys=False, width=100).rstrip())
 
 
-@cli.command("profile-latency")
+@click.command("profile-latency")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", required=True, help="Calibration data (activation ranges and the timed sample).")
 @click.option("--bits", default="2,3,4,5,6,7,8", show_default=True, help="Candidate weight bits.")
@@ -65,16 +74,9 @@ def list_profiles(name, as_json):
 @quiet_option
 def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_layout, as_json):
     """Measure each layer's latency at each candidate in onnxruntime on this machine (batch 1)."""
-    from onnxmpq import progress
-    from onnxmpq.allocate import latency
-    from onnxmpq.pipeline.context import RunContext
-    from onnxmpq.sensitivity import parse_candidates
-    from onnxmpq.types import QuantOptions
-
     m = api.load(model)
     paths.check_writes({"-o/--output": output}, {"model": model, "--calib": calib})
-    cands = parse_candidates([b for b in (_bits(v.strip(), "--bits") for v in bits.split(",")) if b],
-                             [_bits(a.strip(), "--act-bits") for a in act_bits.split(",")])
+    cands = parse_candidates([b for b in widths(bits, "--bits") if b], widths(act_bits, "--act-bits"))
     ctx = RunContext(m, calib, limit=64)
     options = QuantOptions(weight_layout=weight_layout)
     with progress.bar("latency", len(ctx.model.points().units), unit="unit") as advance:
@@ -90,97 +92,54 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
     emit(as_json, table.to_dict(), "\n".join(lines))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.command(cls=GroupedCommand)
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@config_options(QUANTIZE_SECTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print the report (and the check's verdict) as JSON.")
+@quiet_option
 @click.pass_context
-def run(ctx, config):
-    """Quantize (and check) as CONFIG.yaml says; extra quantize options on the command line override it."""
-    import contextlib
-    import io
-    import json
-
-    args, check_profile = config_args(config, list(ctx.args))
-    sub = quantize.make_context("onnxmpq run", args, parent=ctx)
-    as_json = sub.params["as_json"]
+def run(ctx: click.Context, config_file: str, as_json: bool, **kw: Any) -> None:
+    """Quantize (and check) as CONFIG.yaml says; quantize options on the command line override it."""
+    model, values, check_profile = read_config(config_file)
+    cfg = config.build(model, {**values, **given(kw)})
+    result = execute(cfg)
     if not check_profile:
-        with sub:
-            quantize.invoke(sub)
+        emit_result(as_json, result)
         return
-    sub.params["as_json"] = True
-    captured = io.StringIO()
-    with sub, contextlib.redirect_stdout(captured):
-        quantize.invoke(sub)
-    result = json.loads(captured.getvalue())
-    output = sub.params["output"]
+    if not isinstance(result, Report):
+        raise OnnxmpqError(f"config {config_file}: `check` needs one written model, not a sweep.",
+                           "drop `check`, or check the sweep's models one by one with `onnxmpq check`.")
+    output = str(cfg.output.path)
     target = profiles.load(check_profile)
     violations = hardware.check(api.load(output).proto, target)
     verdict = {"model": output, **hardware.summary(violations, target)}
-    if as_json:
-        emit(True, {"quantize": result, "check": verdict}, "")
-    else:
-        click.echo(f"wrote {output}: avg {result['avg_weight_bits']:.2f} weight bits, {result['weight_bytes']:,d} "
-                   f"weight bytes, {result['file_bytes']:,d} file bytes")
-        click.echo(f"{output}: complies with {target.name}" if not violations else
-                   f"{output}: {len(violations)} violation(s) of {target.name}")
-        for v in violations:
-            click.echo(f"  {v.layer}: [{v.rule}] {v.message} Fix: {v.fix}")
+    lines = [f"wrote {output}: avg {result.avg_weight_bits:.2f} weight bits, {result.weight_bytes:,d} weight bytes, "
+             f"{result.file_bytes:,d} file bytes",
+             f"{output}: complies with {target.name}" if not violations else
+             f"{output}: {len(violations)} violation(s) of {target.name}"]
+    lines += [f"  {v.layer}: [{v.rule}] {v.message} Fix: {v.fix}" for v in violations]
+    emit(as_json, {"quantize": result.to_dict(), "check": verdict}, "\n".join(lines))
     if violations:
         ctx.exit(2)
 
 
-def config_args(path: str, overrides: list[str]) -> tuple[list[str], str | None]:
-    """quantize's argument list from the YAML config, with the command line's options replacing its own."""
-    from onnxmpq import yamlfile
-    from onnxmpq.hardware.profiles import _key_lines
-
+def read_config(path: str) -> tuple[str, dict[str, Any], str | None]:
+    """(model, raw values by config path, the profile to check against or None) from a YAML config:
+    sections by name or quantize's long option names (see `config.from_mapping`), plus `model` and an
+    optional `check: {profile: NAME}`."""
     try:
         text = paths.read_regular(path, "config", "pass a YAML file.").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise OnnxmpqError(f"cannot read config {path!r}: {exc}.", "pass a UTF-8 YAML file.") from None
     data, node = yamlfile.parse(text, f"config {path}", "fix the YAML syntax.")
-    lines = _key_lines(node)
+    lines = yamlfile.key_lines(node)
     if not isinstance(data, dict) or "model" not in data or "output" not in data:
         raise OnnxmpqError(f"config {path} must be a mapping with at least `model` and `output`.",
                            "see the README's section 'As a pipeline step' for an example.")
-    long_opts, any_opts = {}, {}
-    for param in quantize.params:
-        if isinstance(param, click.Option):
-            for opt in param.opts + param.secondary_opts:
-                any_opts[opt] = param
-                if opt.startswith("--"):
-                    long_opts[opt[2:]] = (opt, param)
-    given_params = {any_opts[a.split("=")[0]].name for a in overrides
-                    if a.startswith("-") and a.split("=")[0] in any_opts}
-    args = [str(data["model"])]
-    check_profile = None
-    for key, value in data.items():
-        if key == "model":
-            continue
-        if key == "check":
-            check_profile = value.get("profile") if isinstance(value, dict) else value
-            if not isinstance(check_profile, str):
-                raise OnnxmpqError(f"config {path} line {lines.get(('check',), '?')}: key 'check' needs a profile.",
-                                   "write check: {profile: int8-only}.")
-            continue
-        entry = long_opts.get(str(key).replace("_", "-"))
-        if entry is None:
-            raise OnnxmpqError(f"config {path} line {lines.get((str(key),), '?')}: key {key!r} is not a quantize option.",
-                               "use the option names of `onnxmpq quantize --help` without dashes.")
-        flag, option = entry
-        if option.name in given_params:
-            continue
-        args += _option_args(flag, value, option)
-    return args + overrides, check_profile
-
-
-def _option_args(flag: str, value, option) -> list[str]:
-    if option.is_flag:
-        return [flag] if value else []
-    values = value if isinstance(value, list) and option.multiple else [value]
-    if isinstance(value, list) and not option.multiple:
-        values = [",".join(str(v) for v in value)]
-    out = []
-    for v in values:
-        out += [flag, str(v)]
-    return out
-
+    data = dict(data)
+    model, check = data.pop("model"), data.pop("check", None)
+    check_profile = check.get("profile") if isinstance(check, dict) else check
+    if check is not None and not isinstance(check_profile, str):
+        raise OnnxmpqError(f"config {path} line {lines.get(('check',), '?')}: key 'check' needs a profile.",
+                           "write check: {profile: int8-only}.")
+    return str(model), config.from_mapping(data, f"config {path}", lines), check_profile

@@ -1,0 +1,145 @@
+"""The stages of a run, on its `RunContext`: load, assign uniform widths, measure sensitivity, round,
+build and verify. `api` (one run) and `sweep` (many allocations on one context) both compose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from onnxmpq import progress
+from onnxmpq.allocate import latency
+from onnxmpq.errors import OnnxmpqError, option
+from onnxmpq.graph import model as graph
+from onnxmpq.graph import runtime
+from onnxmpq.graph.model import Model
+from onnxmpq.hardware import profiles
+from onnxmpq.pipeline.config import SearchConfig
+from onnxmpq.pipeline.context import RunContext
+from onnxmpq.rounding import sequential
+from onnxmpq.sensitivity import METRICS, cache, parallel, parse_candidates
+from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.write.build import build
+
+
+def load(model: str | os.PathLike | Model) -> Model:
+    """A `Model` from a path (or the model itself)."""
+    return model if isinstance(model, Model) else graph.load(model)
+
+
+def model_files(model: Model) -> dict[str, Path]:
+    """The external data files a model was read with, by role (for `paths.check_writes`)."""
+    return {f"model's external data {p.name!r}": p for p in model.data_files}
+
+
+def assign(model: Model, weight_bits: int | None, act_bits: int | None,
+           layer_bits: Mapping[str, Candidate] | None = None,
+           options: QuantOptions = QuantOptions()) -> dict[str, Candidate]:
+    """Uniform precision for every unit (weight bits for the weighted layers, activation bits for all),
+    then the per-unit overrides by name."""
+    points = model.points(options)
+    assignment = {u.name: Candidate(weight_bits if u.layer else None, act_bits) for u in points.units}
+    for name, cand in (layer_bits or {}).items():
+        points.unit(name)  # raises a clear error for an unknown name
+        assignment[name] = cand
+    return {name: cand for name, cand in assignment.items() if cand.weight_bits or cand.act_bits}
+
+
+def round_weights(ctx: RunContext, assignment, stats, options: QuantOptions, batch_size: int = 32):
+    """GPTQ codes for the assignment's layers, with a progress bar per layer."""
+    todo = sum(1 for c in assignment.values() if c.weight_bits)
+    with progress.bar("gptq", todo, unit="layer") as advance:
+        return sequential.round_model(ctx.model, assignment, ctx.require_data("gptq rounding"), stats, options,
+                                      batch_size=max(batch_size, 64), on_layer=lambda name: advance(1))
+
+
+def with_profile_rules(options: QuantOptions, profile) -> QuantOptions:
+    """The writer options with a hardware profile's op rules: the ops it runs on integers and the ops whose
+    inputs share one scale."""
+    if profile is None:
+        return options
+    rules = profiles.load(profile)
+    return dataclasses.replace(options, integer_ops=options.integer_ops | rules.integer_ops,
+                               tie_ops=options.tie_ops | frozenset(rules.tie))
+
+
+def materialize(ctx: RunContext, assignment, options: QuantOptions, rounding: Rounding, batch_size: int = 32):
+    """Statistics, rounding and the QDQ writer for one assignment: (proto, results, notes)."""
+    rounding = rounding.resolve([c.weight_bits for c in assignment.values()], ctx.has_data)
+    acts = [name for name, cand in assignment.items() if cand.act_bits]
+    if not ctx.has_data and (acts or rounding == Rounding.GPTQ):
+        raise OnnxmpqError(f"{'gptq rounding' if rounding == Rounding.GPTQ else 'quantized activations'} "
+                           "needs calibration data.", f"set {option('data.calib')}.")
+    stats = ctx.stats(options, acts) if acts else {}
+    weights, notes = None, []
+    if rounding == Rounding.GPTQ:
+        result = round_weights(ctx, assignment, stats, options, batch_size)
+        weights = result.weights
+        notes += [f"{name}: {reason}" for name, reason in result.fallbacks]
+    proto, results = build(ctx.model, assignment, stats, options, weights=weights)
+    return proto, results, notes
+
+
+def verification(ctx: RunContext, output: Path, chosen=None) -> dict:
+    """The written file against the float model on the held-out samples, its latency beside the float
+    model's (timed in alternation, batch 1), and the kernels onnxruntime runs it on after load."""
+    fidelity = ctx.judge.score(str(output))
+    quantized_ms, float_ms = latency.time_pair(str(output), ctx.model.proto, ctx.first())
+    kernels = runtime.census(str(output))
+    out = {**fidelity.to_dict(), "latency_ms": quantized_ms, "float_latency_ms": float_ms, "latency_batch": 1,
+           "kernels": {"integer_compute": kernels.int_compute, "float_compute": kernels.float_compute}}
+    if chosen is not None and chosen.latency is not None:
+        # the table's prediction, and the same rescaled by how fast the float model runs now against
+        # when the table was measured: T_now = T_pred * float_ms(now) / float_ms(table)
+        out["predicted_latency_ms"] = predicted = chosen.latency.predict(chosen.assignment)
+        if chosen.latency.float_ms > 0:
+            out["predicted_latency_now_ms"] = predicted * float_ms / chosen.latency.float_ms
+    return out
+
+
+def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int], act_bits: Sequence[int | None], *,
+            separate: bool = False, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
+            batch_size: int = 64, workers: int = 1, cache_dir=None, naive: bool = False, executor: str = "process",
+            address: str | None = None) -> list:
+    """The sensitivity tables of `sensitivity`, measured on the run's calibration samples and statistics."""
+    candidates = parse_candidates(weight_bits, act_bits, separate)
+    data_free = all(METRICS.get(name).data_free for name in metrics)
+    rounding = Rounding(rounding).resolve(weight_bits, ctx.has_data and not data_free)
+    batches, stats = [], None
+    if not data_free:
+        if not ctx.has_data:
+            raise OnnxmpqError(f"metric(s) {', '.join(metrics)} need calibration data.", f"set {option('data.calib')}.")
+        batches = ctx.require_data("sensitivity").feeds(batch_size)
+        if any(c.act_bits for c in candidates):
+            stats = ctx.stats(options)
+    model = ctx.model
+    keys = [c.key for c in candidates]
+    settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
+                "options": repr(options), "naive": naive}
+    key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
+    if key and (hit := cache.load(cache_dir, key, list(metrics), keys)) is not None:
+        return hit
+    points = model.points(options)
+    several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free
+    with progress.bar("sensitivity", len(points.units) if several_acts else len(points.layers), unit="unit") as advance:
+        tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
+                                  workers=workers, naive=naive, executor=executor, address=address,
+                                  on_layer=lambda name: advance(1))
+    if key:
+        cache.store(cache_dir, key, tables)
+    return tables
+
+
+def table_source(ctx: RunContext, settings: SearchConfig, rounding: Rounding, options: QuantOptions):
+    """The `sensitivity(metric, weight_bits, act_bits)` callable `plan.choose` takes: one measured table
+    per metric, with the run's samples, cache and rounding, kept for later calls (a sweep)."""
+    tables: dict = {}
+
+    def table(metric: str, weight_bits, act_bits):
+        if metric not in tables:
+            tables[metric] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
+                                     batch_size=ctx.batch_size, cache_dir=settings.cache_dir)[0]
+        return tables[metric]
+    return table
