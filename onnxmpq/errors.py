@@ -7,7 +7,8 @@ ending with a hint of what to do) and exits 1, or with `exit_code` when a rule o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class OnnxmpqError(Exception):
@@ -52,9 +53,14 @@ def option(path: str) -> str:
     return _NAMER[-1](path)
 
 
-def name_options(namer: Callable[[str], str]) -> None:
-    """Installs the front end's naming of settings (the CLI calls it once, at start)."""
+@contextmanager
+def naming(namer: Callable[[str], str]) -> Iterator[None]:
+    """Within the block, settings are named by `namer` (the CLI names them by their flags)."""
     _NAMER.append(namer)
+    try:
+        yield
+    finally:
+        _NAMER.pop()
 
 
 class InternalError(Exception):

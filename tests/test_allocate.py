@@ -280,7 +280,7 @@ def test_greedy_within_two_budgets_or_says_to_use_ilp(problem):
     try:
         _check_greedy(problem)
     except ConstraintError as exc:
-        assert brute_force(problem) is not None and "--method ilp" in str(exc)
+        assert brute_force(problem) is not None and "search.method ilp" in str(exc)
 
 
 def test_greedy_two_budgets_counterexample():

@@ -48,12 +48,9 @@ def test_a_bad_value_names_its_field(path, value, words):
 
 
 def test_the_cli_names_a_field_by_its_flag():
-    errors.name_options(lambda path: config.flag_of(path) or path)
-    try:
-        with pytest.raises(ConfigError, match=r"^--max-drop 1\.5 is not"):
-            config.build("m", {"output.path": "o", "search.max_drop": 1.5})
-    finally:
-        errors._NAMER.pop()
+    with errors.naming(lambda path: config.flag_of(path) or path), \
+            pytest.raises(ConfigError, match=r"^--max-drop 1\.5 is not"):
+        config.build("m", {"output.path": "o", "search.max_drop": 1.5})
     with pytest.raises(ConfigError, match=r"^search\.max_drop"):
         config.build("m", {"output.path": "o", "search.max_drop": 1.5})
 

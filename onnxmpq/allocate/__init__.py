@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.errors import ConstraintError, OnnxmpqError, option
 from onnxmpq.registry import Registry
 
 BUDGET_KINDS = ("weight-bytes", "avg-bits", "bitops", "latency-ms")
@@ -44,7 +44,7 @@ def parse_budget(text: str) -> Budget:
     kind = kind.strip().lower()
     if not sep or kind not in BUDGET_KINDS:
         raise OnnxmpqError(f"budget {text!r} is not KIND=VALUE with KIND one of {', '.join(BUDGET_KINDS)}.",
-                           "write e.g. --budget avg-bits=3 or --budget weight-bytes=150KB.")
+                           "write e.g. avg-bits=3 or weight-bytes=150KB.")
     match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", value)
     if not match:
         raise OnnxmpqError(f"budget value {value!r} is not a number.", "write e.g. 3.5, 150KB or 0.5x.")
@@ -54,10 +54,10 @@ def parse_budget(text: str) -> Budget:
         raise OnnxmpqError(f"budget value {value!r} is not a number.", "write e.g. 3.5, 150KB or 0.5x.") from None
     unit = match.group(2).upper()
     if number <= 0:
-        raise OnnxmpqError(f"budget {text!r} must be positive.", "write e.g. --budget avg-bits=3.")
+        raise OnnxmpqError(f"budget {text!r} must be positive.", "write e.g. avg-bits=3.")
     if unit == "X":
         if kind in ("avg-bits", "latency-ms"):
-            raise OnnxmpqError("avg-bits takes bits, not a fraction (x).", "write e.g. --budget avg-bits=3.5.")
+            raise OnnxmpqError("avg-bits takes bits, not a fraction (x).", "write e.g. avg-bits=3.5.")
         return Budget(kind, number, relative=True)
     if unit not in _UNITS or (unit and kind != "weight-bytes"):
         raise OnnxmpqError(f"unit {match.group(2)!r} does not apply to {kind}.", "units: B, KB, MB, KiB, MiB; or x.")
@@ -169,7 +169,8 @@ def check_feasible(problem: Problem) -> None:
         if smallest > problem.limits[kind] * (1 + 1e-9):
             raise ConstraintError(f"budget {kind}={problem.user_value(kind, problem.limits[kind]):.6g} cannot be met: "
                                   f"the smallest achievable is {problem.user_value(kind, smallest):.6g} with these "
-                                  "candidates and rules.", "raise the budget or allow lower bit-widths (--bits).")
+                                  "candidates and rules.",
+                                  f"raise the budget or allow lower bit-widths ({option('search.weight_bits')}).")
 
 
 def totals(problem: Problem, index: Sequence[int]) -> dict[str, float]:

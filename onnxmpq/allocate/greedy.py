@@ -12,14 +12,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from onnxmpq.allocate import Allocation, Problem, admissible, result, solver, tied_ok, totals
-from onnxmpq.errors import ConstraintError
+from onnxmpq.errors import ConstraintError, option
 
 
 def _cost(problem: Problem) -> np.ndarray:
     """Every budget's cost normalised by its limit (by the largest total when unlimited) and summed: one
     scalar cost per (layer, candidate)."""
     if not problem.costs:
-        raise ConstraintError("the greedy walk needs a cost to lower.", "give a --budget (e.g. avg-bits=4).")
+        raise ConstraintError("the greedy walk needs a cost to lower.", f"give {option('search.budgets')} (e.g. avg-bits=4).")
     def scale(kind: str) -> float:
         limit = problem.limits[kind]
         return limit if np.isfinite(limit) else float(problem.costs[kind].max(axis=1).sum())
@@ -82,8 +82,8 @@ def solve_greedy(problem: Problem, time_limit: float = 10.0) -> Allocation:
     _repair(problem, allowed, index)
     if _over(problem, index):
         raise ConstraintError("the greedy walk ends over a budget: lowering precision by its combined cost "
-                              "cannot meet these budgets together.", "use --method ilp, which can.")
+                              "cannot meet these budgets together.", f"use {option('search.method')} ilp, which can.")
     if not tied_ok(problem, index):
         raise ConstraintError("the greedy walk breaks a hardware rule (tied activation widths or the cap on "
-                              "distinct widths).", "use --method ilp, which honours them.")
+                              "distinct widths).", f"use {option('search.method')} ilp, which honours them.")
     return result(problem, index, "greedy", "feasible")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onnxmpq.allocate import Budget, Link, Problem
-from onnxmpq.errors import ConstraintError, OnnxmpqError
+from onnxmpq.errors import ConstraintError, OnnxmpqError, option
 from onnxmpq.graph.points import Points, Unit
 from onnxmpq.hardware.profiles import Profile
 from onnxmpq.types import Candidate, QuantOptions, SensitivityTable
@@ -63,14 +63,14 @@ def unit_cost(kind: str, unit: Unit, cand: Candidate, channels: int, options: Qu
         return 0.0  # a unit the table does not list (nothing to choose when it was measured)
     if cand.key not in row:
         raise OnnxmpqError(f"the latency table has no entry for {unit.name} at {cand.key}.",
-                           "re-run `onnxmpq profile-latency` with the same --bits and --act-bits.")
+                           "re-run `onnxmpq profile-latency` with the same candidate widths.")
     return float(row[cand.key])
 
 
 def _measured_table(latency: LatencyTable | None) -> LatencyTable:
     if latency is None:
         raise OnnxmpqError("a latency-ms budget needs measured latencies.",
-                           "run `onnxmpq profile-latency` and pass --latency FILE, or let quantize measure them.")
+                           f"run `onnxmpq profile-latency` and set {option('search.latency')}, or let quantize measure them.")
     return latency
 
 
@@ -162,7 +162,7 @@ def _fixed_units(points: Points, candidates: Sequence[Candidate], columns: Seque
     rules are impossible for them); units without weights with one width to take, at that width."""
     fixed = {}
     names = {u.name for u in points.units}
-    for source, pins in (("profile pin", profile.pin), ("--keep", keep)):
+    for source, pins in (("profile pin", profile.pin), (option("search.keep"), keep)):
         for name, cand in pins.items():
             if name not in names:
                 raise OnnxmpqError(f"{source} names {name!r}, which is not a quantizable layer or unit.",
@@ -185,7 +185,8 @@ def _fixed_units(points: Points, candidates: Sequence[Candidate], columns: Seque
                 raise ConstraintError(f"profile {profile.name!r} allows none of the candidates "
                                       f"({', '.join(c.key for c in candidates)}) for {unit.op_type} layer "
                                       f"{unit.name!r} and no float layer.",
-                                      "add candidates the profile allows (--bits, --act-bits).")
+                                      f"add candidates the profile allows ({option('search.weight_bits')}, "
+                                      f"{option('precision.act_bits')}).")
             fixed[unit.name] = Candidate(None, None)
     return fixed
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from onnxmpq.allocate import Allocation, Problem, admissible, result, solver, tied_ok, totals
-from onnxmpq.errors import ConstraintError
+from onnxmpq.errors import ConstraintError, option
 
 TRIALS = 40
 WINDOWS = (1, 3, 5, 7, 9)
@@ -77,10 +77,11 @@ def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float 
     fidelity = problem.fidelity
     if problem.entropy is None or fidelity is None:
         raise ConstraintError("the threshold method needs each layer's output entropy and a fidelity judge.",
-                              "run it through `onnxmpq quantize --method threshold` with --calib.")
+                              f"run it through a quantize run ({option('search.method')} threshold) with {option('data.calib')}.")
     widths = sorted({w for w in problem.weight_bits if w})
     if len(widths) < 2:
-        raise ConstraintError("the threshold method needs at least two weight widths.", "pass e.g. --bits 2,3,4,5,6,8.")
+        raise ConstraintError("the threshold method needs at least two weight widths.",
+                              f"set e.g. {option('search.weight_bits')} 2,3,4,5,6,8.")
     seen: dict[tuple[int, ...], float] = {}
 
     def drop_of(index: Sequence[int]) -> float:
@@ -113,7 +114,7 @@ def solve_threshold(problem: Problem, time_limit: float = 10.0, max_drop: float 
     if not good:
         raise ConstraintError(f"no threshold split in {trials} trials meets the budgets"
                               f"{' and the drop limit' if max_drop is not None else ''}.",
-                              "raise the budget or --max-drop, or use --method ilp.")
+                              f"raise the budget or {option('search.max_drop')}, or use {option('search.method')} ilp.")
     best = min(good, key=lambda vt: vt[0])[1]
     alloc = result(problem, best.user_attrs["index"], "threshold (entropy, Optuna TPE)", "feasible")
     params = {"tau": best.params["tau"], "window": best.params["window"], "levels": best.user_attrs["levels"],

@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxmpq import paths
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import OnnxmpqError, option
 from onnxmpq.types import Batch, InputSpec
 
 ARRAY_SUFFIXES = (".npz", ".npy")
@@ -206,7 +206,7 @@ def _sample_count(shape: tuple[int, ...], rank: int | None, where: str) -> tuple
     if rank == 0:
         raise OnnxmpqError(f"{where} feeds a model input of rank 0 (a scalar, no batch axis); onnxmpq feeds "
                            "samples in batches along the first axis.",
-                           "give the model a batched input, or quantize without --calib (weights only).")
+                           f"give the model a batched input, or quantize without {option('data.calib')} (weights only).")
     if rank is not None and len(shape) == rank - 1:
         return 1, True
     if not shape:

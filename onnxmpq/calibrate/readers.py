@@ -34,7 +34,7 @@ from onnxmpq.calibrate.arrays import (
     rebatch,
 )
 from onnxmpq.calibrate.images import IMAGE_SUFFIXES, ImageFolderReader, Preprocess, has_images
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import OnnxmpqError, option
 from onnxmpq.registry import Registry
 from onnxmpq.types import Batch, InputSpec
 
@@ -329,7 +329,7 @@ def _check_batch_first(inputs: Sequence[InputSpec]) -> None:
                 f"have a dynamic batch, so its samples run along axis {axis}; onnxmpq feeds every input with the "
                 "samples on dim 0.",
                 f"export the model with {spec.name!r} batch-first (a Transpose inside the model), or quantize "
-                "without --calib (weights only).")
+                f"without {option('data.calib')} (weights only).")
 
 
 def open_source(path_or_object: Any, inputs: Sequence[InputSpec], *, limit: int | None = None,

@@ -49,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; user errors print one line and exit 1 (2 for violated rules), never a traceback.
     SIGINT and SIGTERM stop the run with exit 130 / 143: outputs are renamed into place only when
     complete, so nothing partial or temporary is left."""
-    names = flags()
-    errors.name_options(lambda path: names.get(path, path))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupted)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    names = flags()
     try:
-        code = cli.main(args=argv, prog_name="onnxmpq", standalone_mode=False)
+        with errors.naming(lambda path: names.get(path, path)):  # messages name settings by their flags
+            code = cli.main(args=argv, prog_name="onnxmpq", standalone_mode=False)
         return code if isinstance(code, int) else 0  # ctx.exit(2) (check's verdict) arrives as a return value
     except OnnxmpqError as exc:
         click.echo(f"error: {exc}", err=True)

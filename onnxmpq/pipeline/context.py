@@ -32,7 +32,7 @@ import numpy as np
 
 from onnxmpq import calibrate, progress
 from onnxmpq.calibrate.readers import DataSource, Preprocess
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import OnnxmpqError, option
 from onnxmpq.graph import model as graph
 from onnxmpq.graph.model import Model
 from onnxmpq.pipeline.config import DEFAULT_LIMIT
@@ -161,7 +161,7 @@ class RunContext:
     def require_data(self, what: str) -> Samples:
         """The calibration samples, or a clear error naming `what` needs them."""
         if self.calibration is None:
-            raise OnnxmpqError(f"{what} needs calibration data.", "pass calibration data (--calib PATH).")
+            raise OnnxmpqError(f"{what} needs calibration data.", f"pass calibration data ({option('data.calib')}).")
         return self.calibration
 
     def stats(self, options: QuantOptions, names: Iterable[str] | None = None) -> dict[str, TensorStats]:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
+from onnxmpq.errors import option
 from onnxmpq.graph.index import GraphIndex
 from onnxmpq.write.build import LayerResult, TensorResult, UnitResult, Written
 
@@ -108,11 +109,13 @@ def storage_notes(results: Sequence[LayerResult]) -> list[str]:
     if any(r.weight_type.startswith(("INT4", "INT2")) and r.weight_type.endswith("INT8 kernels") for r in results):
         notes.append("INT4/INT2 weights beside 8-bit activations are stored packed and reach their DQ through a "
                      "Cast to INT8, which onnxruntime folds at load so the layer runs on its INT8 kernels "
-                     "(the file of the narrow type, the speed of W8A8; --weight-layout native to drop it).")
+                     f"(the file of the narrow type, the speed of W8A8; {option('quantizers.weight_layout')} native "
+                     "to drop it).")
     if any(r.weight_type.startswith("INT2") and "Reshape guard" in r.weight_type for r in results):
         notes.append("2-bit weights are stored as INT2 (4 per byte) and reach their layer through a "
                      "shape-preserving Reshape: onnxruntime 1.32 would otherwise fuse DQ(INT2)+Conv into a "
-                     "QLinearConv it cannot build. Use --int2-container int4 for a plain DQ (2 per byte).")
+                     f"QLinearConv it cannot build. Use {option('quantizers.int2_container')} int4 for a plain DQ "
+                     "(2 per byte).")
     if any("Reshape guard" in r.weight_type and not r.weight_type.startswith("INT2") for r in results):
         notes.append("Some weights reach their layer through a shape-preserving Reshape so that onnxruntime "
                      "does not fuse them into a kernel that rejects the pattern (4-bit inputs with 8-bit "

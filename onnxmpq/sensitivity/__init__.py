@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import numpy_helper
 
-from onnxmpq.errors import InternalError, OnnxmpqError
+from onnxmpq.errors import InternalError, OnnxmpqError, option
 from onnxmpq.graph.model import Model
 from onnxmpq.graph.points import Unit
 from onnxmpq.registry import Registry
@@ -147,13 +147,14 @@ def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None],
     """w x a candidates (`w4a8`), or with `separate` weight-only (`w4`) and activation-only (`a8`) ones."""
     for bits in list(weight_bits) + [a for a in act_bits if a]:
         if not 2 <= bits <= 16:
-            raise OnnxmpqError(f"bit-width {bits} is outside 2..16.", "use --bits values from 2 to 16.")
+            raise OnnxmpqError(f"bit-width {bits} is outside 2..16.", f"use {option('search.weight_bits')} values from 2 to 16.")
     if separate:
         cands = [Candidate(w, None) for w in weight_bits] + [Candidate(None, a) for a in act_bits if a]
     else:
         cands = [Candidate(w, a) for w in weight_bits for a in act_bits if w or a]
     if not cands:
-        raise OnnxmpqError("no candidate precision to probe.", "give weight bits (--bits 2,4,8) or activation bits.")
+        raise OnnxmpqError("no candidate precision to probe.",
+                           f"give weight bits ({option('search.weight_bits')} 2,4,8) or activation bits.")
     return cands
 
 
@@ -193,7 +194,7 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
         rounding = Rounding.NEAREST  # the data-free path rounds to nearest whatever was asked
     else:
         if not batches:
-            raise OnnxmpqError("these metrics need calibration data.", "pass --calib PATH.")
+            raise OnnxmpqError("these metrics need calibration data.", f"set {option('data.calib')}.")
         sweep(model, batches, candidates, acts, stats, options, rounding,
               needs_layer_output=any(x.needs_layer_output for x in metrics),
               with_observers=any(x.needs_observers for x in metrics), naive=naive, on_layer=score_layer)
