@@ -5,7 +5,9 @@ long stages only, so a run of many minutes is never silent and a short one print
   ETA = elapsed * (total - done) / done;
 - at its end, when it took at least LINE_AFTER seconds, "stage: done units in elapsed s".
 
-`-q` (QUIET) silences both.
+`-q` (QUIET) silences both. Whether quiet or not, `timings()` records each stage's wall time (the
+report's `stages`): a stage is a bar's first word ("solve (ilp)" counts as "solve"), summed when it
+runs more than once.
 """
 
 from __future__ import annotations
@@ -60,9 +62,36 @@ def _silent(n: int = 1) -> None:
     """The advance of a quiet run: counts nothing."""
 
 
+_TIMINGS: list[dict[str, float]] = []
+
+
+@contextmanager
+def timings() -> Iterator[dict[str, float]]:
+    """Yields a dict that collects the seconds of every stage (`bar`) ending within the block."""
+    found: dict[str, float] = {}
+    _TIMINGS.append(found)
+    try:
+        yield found
+    finally:
+        _TIMINGS.remove(found)
+
+
 @contextmanager
 def bar(desc: str, total: int | None = None, unit: str = "sample") -> Iterator[Advance]:
-    """Yields a callback `advance(n)`: a bar on a terminal, lines elsewhere, nothing when quiet."""
+    """Yields a callback `advance(n)`: a bar on a terminal, lines elsewhere, nothing when quiet; the
+    stage's time goes to every active `timings()`."""
+    start = time.monotonic()
+    try:
+        with _shown(desc, total, unit) as advance:
+            yield advance
+    finally:
+        stage = desc.split()[0] if desc.strip() else desc
+        for found in _TIMINGS:
+            found[stage] = found.get(stage, 0.0) + time.monotonic() - start
+
+
+@contextmanager
+def _shown(desc: str, total: int | None, unit: str) -> Iterator[Advance]:
     if QUIET:
         yield _silent
         return

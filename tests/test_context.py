@@ -119,6 +119,9 @@ def test_one_quantize_reads_the_data_once_and_runs_the_float_reference_once(dyna
                           report_dir=tmp_path / "report")
     assert (tmp_path / "report" / "report.html").exists() and report.verification["held_out"]
     assert counts == {"read": 1, "collect": 1, "reference": 1}
+    # the report records the time of each stage the run went through
+    assert {"calibrate", "sensitivity", "solve", "gptq", "write", "verify"} <= set(report.stages)
+    assert all(t >= 0 for t in report.stages.values()) and sum(report.stages.values()) <= report.time_s + 1
 
 
 @pytest.mark.parametrize("kind", ["bitops", "weight-bytes", "avg-bits", "latency-ms"])

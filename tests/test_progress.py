@@ -38,3 +38,23 @@ def test_quiet_silences_the_lines(capsys, monkeypatch):
     with progress.bar("gptq", 3, unit="layer") as advance:
         advance(3)
     assert capsys.readouterr().err == ""
+
+
+def test_timings_record_each_stage_even_when_quiet(monkeypatch):
+    import time
+
+    from onnxmpq import progress
+
+    monkeypatch.setattr(progress, "QUIET", True)
+    with progress.timings() as stages:
+        with progress.bar("solve (ilp)", 1) as advance:
+            time.sleep(0.02)
+            advance(1)
+        for _ in range(2):
+            with progress.bar("verify", 1):
+                time.sleep(0.01)
+    assert set(stages) == {"solve", "verify"}
+    assert stages["solve"] >= 0.02 and stages["verify"] >= 0.02
+    with progress.bar("write", 1):
+        pass
+    assert "write" not in stages  # only while the block is active

@@ -67,7 +67,8 @@ def _quantize_summary(report) -> str:
              f"({report.weight_bytes / max(report.float_weight_bytes, 1):.3f}x), avg {report.avg_weight_bits:.2f} bits",
              f"  file      {report.float_file_bytes:>12,d} B float -> {report.file_bytes:>10,d} B "
              f"({report.file_bytes / max(report.float_file_bytes, 1):.3f}x)",
-             f"  BitOps    {report.bitops:.4g} per sample; {report.time_s:.1f} s"]
+             f"  BitOps    {report.bitops:.4g} per sample; {report.time_s:.1f} s"
+             + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items()) + ")" if report.stages else "")]
     if report.allocation:
         a = report.allocation
         lines.append(f"  chosen by {a['solver']} ({a['status']}), metric {a['metric']}, profile {a['profile']}: "

@@ -158,7 +158,13 @@ def check_paths(cfg: config.QuantizeConfig, model: Model, calib) -> None:
 
 
 def run_model(cfg: config.QuantizeConfig, model: Model, calib=None, preprocess=None) -> Report:
-    """One model from a checked config whose paths were checked (`run`)."""
+    """One model from a checked config whose paths were checked (`run`); the report records the time
+    of each stage (`Report.stages`)."""
+    with progress.timings() as stages:
+        return _run_model(cfg, model, calib, preprocess, stages)
+
+
+def _run_model(cfg: config.QuantizeConfig, model: Model, calib, preprocess, stages: dict[str, float]) -> Report:
     start = time.perf_counter()
     search, precision, out = cfg.search, cfg.precision, cfg.output
     options = with_profile_rules(cfg.quantizers, search.profile if search.choosing else None)
@@ -208,7 +214,7 @@ def run_model(cfg: config.QuantizeConfig, model: Model, calib=None, preprocess=N
         opset=graph.default_opset(proto), time_s=time.perf_counter() - start, skipped=model.skipped,
         notes=list(model.notes) + storage_notes(results.layers) + notes,
         allocation=_allocation_dict(chosen, cfg, {s.name for s in model.layers}),
-        verification=checked,
+        verification=checked, stages=dict(stages),
         settings={"rounding": str(rounding.resolve([c.weight_bits for c in assignment.values()], calib is not None)),
                   "weight_range": str(options.weight_range), "act_range": str(options.act_range),
                   "percentile": options.percentile, "int2_container": options.int2_container, "bias": options.bias,

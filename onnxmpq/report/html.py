@@ -52,6 +52,8 @@ def render(r: dict, figures: dict[str, bytes]) -> str:
                     ("budgets", ", ".join(f"{b['kind']}={b['value']:g}{'x' if b['relative'] else ''}"
                                           for b in a["budgets"]) or "none (max-drop search)"),
                     ("achieved", ", ".join(f"{k} {v:.4g}" for k, v in a["costs"].items()))]
+    if r.get("stages"):
+        summary.append(("stages", ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items())))
     if r.get("verification") and "error" in r["verification"]:
         summary.append(("verified", f"not verified: {r['verification']['error']}"))
     elif r.get("verification"):

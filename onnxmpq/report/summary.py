@@ -47,6 +47,7 @@ class Report:
     allocation: dict | None = None
     verification: dict | None = None  # the written file against the float model (held-out samples)
     file_breakdown: dict | None = None  # where the written file's bytes are (see `file_breakdown`)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (`progress.timings`)
 
     def to_dict(self, stable: bool = False) -> dict:
         """The report as JSON data; `stable` drops what changes from run to run (wall times, latencies),
@@ -56,6 +57,7 @@ class Report:
         out["float_ops"] = [{"name": n, "reason": r} for n, r in self.float_ops]
         if stable:
             out.pop("time_s")
+            out.pop("stages")
             if out.get("verification"):
                 out["verification"] = {k: v for k, v in out["verification"].items() if "latency" not in k}
         return out
