@@ -34,7 +34,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# the unit tier: tests/test_*.py without the e2e-marked real-model tests (under a minute on 2 cores)
+# the unit tier: tests/<package>/test_*.py without the e2e-marked real-model tests (under a minute on 2 cores)
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not e2e"
 
@@ -57,7 +57,7 @@ models:
 clean:
 	rm -rf $(OUT) .pytest_cache
 
-# the README's quantize option tables, regenerated from the configuration (tests/test_cli_options.py checks them)
+# the README's quantize option tables, regenerated from the configuration (tests/cli/test_cli_options.py checks them)
 readme: setup
 	$(PY) -c "from pathlib import Path; from onnxmpq.cli.options import splice_readme; \
 	from onnxmpq.cli.quantize import QUANTIZE_SECTIONS; p = Path('README.md'); \

@@ -1,10 +1,10 @@
-"""Tiny ONNX models built in code, shared by the tests of graph, ops, quantize, evaluate and export.
+"""Tiny ONNX models built in code, shared by the tests of graph, ops, write, verify and report.
 
 Each builder returns an `onnx.ModelProto` (float32, batch dimension "N") and is exposed as a fixture of
 the same name; `MODELS` lists the single-layer-kind builders for parametrized tests.
 
-Tiers: tests/test_*.py mirror the modules (the unit tier, `make test-fast`); tests/e2e/ drive the CLI
-and real models end to end and carry the `e2e` marker, as do unit-file tests marked `@pytest.mark.e2e`
+Tiers: tests/<package>/test_<module>.py mirror the package (the unit tier, `make test-fast`); tests/e2e/
+drive the CLI and real models end to end and carry the `e2e` marker, as do unit-file tests marked `@pytest.mark.e2e`
 (a real model's sweep); `slow` ones run only with `make test-all`.
 """
 

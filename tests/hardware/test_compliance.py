@@ -23,7 +23,7 @@ from onnxmpq.pipeline import api
 from onnxmpq.types import Candidate, QuantOptions, Scope
 from onnxmpq.write.build import build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 FIRST, GEMM = "/conv1/Conv", "/linear/Gemm"

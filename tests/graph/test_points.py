@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxmpq.graph import model as graph
 from onnxmpq.types import QuantOptions, Scope
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 
 

@@ -15,7 +15,7 @@ from onnxmpq.cli.quantize import QUANTIZE_SECTIONS, quantize
 from onnxmpq.pipeline import config
 from onnxmpq.sensitivity import METRICS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_help_lists_one_section_per_sub_config():

@@ -38,7 +38,7 @@ from onnxmpq.sensitivity import cache, parallel, probe
 from onnxmpq.types import Candidate, LayerScores, Rounding, SensitivityTable
 from onnxmpq.write.build import build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 WBITS = [Candidate(2, None), Candidate(4, None), Candidate(8, None)]

@@ -25,7 +25,7 @@ from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import RunContext
 from onnxmpq.types import Candidate, QuantOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 FAST = ["--metric", "weight-entropy", "--rounding", "nearest", "--limit", "32", "-q", "--no-verify"]

@@ -26,7 +26,7 @@ from onnxmpq.types import Candidate, QuantOptions
 from onnxmpq.write.build import build, layer_formats
 from onnxmpq.write.formats import weight_format
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

@@ -16,7 +16,7 @@ from onnxmpq.errors import OnnxmpqError
 from onnxmpq.types import InputSpec
 
 F32 = np.dtype(np.float32)
-CIFAR = Path(__file__).resolve().parents[1] / "data" / "cifar10-test"
+CIFAR = Path(__file__).resolve().parents[2] / "data" / "cifar10-test"
 
 
 def spec(name: str = "x", shape=(None, 3, 4, 4), dtype=F32) -> InputSpec:

@@ -27,7 +27,7 @@ from onnxmpq.pipeline import api, stages
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
 from onnxmpq.write.formats import weight_format
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 SLACK = 1e-9  # relative slack the package itself allows on a budget

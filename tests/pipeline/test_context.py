@@ -18,7 +18,7 @@ from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import HELD_OUT, RunContext, Samples, split_sizes
 from onnxmpq.types import Batch, Candidate, QuantOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET, CALIB = ROOT / "models" / "resnet20_cifar10.onnx", ROOT / "calibration" / "cifar10_train256.npz"
 
 

@@ -29,7 +29,7 @@ from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.sensitivity import parse_candidates
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 GEMM = "/linear/Gemm"
