@@ -15,7 +15,7 @@ container, INT32 biases, weight layout). For every example:
    each. The output scale is max |W|...|x| through the float net, since outputs may cancel to far less
    than their terms. Where a W8A8 layer (or an A8 layer with float weights, which onnxruntime makes
    W8A8) may run through onnxruntime's fused U8S8 kernels, which saturate on AVX2 without VNNI
-   (tests/test_quantize.py SATURATING_PAIRS; 5% mean error seen on a single MatMul here), the
+   (tests/write/test_build.py SATURATING_PAIRS; 5% mean error seen on a single MatMul here), the
    optimisations-off check is the oracle and the default level is only checked for sanity (finite,
    mean error under 25% of the scale);
 3. the weight bytes are the bytes actually stored: each layer's result and the report equal the bytes

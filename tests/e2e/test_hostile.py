@@ -13,7 +13,7 @@ Cases are built in tmp_path by the tests themselves. The first quantize of every
 (and its inspect) runs as a subprocess of the installed `onnxmpq` script, the truest check for
 tracebacks (16 subprocesses, those of one case started together); every other command runs in-process through
 `onnxmpq.cli.main` under a SIGALRM watchdog, so a hang fails the case instead of blocking the suite.
-`HOSTILE_VERBOSE=1 pytest -s tests/test_hostile.py` prints every command with its exit code.
+`HOSTILE_VERBOSE=1 pytest -s tests/e2e/test_hostile.py` prints every command with its exit code.
 
 Cases: 73 parametrized, running 379 commands in all (plus an `inspect` of every model written):
   malformed files (10): truncated protobuf, random bytes, text file named .onnx, empty file, a model
