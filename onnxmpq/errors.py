@@ -31,7 +31,7 @@ class ConfigError(OnnxmpqError):
 
     def __init__(self, field: str, problem: str, hint: str | None = None):
         super().__init__(f"{option(field)} {problem}.", f"{hint}." if hint else None)
-        self.field = field
+        self.field, self.problem = field, problem
 
 
 class ConstraintError(OnnxmpqError):

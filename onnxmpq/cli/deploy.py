@@ -14,12 +14,12 @@ from typing import Any
 import click
 import yaml
 
-from onnxmpq import paths, progress, yamlfile
+from onnxmpq import errors, paths, progress, yamlfile
 from onnxmpq.allocate import latency
 from onnxmpq.cli.common import emit, quiet_option, widths
 from onnxmpq.cli.options import GroupedCommand, config_options, given
 from onnxmpq.cli.quantize import QUANTIZE_SECTIONS, emit_result, execute
-from onnxmpq.errors import OnnxmpqError
+from onnxmpq.errors import ConfigError, OnnxmpqError
 from onnxmpq.hardware import compliance as hardware
 from onnxmpq.hardware import profiles
 from onnxmpq.pipeline import api, config
@@ -100,8 +100,17 @@ def profile_latency(model, calib, bits, act_bits, output, runs, threads, weight_
 @click.pass_context
 def run(ctx: click.Context, config_file: str, as_json: bool, **kw: Any) -> None:
     """Quantize (and check) as CONFIG.yaml says; quantize options on the command line override it."""
-    model, values, check_profile = read_config(config_file)
-    cfg = config.build(model, {**values, **given(kw)})
+    model, values, check_profile, origins = read_config(config_file)
+    overrides = given(kw)
+    try:  # the file's own values first, so a bad one is named by its key and line
+        with errors.naming(lambda path: path):
+            for section, fields in config.by_section({k: v for k, v in values.items() if k not in overrides}).items():
+                config.build_section(section, fields)
+    except ConfigError as exc:
+        line = origins.get(exc.field)
+        raise OnnxmpqError(f"config {config_file}{f' line {line}' if line else ''}: {exc.field} {exc.problem}.",
+                           exc.hint) from None
+    cfg = config.build(model, {**values, **overrides})
     result = execute(cfg)
     if not check_profile:
         emit_result(as_json, result)
@@ -123,8 +132,9 @@ def run(ctx: click.Context, config_file: str, as_json: bool, **kw: Any) -> None:
         ctx.exit(2)
 
 
-def read_config(path: str) -> tuple[str, dict[str, Any], str | None]:
-    """(model, raw values by config path, the profile to check against or None) from a YAML config:
+def read_config(path: str) -> tuple[str, dict[str, Any], str | None, dict[str, int]]:
+    """(model, raw values by config path, the profile to check against or None, each path's line) from a
+    YAML config:
     sections by name or quantize's long option names (see `config.from_mapping`), plus `model` and an
     optional `check: {profile: NAME}`."""
     try:
@@ -142,4 +152,5 @@ def read_config(path: str) -> tuple[str, dict[str, Any], str | None]:
     if check is not None and not isinstance(check_profile, str):
         raise OnnxmpqError(f"config {path} line {lines.get(('check',), '?')}: key 'check' needs a profile.",
                            "write check: {profile: int8-only}.")
-    return str(model), config.from_mapping(data, f"config {path}", lines), check_profile
+    origins: dict[str, int] = {}
+    return str(model), config.from_mapping(data, f"config {path}", lines, origins), check_profile, origins

@@ -420,13 +420,19 @@ def flag_of(path: str) -> str | None:
 def build(model: str, values: Mapping[str, Any]) -> QuantizeConfig:
     """A checked config from raw values by dotted path ({"search.max_drop": "0.01", ...}); missing paths
     keep their defaults. Each value goes through its field's parser."""
-    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    sections = by_section(values)
+    return QuantizeConfig(model=model, **{name: build_section(name, sections.get(name, {})) for name in SECTIONS}).check()
+
+
+def by_section(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Raw values by dotted path, grouped by section: {"search": {"max_drop": ...}, ...}."""
+    sections: dict[str, dict[str, Any]] = {}
     for path, value in values.items():
         section, _, name = path.partition(".")
         if section not in SECTIONS:
             raise ConfigError(path, "is not a setting", "sections are " + ", ".join(SECTIONS))
-        sections[section][name] = value
-    return QuantizeConfig(model=model, **{name: build_section(name, raw) for name, raw in sections.items()}).check()
+        sections.setdefault(section, {})[name] = value
+    return sections
 
 
 def build_section(section: str, values: Mapping[str, Any]) -> Any:
@@ -441,10 +447,11 @@ def build_section(section: str, values: Mapping[str, Any]) -> Any:
     return SECTIONS[section][0](**parsed)
 
 
-def from_mapping(data: Mapping[str, Any], source: str, lines: Mapping[tuple[str, ...], int] | None = None) \
-        -> dict[str, Any]:
+def from_mapping(data: Mapping[str, Any], source: str, lines: Mapping[tuple[str, ...], int] | None = None,
+                 origins: dict[str, int] | None = None) -> dict[str, Any]:
     """Raw values by dotted path from a YAML-like mapping: sections by name ({"search": {"max_drop": 0.01}})
-    or flat keys, either a field path's last part or a long option without dashes ("max-drop", "budget")."""
+    or flat keys, either a field path's last part or a long option without dashes ("max-drop", "budget").
+    `origins`, when given, receives the line of each path's key."""
     lines = lines or {}
     flat: dict[str, str] = {}
     for path, _, _ in all_settings():
@@ -462,13 +469,21 @@ def from_mapping(data: Mapping[str, Any], source: str, lines: Mapping[tuple[str,
                     raise OnnxmpqError(f"{source}{f' line {where}' if where else ''}: {key}.{sub} is not a setting.",
                                        f"the {name} section takes: " + ", ".join(n for n, _, _ in settings_of(name)))
                 out[path] = item
+                _note(origins, path, lines.get((str(key), str(sub))))
         elif name in flat:
             out[flat[name]] = value
+            _note(origins, flat[name], lines.get((str(key),)))
         elif name in negated:   # `no-verify: true` is `verify: false`
             out[negated[name]] = not _flag(value, negated[name])
+            _note(origins, negated[name], lines.get((str(key),)))
         else:
             where = lines.get((str(key),))
             raise OnnxmpqError(f"{source}{f' line {where}' if where else ''}: key {key!r} is not a quantize setting.",
                                "use the option names of `onnxmpq quantize --help` without dashes, or sections "
                                + ", ".join(SECTIONS) + ".")
     return out
+
+
+def _note(origins: dict[str, int] | None, path: str, line: int | None) -> None:
+    if origins is not None and line is not None:
+        origins[path] = line

@@ -481,3 +481,19 @@ def test_profile_latency_bad_bits_is_exit_1(work, calib, capsys):
     assert code == 1
     one_clean_error(err)
     assert not (work / "never.json").exists()
+
+
+def test_run_names_a_bad_file_value_by_its_key_and_line(tmp_path, capsys):
+    """The file is loaded into the configuration directly: a bad value is reported as the file wrote it."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {MODEL}\noutput: {tmp_path / 'm.onnx'}\nsearch:\n  method: greedy\n  max_drop: 2\n")
+    code, out, err = run(capsys, "-q", "run", path)
+    assert code == 1 and f"config {path} line 5: search.max_drop 2 is not a number in [0, 1)" in err, err
+    assert not (tmp_path / "m.onnx").exists()
+    # the command line's value replaces the file's, and is named as the command line names it
+    code, out, err = run(capsys, "-q", "run", path, "--max-drop", "3")
+    assert code == 1 and err.startswith("error: --max-drop '3' is not"), err
+    # sections and flat keys name the same settings; an unknown one is refused with its line
+    path.write_text(f"model: {MODEL}\noutput: {tmp_path / 'm.onnx'}\nsearch: {{mthod: greedy}}\n")
+    code, out, err = run(capsys, "-q", "run", path)
+    assert code == 1 and "line 3: search.mthod is not a setting" in err, err
