@@ -89,7 +89,7 @@ def build_problem(model: Model, table: SensitivityTable | None, candidates: Sequ
     """(Problem over the free units, {unit: Candidate} of the fixed ones)."""
     points = model.points(options)
     columns = candidate_columns(points, candidates)
-    consts = {t.name: t for t in model.proto.graph.initializer}
+    consts = model.index.consts
     rows = {row.name: row for row in table.layers} if table is not None else {}
     fixed = _fixed_units(points, candidates, columns, profile, keep or {})
     free = [u for u in points.units if u.name not in fixed]
