@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from onnxmpq.allocate import Allocation, Problem, admissible, result, solver
-from onnxmpq.allocate.ilp import solve_mip
+from onnxmpq.allocate.ilp import solve_ilp
 from onnxmpq.errors import ConstraintError
 
 VALUE_SCALE = 10 ** 6
@@ -46,7 +46,7 @@ def solve_eagl(problem: Problem, time_limit: float = 10.0) -> Allocation:
 
     levels = _levels(problem)
     if levels is None or problem.ties or problem.max_distinct is not None:
-        mip = solve_mip(problem, time_limit)
+        mip = solve_ilp(problem, time_limit)
         return Allocation(mip.choice, mip.objective, "eagl (multiple-choice knapsack, OR-Tools MIP)",
                           mip.status, mip.costs)
     rows = range(len(levels))

@@ -38,7 +38,7 @@ Var = Any
 
 
 @solver("ilp", "integer program, OR-Tools MIP (SCIP): least summed sensitivity under every budget and rule")
-def solve_mip(problem: Problem, time_limit: float = 10.0) -> Allocation:
+def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
     """The same program with OR-Tools' MIP solver (SCIP): float scores and costs, no scaling; it proves
     optimality on 500 layers x 6 candidates x 2 budgets in about a second, where CP-SAT needs ~14 s."""
     from ortools.linear_solver import pywraplp
@@ -122,7 +122,8 @@ def add_rules(problem: Problem, x: Sequence[Sequence[Var]], add: Callable[[Var],
 
 
 @solver("ilp-cpsat", "the same integer program with OR-Tools CP-SAT")
-def solve_ilp(problem: Problem, time_limit: float = 10.0) -> Allocation:
+def solve_cpsat(problem: Problem, time_limit: float = 10.0) -> Allocation:
+    """The same program with CP-SAT on 2 workers (integers: see the module docstring)."""
     from ortools.sat.python import cp_model
 
     n_layers, n_cands = problem.scores.shape
