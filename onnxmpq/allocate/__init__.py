@@ -6,10 +6,11 @@ codes, parameter-weighted bits (avg-bits x total params), and BitOps = MACs x w_
 latency-ms costs come from a measured `latency.LatencyTable` (per-layer change against a reference
 precision, shifted so each layer's cheapest choice costs 0). Hardware rules arrive as `allowed` (the
 profile's admissible choices), `ties` (layers reading one tensor must share activation bits: one
-quantizer) and `max_distinct` (at most K distinct weight widths). SOLVERS: `ilp` (OR-Tools MIP),
-`ilp-cpsat`, `greedy` (AIMET-style: lower precision step by step, least sensitivity per cost saved
-first), `eagl` (weight-entropy knapsack) and `threshold` (Qin et al.: smoothed output entropy against a
-tuned threshold; it needs `entropy` and a `fidelity` judge).
+quantizer) and `max_distinct` (at most K distinct weight widths). SOLVERS: `ilp` (exact branch and
+bound on a Lagrangian bound, `mckp`, then OR-Tools' MIP for the rules it leaves or a gap), `ilp-scip`
+(the MIP alone), `ilp-cpsat`, `greedy` (AIMET-style: lower precision step by step, least sensitivity
+per cost saved first), `eagl` (weight-entropy knapsack) and `threshold` (Qin et al.: smoothed output
+entropy against a tuned threshold; it needs `entropy` and a `fidelity` judge).
 """
 
 from __future__ import annotations

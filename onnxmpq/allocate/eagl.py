@@ -8,8 +8,8 @@ the `weight-entropy` metric) and costs w_kl = cost_k[l, c_hi] - cost_k[l, c_lo] 
 
 solved by OR-Tools' multidimensional knapsack (branch and bound) on integers: values scaled to 10^6,
 weights rounded up and capacities down, so the answer never exceeds a budget. With more than two
-candidates per layer, ties or a cap on distinct widths the knapsack is multiple-choice, and the
-integer program of `ilp` solves it.
+candidates per layer, ties or a cap on distinct widths the knapsack is multiple-choice, and `ilp`
+solves it.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def solve_eagl(problem: Problem, time_limit: float = 10.0) -> Allocation:
 
     levels = _levels(problem)
     if levels is None or problem.ties or problem.max_distinct is not None:
-        mip = solve_ilp(problem, time_limit)
-        return Allocation(mip.choice, mip.objective, "eagl (multiple-choice knapsack, OR-Tools MIP)",
-                          mip.status, mip.costs)
+        knapsack = solve_ilp(problem, time_limit)
+        return Allocation(knapsack.choice, knapsack.objective, f"eagl (multiple-choice knapsack, {knapsack.solver})",
+                          knapsack.status, knapsack.costs, knapsack.details)
     rows = range(len(levels))
     values = [max(0, round((problem.scores[l, lo] - problem.scores[l, hi]) * VALUE_SCALE)) for l, (lo, hi) in
               zip(rows, levels)]

@@ -1,5 +1,6 @@
 """Hardware rules inside the solvers, on hand-made `Problem`s: ties (one activation width per group) and
-`max_distinct` (with the fixed layers' widths counted) for `ilp` and `ilp-cpsat`; `greedy` refusing a
+`max_distinct` (with the fixed layers' widths counted) for `ilp` (its fast path for the cap, the MIP for
+ties), `ilp-scip` and `ilp-cpsat`; `greedy` refusing a
 walk that breaks a tie; `eagl` against brute force over every subset; `threshold.smooth` and `split`.
 
 Oracles: answers worked out by hand in each docstring, and brute force over every combination.
@@ -16,7 +17,7 @@ from onnxmpq.allocate import Problem, solve, tied_ok
 from onnxmpq.allocate.threshold import smooth, split
 from onnxmpq.errors import ConstraintError
 
-SOLVERS = ["ilp", "ilp-cpsat"]
+SOLVERS = ["ilp", "ilp-scip", "ilp-cpsat"]
 
 
 def make(scores, costs=None, limits=None, *, cands, ties=(), max_distinct=None, fixed_widths=(), allowed=None,
@@ -155,6 +156,30 @@ def test_rules_match_brute_force(method, seed):
     assert alloc.objective == pytest.approx(best[0], rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_cap_on_widths_without_ties_is_the_fast_path_and_matches_brute_force(seed, cap):
+    """Random 6-layer problems over widths 2..8 with one or two budgets and a cap: `ilp` answers from its
+    fast path (one search per set of widths), with brute force's objective."""
+    rng = np.random.default_rng(seed)
+    cands = [(w, 8) for w in (2, 3, 4, 6, 8)]
+    scores = rng.uniform(0, 1, (6, 5)) * np.exp(-0.5 * np.array([w for w, _ in cands]))[None, :]
+    costs = {"avg-bits": np.array([[w for w, _ in cands]] * 6, float) * rng.integers(1, 9, (6, 1)),
+             "bitops": rng.integers(1, 30, (6, 5)).astype(float)}
+    costs = dict(list(costs.items())[:1 + seed % 2])
+    limits = {k: float(c.min(axis=1).sum() + 0.5 * (c.max(axis=1).sum() - c.min(axis=1).sum())) for k, c in costs.items()}
+    problem = make(scores, costs, limits, cands=cands, max_distinct=cap, fixed_widths=[8] if seed % 3 == 0 else ())
+    best = brute(problem)
+    if best is None:
+        with pytest.raises(ConstraintError):
+            solve(problem, "ilp")
+        return
+    alloc = solve(problem, "ilp")
+    assert alloc.solver.startswith("ilp (Lagrangian") and alloc.status == "optimal"
+    assert tied_ok(problem, index_of(problem, alloc))
+    assert alloc.objective == pytest.approx(best[0], rel=1e-9, abs=1e-12)
+
+
 # ---------------------------------------------------------------- greedy refuses rule breaks
 
 
@@ -251,10 +276,10 @@ def test_eagl_budget_below_all_low_is_a_constraint_error():
         solve(tight, "eagl")
 
 
-def test_eagl_falls_back_to_the_integer_program_with_rules():
+def test_eagl_falls_back_to_the_multiple_choice_solver_with_rules():
     problem = make(DISTINCT_SCORES, cands=DISTINCT_CANDS, max_distinct=2)
     alloc = solve(problem, "eagl")
-    assert "MIP" in alloc.solver
+    assert alloc.solver.startswith("eagl (multiple-choice knapsack, ilp")
     assert alloc.choice == {"l0": "w4a8", "l1": "w4a8", "l2": "w8a8"}
 
 
