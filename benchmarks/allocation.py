@@ -3,13 +3,14 @@
 For ResNet-20 and ResNet-56 (CIFAR-10 test) and PP-OCRv4 recognition (rendered lines): metric x
 allocator at 3, 4 and 5 average weight bits (activations 8), uniform widths beside them, accuracy,
 size, BitOps and search time; GPTQ rows at 2.5 and 3 bits; the OCR mixed A8/A16 target; a Pareto
-frontier plot; the ILP's time on 500 layers x 6 candidates with two budgets. Sensitivity tables are
-measured once per (model, metric) through `--cache` and reused by every allocator.
+frontier plot; the solvers' time on 500 layers x 6 candidates with two budgets (`ilp` with its fast
+path, SCIP and CP-SAT alone, greedy; `python -m benchmarks.allocation --solvers` measures that table
+alone). Sensitivity tables are measured once per (model, metric) through `--cache` and reused by every
+allocator.
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -119,26 +120,49 @@ def ocr_rows(ctx, tmp: Path) -> tuple[list, float]:
     return rows, base["cer"]
 
 
-def ilp_timing() -> list[list]:
-    from onnxmpq.allocate import Problem, solve
+def timing_problem():
+    """500 layers x 6 candidates (W2..W8 at A8), sensitivity falling with the bits, avg-bits and BitOps budgets."""
+    from onnxmpq.allocate import Problem
 
     rng = np.random.default_rng(0)
     n, bits = 500, np.array([2, 3, 4, 5, 6, 8])
     params, macs = rng.integers(100, 100_000, n), rng.integers(1000, 10 ** 7, n)
     scores = np.exp(-0.7 * bits)[None, :] * rng.uniform(0.1, 10, (n, 1))
-    problem = Problem(tuple(f"l{i}" for i in range(n)), tuple(f"w{b}a8" for b in bits), scores,
-                      {"avg-bits": (params[:, None] * bits).astype(float),
-                       "bitops": (macs[:, None] * bits * 8).astype(float)},
-                      {"avg-bits": 4.3 * params.sum(), "bitops": 0.5 * (macs * 64).sum()})
-    rows = []
-    for method in ("ilp", "ilp-cpsat", "greedy"):
-        times, status = [], ""
-        for _ in range(3):
+    return Problem(tuple(f"l{i}" for i in range(n)), tuple(f"w{b}a8" for b in bits), scores,
+                   {"avg-bits": (params[:, None] * bits).astype(float),
+                    "bitops": (macs[:, None] * bits * 8).astype(float)},
+                   {"avg-bits": 4.3 * params.sum(), "bitops": 0.5 * (macs * 64).sum()})
+
+
+TIMED = ("ilp", "ilp-scip", "ilp-cpsat", "greedy")  # ilp: the Lagrangian branch and bound, SCIP behind it
+
+
+def ilp_timing() -> list[list]:
+    """Each method on the same problem in one process, three runs each, interleaved (so a busy machine
+    slows them alike): [method, solver, median seconds, the median run's status (every run's when they
+    differ), its objective]."""
+    from onnxmpq.allocate import solve
+
+    problem = timing_problem()
+    runs: dict[str, list] = {m: [] for m in TIMED}
+    for _ in range(3):
+        for method in TIMED:
             start = time.perf_counter()
-            status = solve(problem, method, 10.0).status
-            times.append(time.perf_counter() - start)
-        rows.append([method, f"{statistics.median(times):.2f}", status])
+            alloc = solve(problem, method, 10.0)
+            runs[method].append((time.perf_counter() - start, alloc))
+    rows = []
+    for method in TIMED:
+        secs, alloc = sorted(runs[method], key=lambda run: run[0])[1]
+        statuses = [a.status for _, a in runs[method]]
+        status = alloc.status if len(set(statuses)) == 1 else f"{alloc.status} (runs: {', '.join(statuses)})"
+        rows.append([method, alloc.solver, f"{secs:.2f}", status, f"{alloc.objective:.4f}"])
     return rows
+
+
+def solver_time() -> list[str]:
+    """The solver-time section (also `python -m benchmarks.allocation --solvers` alone)."""
+    return ["### Solver time: 500 layers x 6 candidates, avg-bits and BitOps budgets (median of 3)\n",
+            common.table(["method", "solver", "seconds", "status", "objective"], ilp_timing()), ""]
 
 
 def pareto(tmp: Path) -> str:
@@ -182,6 +206,13 @@ def run(ctx: common.Context) -> str:
         parts += ["### Pareto frontier, ResNet-20 (nearest rounding, kl, ilp; drop = 1 - top-1 agreement with float "
                   "on the 256 calibration samples, the set holding no more)\n", pareto(tmp), "",
                   "![ResNet-20 Pareto frontier](benchmarks/results/pareto_resnet20.png)\n"]
-    parts += ["### Solver time: 500 layers x 6 candidates, avg-bits and BitOps budgets (median of 3)\n",
-              common.table(["method", "seconds", "status"], ilp_timing()), ""]
+    parts += solver_time()
     return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--solvers"]:
+        raise SystemExit("usage: python -m benchmarks.allocation --solvers  (the rest runs from benchmarks.run)")
+    print("\n".join(solver_time()))
