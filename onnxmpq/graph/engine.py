@@ -34,21 +34,25 @@ class Frontier:
         """Values of `targets` for every batch (outer list: batches; inner: targets); moves the cut."""
         return self._run(proto, targets, move=True)
 
-    def peek(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
+    def peek(self, proto: onnx.ModelProto, targets: Sequence[str],
+             extra: Sequence[Mapping[str, np.ndarray]] = ()) -> list[list[np.ndarray]]:
         """Values of `targets` computed from the current cut, which stays where it is (a probe: the
-        cut's float values through a graph that differs only downstream of the cut)."""
-        return self._run(proto, targets, move=False)
+        cut's float values through a graph that differs only downstream of the cut); `extra` adds
+        tensors to the cut for this call, one dict per batch (the inputs of nodes the probe added)."""
+        return self._run(proto, targets, move=False, extra=extra)
 
-    def _run(self, proto: onnx.ModelProto, targets: Sequence[str], move: bool) -> list[list[np.ndarray]]:
-        available = set(self.values[0])
-        dtypes = {name: value.dtype for name, value in self.values[0].items()}
+    def _run(self, proto: onnx.ModelProto, targets: Sequence[str], move: bool,
+             extra: Sequence[Mapping[str, np.ndarray]] = ()) -> list[list[np.ndarray]]:
+        values = [{**vals, **more} for vals, more in zip(self.values, extra, strict=True)] if extra else self.values
+        available = set(values[0])
+        dtypes = {name: value.dtype for name, value in values[0].items()}
         segment, inputs, produced = _segment(proto, available, targets, self.computed, dtypes, move)
         outputs = list(dict.fromkeys([t for t in targets if t not in available] + produced))
         results = []
         if segment is None:  # every target is already at the cut
-            return [[vals[t] for t in targets] for vals in self.values]
+            return [[vals[t] for t in targets] for vals in values]
         sess = runtime.session(segment)
-        for vals in self.values:
+        for vals in values:
             got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
             results.append([got[t] if t in got else vals[t] for t in targets])
             if move:
