@@ -101,6 +101,15 @@ class Rounding(StrEnum):
         return Rounding.GPTQ if low and have_data else Rounding.NEAREST
 
 
+class Probes(StrEnum):
+    """How the sensitivity sweep measures: `exact`, one network run per unit and candidate; or `fast`,
+    one run per unit with noise of known power, scaled to every candidate by the unit's own output error
+    (`onnxmpq.sensitivity.fast`)."""
+
+    FAST = "fast"
+    EXACT = "exact"
+
+
 class ActRange(StrEnum):
     """How an activation tensor's [min, max] range is chosen from its calibration histogram."""
 
@@ -167,7 +176,7 @@ class LayerScores:
 class SensitivityTable:
     """What the sensitivity stage hands the allocators: one metric, layers in network order.
 
-    JSON form (a contract): {"metric", "candidates", "samples", "time_s", "rounding",
+    JSON form (a contract): {"metric", "candidates", "samples", "time_s", "rounding", "probes",
     "layers": [{"name", "op_type", "scores": {candidate: score}, ...extra}]}.
     """
 
@@ -177,12 +186,13 @@ class SensitivityTable:
     samples: int
     time_s: float
     rounding: str = "nearest"
+    probes: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         layers = [{"name": l.name, "op_type": l.op_type, "scores": dict(l.scores), **dict(l.extra or {})}
                   for l in self.layers]
         return {"metric": self.metric, "candidates": list(self.candidates), "samples": self.samples,
-                "time_s": self.time_s, "rounding": self.rounding, "layers": layers}
+                "time_s": self.time_s, "rounding": self.rounding, "probes": self.probes, "layers": layers}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SensitivityTable:
@@ -190,4 +200,4 @@ class SensitivityTable:
                                    {k: v for k, v in l.items() if k not in ("name", "op_type", "scores")} or None)
                        for l in data["layers"])
         return cls(data["metric"], tuple(data["candidates"]), layers, int(data["samples"]),
-                   float(data["time_s"]), data.get("rounding", "nearest"))
+                   float(data["time_s"]), data.get("rounding", "nearest"), data.get("probes", "exact"))

@@ -4,7 +4,10 @@
 candidate, a unit without weights at every activation width when there are several) with the rest of the
 network in float (`probe.sweep`) and scores each probe with every asked-for metric of
 the METRICS registry; `weight-entropy` needs no data. Scores are degradations: larger = more damage.
-Results are cached on disk by model hash, calibration data hash and settings (`cache`).
+With `probes=fast` (`fast.sweep`) each unit is run once, with noise, and every candidate's score is the
+noise probe's degradation scaled by the candidate's output error; only the metrics marked
+`scales_with_power` are scored so. Results are cached on disk by model hash, calibration data hash and
+settings (`cache`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from onnxmpq.graph.model import Model
 from onnxmpq.graph.points import Unit
 from onnxmpq.registry import Registry
 from onnxmpq.rounding import round_nearest
+from onnxmpq.sensitivity import fast
 from onnxmpq.sensitivity import metrics as m
 from onnxmpq.sensitivity.probe import Probe, Reference, sweep, unit_candidates
-from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
+from onnxmpq.types import Candidate, LayerScores, Probes, QuantOptions, Rounding, SensitivityTable
 from onnxmpq.write.formats import weight_format
 
 ENTROPY_BINS = 256
@@ -67,7 +71,9 @@ class LayerContext:
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric: `score(ctx, probe)` -> degradation; `extra(ctx)` -> per-layer facts."""
+    """A registered metric: `score(ctx, probe)` -> degradation; `extra(ctx)` -> per-layer facts.
+    `scales_with_power`: the degradation grows in proportion to the power of a small error at a layer
+    (a smooth divergence of the outputs with its minimum at the float model), so fast probes may score it."""
 
     name: str
     score: Callable[[LayerContext, Probe], float]
@@ -75,6 +81,7 @@ class Metric:
     needs_observers: bool = False
     data_free: bool = False
     extra: Callable[[LayerContext], dict] | None = None
+    scales_with_power: bool = False
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -136,8 +143,8 @@ def _mutual_info(ctx: LayerContext, probe: Probe) -> float:
     return m.mi_drop(ref_smi, probe_smi, bits)
 
 
-_register(Metric("sqnr", _per_output(m.noise_to_signal)))
-_register(Metric("kl", _per_output(m.kl_divergence)))
+_register(Metric("sqnr", _per_output(m.noise_to_signal), scales_with_power=True))
+_register(Metric("kl", _per_output(m.kl_divergence), scales_with_power=True))
 _register(Metric("output-entropy", _output_entropy, needs_layer_output=True, extra=_raw_entropy))
 _register(Metric("mutual-info", _mutual_info, needs_observers=True))
 _register(Metric("weight-entropy", _weight_entropy, data_free=True))
@@ -158,11 +165,29 @@ def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None],
     return cands
 
 
+FAST_BY_DEFAULT = False  # see `resolve_probes`
+
+
+def resolve_probes(probes: Probes | str | None, metric_names: Sequence[str]) -> Probes:
+    """The probes a sweep of `metric_names` uses: those asked for, or by default (None) `fast` when every
+    metric that needs data scales with noise power, else `exact`. Fast probes asked for a metric
+    that does not scale so are refused."""
+    metrics = [METRICS.get(name) for name in metric_names]
+    unscaled = [x.name for x in metrics if not x.data_free and not x.scales_with_power]
+    if probes is None:
+        return Probes.FAST if FAST_BY_DEFAULT and not unscaled else Probes.EXACT
+    if Probes(probes) == Probes.FAST and unscaled:
+        scaled = ", ".join(n for n in METRICS if METRICS.get(n).scales_with_power)
+        raise OnnxmpqError(f"fast probes cannot score metric {unscaled[0]}: it does not grow with the power of "
+                           "the error at a layer.", f"use --probes exact, or a metric among {scaled}.")
+    return Probes(probes)
+
+
 def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_names: Sequence[str],
             candidates: Sequence[Candidate], stats=None, options: QuantOptions = QuantOptions(),
             rounding: Rounding = Rounding.NEAREST, naive: bool = False,
             on_layer: Callable[[str], object] | None = None,
-            unit_acts: Sequence[int | None] | None = None) -> list[SensitivityTable]:
+            unit_acts: Sequence[int | None] | None = None, probes: Probes = Probes.EXACT) -> list[SensitivityTable]:
     """One SensitivityTable per metric (see the module docstring); `unit_acts` are the activation widths
     the units without weights are probed at (default: those of `candidates`; () for none)."""
     start = time.perf_counter()
@@ -188,20 +213,46 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
         if on_layer:
             on_layer(unit.name)
 
+    def score_unit(found: fast.UnitErrors, ref: Reference) -> None:
+        unit = found.unit
+        weight = numpy_helper.to_array(consts[unit.layer.weight]).astype(np.float32) if unit.layer else None
+        for metric, scores in fast_scores(metrics, LayerContext(unit, weight, ref, None), found).items():
+            rows[metric].append(LayerScores(unit.name, unit.op_type, scores))
+        if on_layer:
+            on_layer(unit.name)
+
     if all(metric.data_free for metric in metrics):
         keys = [c.key for c in candidates]
         _data_free(points, candidates, options, score_layer, consts)
-        rounding = Rounding.NEAREST  # the data-free path rounds to nearest whatever was asked
+        rounding, probes = Rounding.NEAREST, Probes.EXACT  # the data-free path rounds to nearest whatever was asked
+    elif not batches:
+        raise OnnxmpqError("these metrics need calibration data.", f"set {option('data.calib')}.")
+    elif probes == Probes.FAST:
+        resolve_probes(probes, metric_names)
+        fast.sweep(model, batches, candidates, acts, stats, options, rounding, naive=naive, on_unit=score_unit)
     else:
-        if not batches:
-            raise OnnxmpqError("these metrics need calibration data.", f"set {option('data.calib')}.")
         sweep(model, batches, candidates, acts, stats, options, rounding,
               needs_layer_output=any(x.needs_layer_output for x in metrics),
               with_observers=any(x.needs_observers for x in metrics), naive=naive, on_layer=score_layer)
     samples = sum(len(next(iter(b.values()))) for b in batches) if batches else 0
     elapsed = time.perf_counter() - start
-    return [SensitivityTable(metric.name, tuple(keys), tuple(rows[metric.name]), samples, elapsed, str(rounding))
-            for metric in metrics]
+    return [SensitivityTable(metric.name, tuple(keys), tuple(rows[metric.name]), samples, elapsed, str(rounding),
+                             str(probes)) for metric in metrics]
+
+
+def fast_scores(metrics: Sequence[Metric], ctx: LayerContext, found: fast.UnitErrors) -> dict[str, dict[str, float]]:
+    """One unit's scores per metric from its fast probe: D(noise) * e(c) / e(noise) for the metrics that
+    scale with power (`fast`), the rounded codes' scores for the data-free ones."""
+    ratios = found.ratios()
+    out = {}
+    for metric in metrics:
+        if metric.data_free:
+            out[metric.name] = {k: float(metric.score(ctx, Probe(Candidate(None, None), [], None, {},
+                                                                 found.codes.get(k)))) for k in found.errors}
+        else:
+            damage = float(metric.score(ctx, found.noise))
+            out[metric.name] = {k: damage * r for k, r in ratios.items()}
+    return out
 
 
 def _data_free(points, candidates, options: QuantOptions, score_layer, consts) -> None:

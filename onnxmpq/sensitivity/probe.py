@@ -166,12 +166,12 @@ def layer_codes(spec: LayerSpec, weight: np.ndarray, node, cand: Candidate, x_ba
         return round_nearest(weight, spec.channel_axis, fmt, options.weight_range, spec.name)
     key = cand.act_bits
     if key not in cache:
-        cache[key] = accumulate(view, ((x, _fake_quant(x, cand.act_bits, (stats or {}).get(group), options))
+        cache[key] = accumulate(view, ((x, fake_quant(x, cand.act_bits, (stats or {}).get(group), options))
                                        for x in x_batches))
     return round_layer(weight, view, cache[key], fmt, spec.channel_axis, GptqSettings())
 
 
-def _fake_quant(x: np.ndarray, bits: int | None, tensor_stats, options: QuantOptions) -> np.ndarray:
+def fake_quant(x: np.ndarray, bits: int | None, tensor_stats, options: QuantOptions) -> np.ndarray:
     """x through the activation quantizer the writer would put in front of the layer."""
     if not bits or tensor_stats is None:
         return x

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
 CALIB = ROOT / "calibration" / "cifar10_train256.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TABLE_KEYS = {"metric", "candidates", "samples", "time_s", "rounding", "layers"}
+TABLE_KEYS = {"metric", "candidates", "samples", "time_s", "rounding", "probes", "layers"}
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -41,7 +41,7 @@ def assert_user_error(code: int, out: str, err: str, *needles: str):
 def assert_table(table: dict, metric: str, candidates: list[str], layers: list[tuple[str, str]], samples: int):
     assert set(table) == TABLE_KEYS
     assert table["metric"] == metric and table["candidates"] == candidates
-    assert table["samples"] == samples and table["rounding"] == "nearest"
+    assert table["samples"] == samples and table["rounding"] == "nearest" and table["probes"] == "exact"
     assert isinstance(table["time_s"], float) and table["time_s"] >= 0
     assert [(l["name"], l["op_type"]) for l in table["layers"]] == layers
     for layer in table["layers"]:

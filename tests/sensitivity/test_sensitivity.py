@@ -207,7 +207,7 @@ def test_table_json_round_trip_keeps_extras():
     tables = sensitivity.measure(m, batches_for(m, 4, 1), ["sqnr", "output-entropy"], WBITS)
     for table in tables:
         data = json.loads(json.dumps(table.to_dict()))
-        assert set(data) == {"metric", "candidates", "samples", "time_s", "rounding", "layers"}
+        assert set(data) == {"metric", "candidates", "samples", "time_s", "rounding", "probes", "layers"}
         assert SensitivityTable.from_dict(data) == table
     rows = tables[1].to_dict()["layers"]
     assert all(set(r) == {"name", "op_type", "scores", "entropy"} for r in rows)

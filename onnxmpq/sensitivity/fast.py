@@ -1,0 +1,295 @@
+"""Fast probes: one network run per unit instead of one per (unit, candidate).
+
+For unit l at candidate c the exact probe measures D(l, c), the metric's degradation with l alone at c.
+The fast sweep factors it into the unit's own output error, computed for every candidate without
+running the network, and a gain measured by one noise probe per unit:
+
+    score(l, c) = g_l * e_l(c),    g_l = D(l, noise) / e_l(noise)
+
+- e_l(c), the output error: the squared error that quantizing l at c adds to its output tensor t_l
+  (a weighted layer's op output, before an absorbed activation; else the unit's output), summed over
+  a sample's elements and averaged over the N calibration samples. For a weighted layer with a
+  `LinearView` (X the im2col columns of its input, W its float matrices, W_q the dequantized codes the
+  exact probe would use, dW = W - W_q, E = fq_a(X) - X the error of reading X at a bits, E = 0 without
+  activation bits):
+      e = [tr(dW H dW^T) - 2 tr(dW C W_q^T) + tr(W_q H_E W_q^T)] / N,
+      H = sum X X^T,  C = sum X E^T,  H_E = sum E E^T,
+  that is ||W_q (X + E) - W X||^2 / N, the exact error of the layer's linear output (written in error
+  terms only, never as a difference of large traces). A layer without a view gets e by running its
+  op alone from the cut with the probe's weights. Activation bits also add, for every tensor the unit
+  writes at a bits (and, for a unit without weights, every one it reads), the fake-quantization error
+  ||fq_a(t) - t||^2 / N of the float tensor, counted at t_l.
+- D(l, noise), e_l(noise): the network run once with noise at l and the rest float, scored by the
+  metric against the float model in the metric's own units (sqnr: error power at the network outputs
+  over their signal power). A weighted layer's noise is on its weights: W + Z, Z Gaussian with, on
+  output channel k, the standard deviation of channel k's residual when W is rounded to nearest on a
+  NOISE_BITS grid; its output error e_l(noise) = tr(Z H Z^T) / N by the same formula (or by running
+  the op). A unit without weights gets Gaussian noise added to its output, of power e_l at its
+  smallest activation width.
+
+g_l * e_l(c) = D(l, c) holds where the metric grows in proportion to the power of the error at t_l
+and the quantization error reaches the outputs as the noise does; a smooth divergence with its minimum
+at the float output (sqnr, kl) grows so for small errors. BENCHMARKS.md measures how well the ranks hold.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxmpq.graph import model as graph
+from onnxmpq.graph.engine import Frontier
+from onnxmpq.graph.points import Points, Unit
+from onnxmpq.rounding import QuantizedWeight, per_channel, round_nearest
+from onnxmpq.rounding.gptq import COLUMN_BUDGET, GptqSettings
+from onnxmpq.rounding.linear import LinearView, view_of
+from onnxmpq.sensitivity.probe import Probe, Reference, fake_quant, layer_codes, reference, unit_candidates
+from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding, TensorStats
+from onnxmpq.write.build import build
+from onnxmpq.write.formats import act_format, required_opset, weight_format
+
+NOISE = "onnxmpq/noise"   # the tensor a unit's output noise is fed as
+NOISE_BITS = 4            # the grid whose rounding residual sets a weight noise's scale per channel
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Sums over every calibration sample of a layer's input columns X (G, K, n) and of the error
+    E_a = fq_a(X) - X of reading them at each activation width a: H = sum X X^T, C_a = sum X E_a^T,
+    H_a = sum E_a E_a^T, each (G, K, K)."""
+
+    h: np.ndarray
+    c: Mapping[int, np.ndarray]
+    h_err: Mapping[int, np.ndarray]
+    samples: int
+
+    def output_error(self, w: np.ndarray, wq: np.ndarray, bits: int | None) -> float:
+        """e = [tr(dW H dW^T) - 2 tr(dW C_a W_q^T) + tr(W_q H_a W_q^T)] / N, dW = w - wq, w and wq (G, R, K)."""
+        dw = w - wq
+        total = np.einsum("grk,grk->", dw @ self.h, dw)
+        if bits:
+            total += np.einsum("grk,grk->", wq @ self.h_err[bits], wq)
+            total -= 2 * np.einsum("grk,grk->", dw @ self.c[bits], wq)
+        return float(max(total, 0.0) / self.samples)
+
+
+def moments(view: LinearView, xs: Sequence[np.ndarray],
+            quantizers: Mapping[int, Callable[[np.ndarray], np.ndarray]]) -> Moments:
+    """`Moments` of the batches `xs` of a layer's input, im2col'd a few samples at a time (COLUMN_BUDGET);
+    `quantizers` maps each activation width to the fake quantizer of the layer's input."""
+    sums: dict[tuple[str, int], np.ndarray] = {}
+
+    def add(key: tuple[str, int], a: np.ndarray, b: np.ndarray) -> None:
+        product = a @ np.swapaxes(b, 1, 2)  # float32 products of a chunk, summed in float64
+        sums[key] = sums[key] + product if key in sums else product.astype(np.float64)
+
+    for x in xs:
+        x = np.asarray(x, np.float32)
+        step = max(1, COLUMN_BUDGET // max(view.columns(x[:1]).size, 1))
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            cols = view.columns(chunk)
+            add(("h", 0), cols, cols)
+            for bits, fq in quantizers.items():
+                err = view.columns(fq(chunk) - chunk)
+                add(("c", bits), cols, err)
+                add(("e", bits), err, err)
+    return Moments(sums[("h", 0)], {b: sums[("c", b)] for b in quantizers}, {b: sums[("e", b)] for b in quantizers},
+                   sum(len(x) for x in xs))
+
+
+def weight_noise(weight: np.ndarray, axis: int, seed: int) -> np.ndarray:
+    """Z: Gaussian, on each output channel of the standard deviation of that channel's residual
+    w - Q(w) when rounded to nearest (min/max scale) on a NOISE_BITS grid."""
+    residual = weight - round_nearest(weight, axis, weight_format(NOISE_BITS)).dequantize()
+    sigma = np.sqrt(np.mean(per_channel(residual, axis).astype(np.float64) ** 2, axis=1))
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    z: np.ndarray = np.random.default_rng(seed).standard_normal(weight.shape) * sigma.reshape(shape)
+    return z.astype(np.float32)
+
+
+def with_weight(proto: onnx.ModelProto, node_name: str, weight: str, value: np.ndarray) -> onnx.ModelProto:
+    """A copy of `proto` whose node `node_name` reads `value` in place of its weight `weight` (a new
+    initializer: another layer sharing the weight keeps the float one)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    noisy = f"{weight}/onnxmpq_noisy"
+    out.graph.initializer.append(numpy_helper.from_array(value, noisy))
+    for node in out.graph.node:
+        if node.name == node_name:
+            node.input[:] = [noisy if i == weight else i for i in node.input]
+    return out
+
+
+def with_noise(proto: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """A copy of `proto` with the tensor NOISE (fed with the cut) added to `tensor`: its producer's output
+    is renamed and the sum takes the name, so every reader (a graph output too) sees the noise."""
+    clean = f"{tensor}/onnxmpq_clean"
+    nodes = []
+    for node in proto.graph.node:
+        if tensor in node.output:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.output[:] = [clean if o == tensor else o for o in node.output]
+            nodes += [copy, helper.make_node("Add", [clean, NOISE], [tensor], f"{NOISE}/add")]
+        else:
+            nodes.append(node)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+@dataclass(frozen=True)
+class UnitErrors:
+    """The fast sweep's findings for one unit: the noise probe, the output error of its noise and of each
+    candidate (by candidate key), and the codes each candidate was rounded to (None: weights float)."""
+
+    unit: Unit
+    noise: Probe
+    noise_error: float
+    errors: Mapping[str, float]
+    codes: Mapping[str, QuantizedWeight | None]
+
+    def ratios(self) -> dict[str, float]:
+        """e_l(c) / e_l(noise) per candidate: the score is the noise probe's degradation times this."""
+        return {k: e / self.noise_error if self.noise_error > 0 else 0.0 for k, e in self.errors.items()}
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """What every unit of one fast sweep shares."""
+
+    model: graph.Model
+    points: Points
+    front: Frontier
+    stats: Mapping[str, TensorStats] | None
+    options: QuantOptions
+    rounding: Rounding
+    samples: int
+    naive: bool
+
+    def fake_quant(self, tensor: str, bits: int, x: np.ndarray) -> np.ndarray:
+        group = self.points.group.get(tensor)
+        return fake_quant(x, bits, (self.stats or {}).get(group) if group else None, self.options)
+
+    def runner(self, batches) -> Frontier:
+        return Frontier(batches) if self.naive else self.front
+
+    def codes(self, spec: LayerSpec, weight: np.ndarray, xs: list[np.ndarray], m: Moments | None) \
+            -> Callable[[Candidate], QuantizedWeight | None]:
+        """The codes of each candidate, as the exact probe rounds them (`probe.layer_codes`; GPTQ's H of
+        the float input is the moments' H, summed the same way)."""
+        node = next(n for n in self.model.proto.graph.node if n.name == spec.name)
+        cache: dict = {None: (m.h, m.h)} if m is not None else {}
+        group = self.points.group.get(spec.activation)
+        return lambda cand: layer_codes(spec, weight, node, cand, xs, self.rounding, self.options, self.stats, cache,
+                                        group)
+
+
+def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
+          unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *, naive: bool = False,
+          on_unit: Callable[[UnitErrors, Reference], None]) -> None:
+    """The fast sweep (see the module docstring) over the units `probe.sweep` probes, in graph order;
+    calls `on_unit(findings, reference)` for each. One network run per unit, plus runs of single ops."""
+    formats = [f for c in (*candidates, *unit_acts) for f in (
+        weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
+        act_format(c.act_bits) if c.act_bits else None) if f]
+    model = graph.at_opset(model, required_opset(formats))
+    points = model.points(options)
+    probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
+    probed = [(u, c) for u, c in probed if c]
+    ref = reference(model, [u for u, _ in probed], batches, False)
+    run = _Sweep(model, points, Frontier(batches), stats, options, rounding,
+                 sum(len(next(iter(b.values()))) for b in batches), naive)
+    for unit, cands in probed:
+        at = dict(zip(unit.inputs, map(list, zip(*run.front.advance(model.proto, list(unit.inputs))))))
+        acts = sorted({c.act_bits for c in cands if c.act_bits})
+        act_error = _act_errors(run, unit, acts, at)
+        if unit.layer is None:
+            errors = {c.key: act_error[c.act_bits] for c in cands if c.act_bits}
+            noise, noise_error = _output_noise(run, batches, unit, act_error[acts[0]])
+            on_unit(UnitErrors(unit, noise, noise_error, errors, {}), ref)
+        else:
+            found = _layer(run, batches, unit, unit.layer, cands, at)
+            errors = {c.key: found.errors[c.key] + act_error.get(c.act_bits or 0, 0.0) for c in cands}
+            on_unit(replace(found, errors=errors), ref)
+
+
+def _act_errors(run: _Sweep, unit: Unit, acts: Sequence[int], at: Mapping[str, list]) -> dict[int, float]:
+    """Per activation width: the fake-quantization error of the tensors the unit writes (and, without
+    weights, reads) at that width, summed and per sample."""
+    if not acts:
+        return {}
+    missing = [t for t in unit.writes if t not in at]
+    values = dict(zip(missing, map(list, zip(*run.front.peek(run.model.proto, missing))))) if missing else {}
+    tensors = {t: at[t] if t in at else values[t] for t in unit.writes}
+    if unit.layer is None:
+        tensors.update({t: at[t] for t in unit.reads if t in at})
+    return {bits: sum(float(np.sum((run.fake_quant(t, bits, x) - x).astype(np.float64) ** 2))
+                      for t, xs in tensors.items() for x in xs) / run.samples for bits in acts}
+
+
+def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Candidate],
+           at: Mapping[str, list]) -> UnitErrors:
+    """A weighted layer's weight-noise probe and the output error of each candidate's weights and input:
+    from its moments where it has a view (and they fit GptqSettings' memory budget), else by running
+    its op alone."""
+    model = run.model
+    node = next(n for n in model.proto.graph.node if n.name == spec.name)
+    weight = numpy_helper.to_array(next(t for t in model.proto.graph.initializer if t.name == spec.weight))
+    weight = weight.astype(np.float32)
+    noise = weight_noise(weight, spec.channel_axis, zlib.crc32(spec.name.encode()))
+    noisy = with_weight(model.proto, spec.name, spec.weight, weight + noise)
+    view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
+    acts = sorted({c.act_bits for c in cands if c.act_bits})
+    mats = view.to_matrices(weight.astype(np.float64)) if view is not None else None
+    if mats is not None and view is not None and spec.activation in at \
+            and 8 * (1 + 2 * len(acts)) * mats.shape[0] * mats.shape[2] ** 2 <= GptqSettings().memory_budget:
+        quantizers = {a: (lambda x, a=a: run.fake_quant(spec.activation, a, x)) for a in acts}
+        m = moments(view, at[spec.activation], quantizers)
+        rounded = run.codes(spec, weight, at[spec.activation], m)
+        codes = {c.key: rounded(c) for c in cands}
+        errors = {}
+        for c in cands:
+            q = codes[c.key]
+            errors[c.key] = m.output_error(mats, view.to_matrices(q.dequantize().astype(np.float64)) if q else mats,
+                                           c.act_bits)
+        noise_error = m.output_error(mats, view.to_matrices((weight + noise).astype(np.float64)), None)
+    else:
+        rounded = run.codes(spec, weight, at.get(spec.activation, []), None)
+        codes = {c.key: rounded(c) for c in cands}
+        float_out = [v[0] for v in run.front.peek(model.proto, [spec.output])]
+        errors = {}
+        for c in cands:
+            q = codes[c.key]
+            proto, _ = build(model, {spec.name: c}, run.stats, run.options, weights={spec.name: q} if q else None)
+            errors[c.key] = _error(run.front.peek(proto, [spec.output]), float_out, run.samples)
+        noise_error = _error(run.front.peek(noisy, [spec.output]), float_out, run.samples)
+    values = run.runner(batches).peek(noisy, [o.name for o in model.proto.graph.output])
+    return UnitErrors(unit, Probe(Candidate(None, None), values, None, {}, None), noise_error, errors, codes)
+
+
+def _error(got: Sequence[Sequence[np.ndarray]], ref: Sequence[np.ndarray], samples: int) -> float:
+    """sum (y - y_ref)^2 / N over the batches of one tensor."""
+    return sum(float(np.sum((np.asarray(g[0], np.float64) - r) ** 2)) for g, r in zip(got, ref)) / samples
+
+
+def _output_noise(run: _Sweep, batches, unit: Unit, power: float) -> tuple[Probe, float]:
+    """The network run with Gaussian noise of `power` per sample added to the unit's output; (probe, power)."""
+    clean = [v[0] for v in run.front.peek(run.model.proto, [unit.output])]
+    rng = np.random.default_rng(zlib.crc32(unit.name.encode()))
+    draws = [rng.standard_normal(np.shape(c)) for c in clean]
+    scale = np.sqrt(max(power, 1e-30) * run.samples / max(sum(float(np.sum(d ** 2)) for d in draws), 1e-30))
+    feeds = [{NOISE: (d * scale).astype(np.asarray(c).dtype)} for d, c in zip(draws, clean)]
+    measured = sum(float(np.sum(f[NOISE].astype(np.float64) ** 2)) for f in feeds) / run.samples
+    outputs = [o.name for o in run.model.proto.graph.output]
+    values = run.runner(batches).peek(with_noise(run.model.proto, unit.output), outputs, feeds)
+    return Probe(Candidate(None, None), values, None, {}, None), measured

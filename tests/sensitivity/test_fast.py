@@ -1,0 +1,252 @@
+"""Fast probes (`sensitivity.fast`): output errors from a layer's moments, one noise probe per unit.
+
+The oracles are independent: a layer's output error is read from the single-layer QDQ model that
+`quantize.build` writes, run whole in onnxruntime without its graph optimisations (at load onnxruntime
+turns DQ(INT4) + MatMul/Gemm into MatMulNBits, which reads its input at 8 bits: an error that the
+exact probes see and that the layer's moments, which know only the QDQ graph, do not); the noise
+probe's degradation from the float model with the noisy weight put in by hand. The bundled ResNet-20
+on 32 calibration images checks that the fast ranks follow the exact ones.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, build_cnn, build_encoder, feed_for, group_stats
+from onnx import numpy_helper
+from scipy.stats import spearmanr
+from test_sensitivity import batches_for, build_branchy, build_tied, load, nsr, run_whole
+
+from onnxmpq import sensitivity
+from onnxmpq.errors import OnnxmpqError
+from onnxmpq.graph import engine, runtime
+from onnxmpq.graph import model as graph
+from onnxmpq.rounding import round_nearest
+from onnxmpq.rounding.linear import view_of
+from onnxmpq.sensitivity import fast, probe
+from onnxmpq.sensitivity.fast import moments
+from onnxmpq.types import Candidate, Probes, QuantOptions, Rounding
+from onnxmpq.write.build import build
+
+ROOT = Path(__file__).resolve().parents[2]
+RESNET = ROOT / "models" / "resnet20_cifar10.onnx"
+CALIB = ROOT / "calibration" / "cifar10_train256.npz"
+WBITS = [Candidate(2, None), Candidate(4, None), Candidate(8, None)]
+FLOAT_BIAS = QuantOptions(bias="float")  # no INT32 bias rounding in the oracles' layer outputs
+
+
+def weight_of(m: graph.Model, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in m.proto.graph.initializer if t.name == name)).astype(np.float32)
+
+
+def run_plain(proto: onnx.ModelProto, batches, extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """`run_whole` with onnxruntime's graph optimisations off: the graph's own numerics."""
+    proto2 = onnx.ModelProto()
+    proto2.CopyFrom(proto)
+    for name in extra:
+        if name not in {o.name for o in proto2.graph.output}:
+            proto2.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    sess = runtime.session(proto2, optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    runs = [sess.run(names, feed) for feed in batches]
+    return {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
+
+
+def layer_error(m: graph.Model, spec, cand: Candidate, stats, batches, codes=None) -> float:
+    """||y_q - y||^2 / N at the layer's op output in the single-layer QDQ model, run whole."""
+    ref = run_plain(m.proto, batches, (spec.output,))
+    proto, _ = build(m, {spec.name: cand}, stats, FLOAT_BIAS, weights={spec.name: codes} if codes else None)
+    got = run_plain(proto, batches, (spec.output,))
+    diff = got[spec.output].astype(np.float64) - ref[spec.output]
+    return float(np.sum(diff ** 2) / sum(len(b["x"]) for b in batches))
+
+
+def moments_error(m: graph.Model, spec, cand: Candidate, stats, batches) -> float:
+    """The same error from the layer's moments (`Moments.output_error`)."""
+    node = next(n for n in m.proto.graph.node if n.name == spec.name)
+    weight = weight_of(m, spec.weight)
+    view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
+    xs = [run_whole(m.proto, [b], (spec.activation,))[spec.activation] if spec.activation not in b else b[spec.activation]
+          for b in batches]
+    group = m.points().group.get(spec.activation)
+    quantizers = {cand.act_bits: lambda x: probe.fake_quant(x, cand.act_bits, stats[group], FLOAT_BIAS)} \
+        if cand.act_bits else {}
+    stats_ = moments(view, xs, quantizers)
+    mats = view.to_matrices(weight.astype(np.float64))
+    wq = round_nearest(weight, spec.channel_axis, _fmt(cand.weight_bits)).dequantize() if cand.weight_bits else weight
+    return stats_.output_error(mats, view.to_matrices(wq.astype(np.float64)), cand.act_bits)
+
+
+def _fmt(bits: int):
+    from onnxmpq.write.formats import weight_format
+    return weight_format(bits)
+
+
+# --- the output error from the moments ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_moments_error_equals_the_single_layer_models_output_error(name):
+    """e = tr(dW H dW^T) / N for every op view (Conv, grouped, ConvTranspose, MatMul both sides, Gemm)."""
+    m = load(MODELS[name]())
+    batches = batches_for(m, 6, 2)
+    for spec in m.layers:
+        for cand in WBITS:
+            expected = layer_error(m, spec, cand, None, batches)
+            assert moments_error(m, spec, cand, None, batches) == pytest.approx(expected, rel=2e-3), (spec.name, cand)
+
+
+@pytest.mark.parametrize("cand", [Candidate(4, 8), Candidate(2, 4), Candidate(None, 4)], ids=lambda c: c.key)
+def test_moments_error_with_activation_bits_equals_the_single_layer_models(cand):
+    """With the input read at a bits: ||W_q (X + E) - W X||^2 / N from H, C and H_E (the cnn's two Convs,
+    whose op outputs are read before any activation Q/DQ)."""
+    m = load(build_cnn())
+    batches = batches_for(m, 8, 2)
+    stats = group_stats(m, {"x": np.concatenate([b["x"] for b in batches])})
+    for spec in m.layers[:2]:
+        expected = layer_error(m, spec, cand, stats, batches)
+        assert expected > 0
+        assert moments_error(m, spec, cand, stats, batches) == pytest.approx(expected, rel=2e-3), spec.name
+
+
+def test_gptq_codes_are_the_exact_probes():
+    """GPTQ's H of the float input is the moments' H: the exact probe's codes (its scales to float32
+    rounding: its C = sum X X^T is a second product, which BLAS may round differently from H's)."""
+    m = load(build_cnn())
+    batches = batches_for(m, 8, 2)
+    stats = group_stats(m, {"x": np.concatenate([b["x"] for b in batches])})
+    points = m.points()
+    for spec in m.layers[:2]:
+        node = next(n for n in m.proto.graph.node if n.name == spec.name)
+        weight = weight_of(m, spec.weight)
+        xs = [run_whole(m.proto, [b], (spec.activation,))[spec.activation] if spec.activation not in b
+              else b[spec.activation] for b in batches]
+        view = view_of(node, weight.shape)
+        run = fast._Sweep(m, points, engine.Frontier(batches), stats, QuantOptions(), Rounding.GPTQ, 16, False)
+        rounded = run.codes(spec, weight, xs, moments(view, xs, {}))
+        for cand in (Candidate(3, None), Candidate(3, 4)):
+            exact = probe.layer_codes(spec, weight, node, cand, xs, Rounding.GPTQ, QuantOptions(), stats, {},
+                                      points.group.get(spec.activation))
+            got = rounded(cand)
+            assert got is not None and exact is not None
+            np.testing.assert_array_equal(got.codes, exact.codes)
+            np.testing.assert_allclose(got.scale, exact.scale, rtol=1e-6)
+
+
+# --- the score ------------------------------------------------------------------------------------------
+
+
+def test_score_is_the_noise_probes_degradation_times_the_error_ratio():
+    """score(l, c) = NSR(float model with W + Z at l) * e_l(c) / e_l(Z), each piece computed here."""
+    m = load(build_cnn())
+    batches = batches_for(m, 8, 2)
+    table = sensitivity.measure(m, batches, ["sqnr"], WBITS, options=FLOAT_BIAS, probes=Probes.FAST)[0]
+    assert table.probes == "fast" and [row.name for row in table.layers] == [s.name for s in m.layers]
+    ref = run_whole(m.proto, batches, tuple(s.output for s in m.layers))
+    n = sum(len(b["x"]) for b in batches)
+    for spec, row in zip(m.layers, table.layers):
+        weight = weight_of(m, spec.weight)
+        noisy = onnx.ModelProto()
+        noisy.CopyFrom(m.proto)
+        z = fast.weight_noise(weight, spec.channel_axis, zlib.crc32(spec.name.encode()))
+        next(t for t in noisy.graph.initializer if t.name == spec.weight).CopyFrom(
+            numpy_helper.from_array(weight + z, spec.weight))
+        got = run_whole(noisy, batches, (spec.output,))
+        damage = nsr(ref["y"], got["y"])
+        noise_error = float(np.sum((got[spec.output].astype(np.float64) - ref[spec.output]) ** 2) / n)
+        for cand in WBITS:
+            expected = damage * layer_error(m, spec, cand, None, batches) / noise_error
+            assert row.scores[cand.key] == pytest.approx(expected, rel=3e-3), (spec.name, cand)
+
+
+def test_noise_on_a_shared_weight_reaches_only_the_probed_layer():
+    m = load(build_tied())
+    weight = weight_of(m, "Wt")
+    noisy = fast.with_weight(m.proto, "mm1", "Wt", weight + 1.0)
+    reads = {n.name: list(n.input) for n in noisy.graph.node}
+    assert reads["mm1"][1] != "Wt" and reads["mm2"][1] == "Wt"
+    onnx.checker.check_model(noisy)
+
+
+def test_fast_table_has_the_exact_tables_rows_and_columns_and_falls_with_bits():
+    """Every unit exact probes score is a row, with the same candidates; scores fall as weight bits rise,
+    for weighted layers with and without a view (the encoder's Gather), and units without weights."""
+    proto = build_encoder()
+    m = load(proto)
+    batches = [feed_for(proto, 8, 1), feed_for(proto, 8, 2)]
+    stats = group_stats(m, {k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    cands = sensitivity.parse_candidates([2, 4, 8], [8, 16])
+    exact = sensitivity.measure(m, batches, ["sqnr", "kl"], cands, stats)
+    quick = sensitivity.measure(m, batches, ["sqnr", "kl"], cands, stats, probes=Probes.FAST)
+    for a, b in zip(exact, quick):
+        assert [(r.name, set(r.scores)) for r in a.layers] == [(r.name, set(r.scores)) for r in b.layers]
+        for row in b.layers:
+            assert all(np.isfinite(v) and v >= 0 for v in row.scores.values()), row.name
+            if "w2a8" in row.scores:
+                assert row.scores["w2a8"] > row.scores["w4a8"] > row.scores["w8a8"], row.name
+            else:
+                assert row.scores["a8"] > row.scores["a16"], row.name
+    assert any(r.op_type == "Gather" for r in quick[0].layers)
+
+
+def count_runs(monkeypatch, m: graph.Model) -> list[int]:
+    """Counts the engine runs that reach the graph outputs (the float reference and the probes), not
+    those of single ops."""
+    outputs = {o.name for o in m.proto.graph.output}
+    runs = [0]
+    peek = engine.Frontier.peek
+
+    def counted(self, proto, targets, extra=()):
+        runs[0] += bool(outputs & set(targets))
+        return peek(self, proto, targets, extra)
+    monkeypatch.setattr(engine.Frontier, "peek", counted)
+    return runs
+
+
+@pytest.mark.parametrize("builder", [build_cnn, build_branchy], ids=["cnn", "branchy"])
+def test_fast_runs_one_probe_per_unit_and_exact_one_per_candidate(builder, monkeypatch):
+    m = load(builder())
+    batches = batches_for(m, 4, 2)
+    cands = [Candidate(b, None) for b in range(2, 9)]
+    runs = count_runs(monkeypatch, m)
+    sensitivity.measure(m, batches, ["sqnr", "kl"], cands, probes=Probes.FAST)
+    fast_runs, runs[0] = runs[0], 0
+    sensitivity.measure(m, batches, ["sqnr", "kl"], cands)
+    assert fast_runs == 1 + len(m.layers)
+    assert runs[0] == 1 + len(m.layers) * len(cands)
+
+
+# --- settings and cache ----------------------------------------------------------------------------------
+
+
+def test_probes_are_resolved_from_the_metrics():
+    default = Probes.FAST if sensitivity.FAST_BY_DEFAULT else Probes.EXACT
+    assert sensitivity.resolve_probes(None, ["sqnr", "kl"]) == default
+    assert sensitivity.resolve_probes(None, ["sqnr", "output-entropy"]) == Probes.EXACT
+    assert sensitivity.resolve_probes("exact", ["mutual-info"]) == Probes.EXACT
+    assert sensitivity.resolve_probes("fast", ["kl", "weight-entropy"]) == Probes.FAST
+    for metric in ("output-entropy", "mutual-info"):
+        with pytest.raises(OnnxmpqError, match=f"cannot score metric {metric}") as info:
+            sensitivity.resolve_probes("fast", ["sqnr", metric])
+        assert "--probes exact" in info.value.hint
+
+
+# --- the bundled ResNet-20 --------------------------------------------------------------------------------
+
+
+def test_resnet_fast_ranks_follow_the_exact_ones():
+    """ResNet-20, 32 calibration images, w2/w3/w4/w6/w8: Spearman over all (layer, width) scores and over
+    the layers at each width."""
+    m = graph.load(RESNET)
+    batches = [{"input": np.load(CALIB)["input"][:32]}]
+    cands = [Candidate(b, None) for b in (2, 3, 4, 6, 8)]
+    exact, quick = (sensitivity.measure(m, batches, ["sqnr"], cands, probes=p)[0] for p in (Probes.EXACT, Probes.FAST))
+    e = np.array([[r.scores[c.key] for c in cands] for r in exact.layers])
+    f = np.array([[r.scores[c.key] for c in cands] for r in quick.layers])
+    assert spearmanr(e.ravel(), f.ravel()).statistic > 0.95
+    per_width = [spearmanr(e[:, j], f[:, j]).statistic for j in range(len(cands))]
+    assert min(per_width) > 0.5 and np.mean(per_width) > 0.75, per_width
