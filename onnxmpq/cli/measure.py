@@ -14,7 +14,7 @@ from onnxmpq.errors import OnnxmpqError
 from onnxmpq.pipeline import api
 from onnxmpq.report.plots import sensitivity_plot
 from onnxmpq.sensitivity import METRICS
-from onnxmpq.types import Rounding
+from onnxmpq.types import Probes, Rounding
 from onnxmpq.write.save import write_json
 
 
@@ -106,10 +106,14 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
                    "RAY_ADDRESS, else a local one).")
 @click.option("--address", help="Ray cluster address for --executor ray (e.g. ray://head:10001).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Reuse results across runs (a folder).")
+@click.option("--probes", type=click.Choice([m.value for m in Probes]),
+              help="Exact (one network run per layer and candidate) or fast (one run per layer with noise, scaled "
+                   "by each candidate's own output error; sqnr and kl only) [default: exact; BENCHMARKS.md compares "
+                   "them].")
 @click.option("--json", "as_json", is_flag=True, help="Print the table(s) as JSON on stdout.")
 @config_options(["preprocess"])
 def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, batch_size, output, plot, workers,
-                executor, address, cache_dir, as_json, **kw):
+                executor, address, cache_dir, probes, as_json, **kw):
     """Per-layer sensitivity of MODEL: one probe per layer and candidate, the rest of the network float."""
     metrics = [m.strip() for m in metric_list.split(",") if m.strip()]
     if not metrics:
@@ -119,7 +123,7 @@ def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, l
     paths.check_writes({"-o/--output": output, "--plot": plot}, {"model": model, "--calib": calib})
     tables = api.sensitivity(model, calib, metrics=metrics, weight_bits=weight_bits, act_bits=acts,
                              separate=separate, rounding=rounding, limit=limit, batch_size=batch_size, workers=workers,
-                             executor=executor, address=address, cache_dir=cache_dir,
+                             executor=executor, address=address, cache_dir=cache_dir, probes=probes,
                              preprocess=preprocess_of(model, kw))
     data = [t.to_dict() for t in tables]
     payload = data[0] if len(data) == 1 else data

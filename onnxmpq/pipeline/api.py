@@ -45,7 +45,7 @@ from onnxmpq.report import html as pages
 from onnxmpq.report.html import FILES
 from onnxmpq.report.summary import FLOAT_BITS, Report, file_breakdown, storage_notes, summarize
 from onnxmpq.sensitivity import METRICS
-from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.types import Candidate, Probes, QuantOptions, Rounding
 from onnxmpq.verify.evaluate import Evaluation
 from onnxmpq.verify.evaluate import evaluate as _evaluate
 from onnxmpq.write.save import save_model, write_json
@@ -293,18 +293,20 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
                 act_bits: Sequence[int | None] = (None,), separate: bool = False,
                 rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
                 limit: int = 256, batch_size: int = 64, workers: int = 1, cache_dir=None, preprocess=None,
-                naive: bool = False, executor: str = "process", address: str | None = None) -> list:
+                naive: bool = False, executor: str = "process", address: str | None = None,
+                probes: Probes | str | None = None) -> list:
     """Sensitivity tables, one per metric (see `onnxmpq sensitivity --help` and `onnxmpq.sensitivity`).
 
     The calibration samples (at most `limit`) are held in memory with the activations at the probe
-    engine's cut; `workers` > 1 splits the candidates over processes.
+    engine's cut; `workers` > 1 splits the candidates over processes; `probes` fast or exact (default:
+    `sensitivity.resolve_probes`).
     """
     model = load(model)
     data_free = all(METRICS.get(name).data_free for name in metrics)
     ctx = RunContext(model, None if data_free else calib, limit=limit, preprocess=preprocess, batch_size=batch_size)
     return measure(ctx, metrics, weight_bits, act_bits, separate=separate, rounding=rounding, options=options,
                    batch_size=batch_size, workers=workers, cache_dir=cache_dir, naive=naive, executor=executor,
-                   address=address)
+                   address=address, probes=probes)
 
 
 def allocation_problem(model: Model, table, candidates: Sequence[Candidate], budgets, options: QuantOptions = QuantOptions(),

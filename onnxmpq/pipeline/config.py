@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from onnxmpq.allocate import Budget, parse_budget
 from onnxmpq.errors import ConfigError, OnnxmpqError, option
-from onnxmpq.types import ActRange, Candidate, QuantOptions, Rounding, Scope, WeightRange
+from onnxmpq.types import ActRange, Candidate, Probes, QuantOptions, Rounding, Scope, WeightRange
 
 Parser = Callable[[Any, str], Any]
 DEFAULT_LIMIT = 256   # calibration samples
@@ -292,6 +292,10 @@ class SearchConfig:
     seed: int = setting(0, "--seed", "Seed of the searches that sample.", _number(int))
     time_limit: float = setting(10.0, "--time-limit", "Solver time limit, seconds.", _number(float, 0, low_open=True))
     cache_dir: str | None = setting(None, "--cache", "Sensitivity cache folder.", _optional_text, metavar="DIR")
+    probes: Probes | None = setting(None, "--probes", "Sensitivity probes: exact (one network run per layer and "
+                                    "candidate) or fast (one run per layer with noise, scaled by each candidate's "
+                                    "own output error; sqnr and kl only) [default: exact; BENCHMARKS.md compares "
+                                    "them].", _optional(_enum(Probes)), choices=lambda: [m.value for m in Probes])
 
     @property
     def choosing(self) -> bool:

@@ -31,7 +31,7 @@ from onnxmpq.hardware import profiles
 from onnxmpq.hardware.profiles import Profile
 from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import RunContext
-from onnxmpq.sensitivity import parse_candidates
+from onnxmpq.sensitivity import parse_candidates, resolve_probes
 from onnxmpq.types import Candidate, QuantOptions, SensitivityTable
 from onnxmpq.write.build import build
 
@@ -53,7 +53,8 @@ def search_dict(search: SearchConfig, samples: int) -> dict:
     return {"metric": metric_of(search), "method": search.method, "weight_bits": list(search.weight_bits),
             "time_limit": search.time_limit, "profile": search.profile or "any",
             "keep": {k: v.key for k, v in search.keep.items()}, "max_drop": search.max_drop, "trials": search.trials,
-            "samples": samples, "seed": search.seed}
+            "samples": samples, "seed": search.seed,
+            "probes": str(resolve_probes(search.probes, [metric_of(search)]))}
 
 
 @dataclass(frozen=True)

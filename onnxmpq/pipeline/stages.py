@@ -19,8 +19,8 @@ from onnxmpq.hardware import profiles
 from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import RunContext
 from onnxmpq.rounding import sequential
-from onnxmpq.sensitivity import METRICS, cache, parallel, parse_candidates
-from onnxmpq.types import Candidate, QuantOptions, Rounding
+from onnxmpq.sensitivity import METRICS, cache, parallel, parse_candidates, resolve_probes
+from onnxmpq.types import Candidate, Probes, QuantOptions, Rounding
 from onnxmpq.write.build import build
 
 
@@ -102,10 +102,11 @@ def verification(ctx: RunContext, output: Path, chosen=None) -> dict:
 def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int], act_bits: Sequence[int | None], *,
             separate: bool = False, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
             batch_size: int = 64, workers: int = 1, cache_dir=None, naive: bool = False, executor: str = "process",
-            address: str | None = None) -> list:
+            address: str | None = None, probes: Probes | str | None = None) -> list:
     """The sensitivity tables of `sensitivity`, measured on the run's calibration samples and statistics."""
     candidates = parse_candidates(weight_bits, act_bits, separate)
     data_free = all(METRICS.get(name).data_free for name in metrics)
+    probes = resolve_probes(probes, metrics)
     rounding = Rounding(rounding).resolve(weight_bits, ctx.has_data and not data_free)
     batches, stats = [], None
     if not data_free:
@@ -117,7 +118,7 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
     model = ctx.model
     keys = [c.key for c in candidates]
     settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
-                "options": repr(options), "naive": naive}
+                "options": repr(options), "naive": naive, "probes": str(probes)}
     key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
     if key and (hit := cache.load(cache_dir, key, list(metrics), keys)) is not None:
         return hit
@@ -126,7 +127,7 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
     with progress.bar("sensitivity", len(points.units) if several_acts else len(points.layers), unit="unit") as advance:
         tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
                                   workers=workers, naive=naive, executor=executor, address=address,
-                                  on_layer=lambda name: advance(1))
+                                  on_layer=lambda name: advance(1), probes=probes)
     if key:
         cache.store(cache_dir, key, tables)
     return tables
@@ -140,6 +141,7 @@ def table_source(ctx: RunContext, settings: SearchConfig, rounding: Rounding, op
     def table(metric: str, weight_bits, act_bits):
         if metric not in tables:
             tables[metric] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
-                                     batch_size=ctx.batch_size, cache_dir=settings.cache_dir)[0]
+                                     batch_size=ctx.batch_size, cache_dir=settings.cache_dir,
+                                     probes=settings.probes)[0]
         return tables[metric]
     return table

@@ -179,7 +179,8 @@ def resolve_probes(probes: Probes | str | None, metric_names: Sequence[str]) -> 
     if Probes(probes) == Probes.FAST and unscaled:
         scaled = ", ".join(n for n in METRICS if METRICS.get(n).scales_with_power)
         raise OnnxmpqError(f"fast probes cannot score metric {unscaled[0]}: it does not grow with the power of "
-                           "the error at a layer.", f"use --probes exact, or a metric among {scaled}.")
+                           "the error at a layer.", f"set {option('search.probes')} to exact, or use a metric among "
+                           f"{scaled}.")
     return Probes(probes)
 
 

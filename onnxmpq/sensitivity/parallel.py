@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from onnxmpq import sensitivity
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import runtime
-from onnxmpq.types import Candidate, LayerScores, QuantOptions, Rounding, SensitivityTable
+from onnxmpq.types import Candidate, LayerScores, Probes, QuantOptions, Rounding, SensitivityTable
 
 
 def _worker(threads: int, args: tuple, kwargs: dict) -> list[SensitivityTable]:
@@ -58,20 +58,23 @@ def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Cand
         ordered = tuple(LayerScores(r.name, r.op_type, {k: r.scores[k] for k in keys if k in r.scores}, r.extra)
                         for r in rows.values())
         merged.append(SensitivityTable(first.metric, keys, ordered, first.samples,
-                                       max(t.time_s for t in tables), first.rounding))
+                                       max(t.time_s for t in tables), first.rounding, first.probes))
     return merged
 
 
 def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candidate], stats, options: QuantOptions,
             rounding: Rounding, *, workers: int = 1, naive: bool = False, executor: str = "process",
-            address: str | None = None, on_layer: Callable[[str], object] | None = None) -> list[SensitivityTable]:
-    """`sensitivity.measure`, on `workers` processes or Ray tasks when there are several candidates."""
+            address: str | None = None, on_layer: Callable[[str], object] | None = None,
+            probes: Probes = Probes.EXACT) -> list[SensitivityTable]:
+    """`sensitivity.measure`, on `workers` processes or Ray tasks when there are several candidates; fast
+    probes run in this process (their cost is per unit: splitting the candidates would not share it)."""
     workers = max(1, min(workers, len(candidates)))
-    if workers == 1 and executor == "process":
-        return sensitivity.measure(model, batches, metrics, candidates, stats, options, rounding, naive, on_layer)
+    if (workers == 1 and executor == "process") or probes == Probes.FAST:
+        return sensitivity.measure(model, batches, metrics, candidates, stats, options, rounding, naive, on_layer,
+                                   probes=probes)
     shares = [list(candidates[i::workers]) for i in range(workers)]
     acts = [c.act_bits for c in candidates]
-    jobs = [(model, batches, metrics, share, stats, options, rounding, naive, None, acts if i == 0 else ())
+    jobs = [(model, batches, metrics, share, stats, options, rounding, naive, None, acts if i == 0 else (), probes)
             for i, share in enumerate(shares)]
     if executor == "ray":
         parts = _on_ray(jobs, address)

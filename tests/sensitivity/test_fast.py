@@ -19,12 +19,13 @@ import pytest
 from conftest import MODELS, build_cnn, build_encoder, feed_for, group_stats
 from onnx import numpy_helper
 from scipy.stats import spearmanr
-from test_sensitivity import batches_for, build_branchy, build_tied, load, nsr, run_whole
+from test_sensitivity import batches_for, build_branchy, build_tied, forbid_probing, load, nsr, run_whole
 
 from onnxmpq import sensitivity
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import engine, runtime
 from onnxmpq.graph import model as graph
+from onnxmpq.pipeline import api
 from onnxmpq.rounding import round_nearest
 from onnxmpq.rounding.linear import view_of
 from onnxmpq.sensitivity import fast, probe
@@ -232,7 +233,24 @@ def test_probes_are_resolved_from_the_metrics():
     for metric in ("output-entropy", "mutual-info"):
         with pytest.raises(OnnxmpqError, match=f"cannot score metric {metric}") as info:
             sensitivity.resolve_probes("fast", ["sqnr", metric])
-        assert "--probes exact" in info.value.hint
+        assert "set search.probes to exact" in info.value.hint  # named by its config path outside the CLI
+
+
+def test_cache_key_differs_between_probe_modes(tmp_path, monkeypatch):
+    path, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(build_cnn(), path)
+    np.savez(calib, x=np.random.default_rng(3).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    kwargs = dict(metrics=("sqnr",), weight_bits=(2, 4), batch_size=8, rounding="nearest", cache_dir=tmp_path / "c")
+    quick = api.sensitivity(path, calib, probes="fast", **kwargs)
+    exact = api.sensitivity(path, calib, probes="exact", **kwargs)
+    assert len(list((tmp_path / "c").glob("*.json"))) == 2
+    assert quick[0].probes == "fast" and exact[0].probes == "exact"
+    assert [l.scores for l in quick[0].layers] != [l.scores for l in exact[0].layers]
+    with monkeypatch.context() as patch:
+        forbid_probing(patch)
+        patch.setattr(fast, "sweep", lambda *a, **k: pytest.fail("probed although cached"))
+        assert api.sensitivity(path, calib, probes="fast", **kwargs) == quick
+        assert api.sensitivity(path, calib, probes="exact", **kwargs) == exact
 
 
 # --- the bundled ResNet-20 --------------------------------------------------------------------------------
