@@ -15,10 +15,12 @@ running the network, and a gain measured by one noise probe per unit:
       e = [tr(dW H dW^T) - 2 tr(dW C W_q^T) + tr(W_q H_E W_q^T)] / N,
       H = sum X X^T,  C = sum X E^T,  H_E = sum E E^T,
   that is ||W_q (X + E) - W X||^2 / N, the exact error of the layer's linear output (written in error
-  terms only, never as a difference of large traces). A layer without a view gets e by running its
-  op alone from the cut with the probe's weights. Activation bits also add, for every tensor the unit
-  writes at a bits (and, for a unit without weights, every one it reads), the fake-quantization error
-  ||fq_a(t) - t||^2 / N of the float tensor, counted at t_l.
+  terms only, never as a difference of large traces), over the first MOMENT_SAMPLES samples (the
+  scores take ratios of such errors; with GPTQ rounding, which needs H of every sample, over all).
+  A layer without a view gets e by running its op alone from the cut with the probe's weights.
+  Activation bits also add, for every tensor the unit writes at a bits (and, for a unit without
+  weights, every one it reads), the fake-quantization error ||fq_a(t) - t||^2 / N of the float
+  tensor, counted at t_l.
 - D(l, noise), e_l(noise): the network run once with noise at l and the rest float, scored by the
   metric against the float model in the metric's own units (sqnr: error power at the network outputs
   over their signal power). A weighted layer's noise is on its weights: W + Z, Z Gaussian with, on
@@ -55,6 +57,7 @@ from onnxmpq.write.formats import act_format, required_opset, weight_format
 
 NOISE = "onnxmpq/noise"   # the tensor a unit's output noise is fed as
 NOISE_BITS = 4            # the grid whose rounding residual sets a weight noise's scale per channel
+MOMENT_SAMPLES = 64       # samples the moments are summed over when no GPTQ needs them all
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,17 @@ def moments(view: LinearView, xs: Sequence[np.ndarray],
                 add(("e", bits), err, err)
     return Moments(sums[("h", 0)], {b: sums[("c", b)] for b in quantizers}, {b: sums[("e", b)] for b in quantizers},
                    sum(len(x) for x in xs))
+
+
+def first(batches: Sequence[np.ndarray], samples: int) -> list[np.ndarray]:
+    """The first `samples` samples of a list of batches, as batches."""
+    out, left = [], samples
+    for x in batches:
+        if left <= 0:
+            break
+        out.append(x[:left])
+        left -= len(out[-1])
+    return out
 
 
 def weight_noise(weight: np.ndarray, axis: int, seed: int) -> np.ndarray:
@@ -254,8 +268,9 @@ def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Ca
     if mats is not None and view is not None and spec.activation in at \
             and 8 * (1 + 2 * len(acts)) * mats.shape[0] * mats.shape[2] ** 2 <= GptqSettings().memory_budget:
         quantizers = {a: (lambda x, a=a: run.fake_quant(spec.activation, a, x)) for a in acts}
-        m = moments(view, at[spec.activation], quantizers)
-        rounded = run.codes(spec, weight, at[spec.activation], m)
+        full = run.rounding == Rounding.GPTQ  # GPTQ rounds against H of every sample, as the exact probe does
+        m = moments(view, at[spec.activation] if full else first(at[spec.activation], MOMENT_SAMPLES), quantizers)
+        rounded = run.codes(spec, weight, at[spec.activation], m if full else None)
         codes = {c.key: rounded(c) for c in cands}
         errors = {}
         for c in cands:

@@ -10,6 +10,7 @@ on 32 calibration images checks that the fast ranks follow the exact ones.
 
 from __future__ import annotations
 
+import json
 import zlib
 from pathlib import Path
 
@@ -268,3 +269,30 @@ def test_resnet_fast_ranks_follow_the_exact_ones():
     assert spearmanr(e.ravel(), f.ravel()).statistic > 0.95
     per_width = [spearmanr(e[:, j], f[:, j]).statistic for j in range(len(cands))]
     assert min(per_width) > 0.5 and np.mean(per_width) > 0.75, per_width
+
+
+def test_cli_probes_option(tmp_path):
+    from conftest import cli, one_error_line
+
+    path, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(build_cnn(), path)
+    np.savez(calib, x=np.random.default_rng(4).normal(size=(8, 3, 8, 8)).astype(np.float32))
+    base = ["sensitivity", str(path), "--calib", str(calib), "--bits", "2,4", "--rounding", "nearest", "--json"]
+    for probes in ("fast", "exact"):
+        code, out, _ = cli(*base, "--probes", probes)
+        assert code == 0 and json.loads(out)["probes"] == probes
+    code, out, err = cli(*base, "--metric", "output-entropy", "--probes", "fast")
+    assert code == 1 and "set --probes to exact" in one_error_line(err, out)
+
+
+def test_quantize_reports_the_probes_its_allocation_used(tmp_path):
+    from conftest import cli
+
+    path, calib, out = tmp_path / "cnn.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
+    onnx.save(build_cnn(), path)
+    np.savez(calib, x=np.random.default_rng(5).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    for probes in ("fast", "exact"):
+        code, text, err = cli("quantize", path, "-o", out, "--calib", calib, "--budget", "avg-bits=3", "--bits", "2,4",
+                              "--metric", "sqnr", "--rounding", "nearest", "--no-verify", "--probes", probes, "--json")
+        assert code == 0, err
+        assert json.loads(text)["allocation"]["probes"] == probes
