@@ -7,6 +7,7 @@ BENCHMARKS.md is the concatenation of every section file.
 
 Sections: uniform (issue 2: float vs onnxruntime quantize_static vs onnxmpq uniform widths, sizes,
 time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, rank correlation);
+sensitivity-fast (issue 13: fast probes against exact ones, time and rank correlation);
 allocation (issue 5: metric x allocator vs uniform, Pareto, solver time); memory (issue 7: peak RSS
 against calibration size); latency (issue 11: kernels onnxruntime runs after load and ms per batch of
 float, onnxruntime W8A8 and onnxmpq W8A8/W4A8/mixed/layers-only on ResNet-20/56 and a depthwise
@@ -45,8 +46,8 @@ from benchmarks import (  # noqa: E402
 )
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
-            "sensitivity": sensitivity.run, "allocation": allocation.run, "memory": memory.run,
-            "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
+            "sensitivity": sensitivity.run, "sensitivity-fast": sensitivity.fast, "allocation": allocation.run,
+            "memory": memory.run, "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
             "cost": cost.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks

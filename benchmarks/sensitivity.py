@@ -106,3 +106,102 @@ def run(ctx: common.Context) -> str:
                   "weights quantized; scores from the calibration set, no labels)\n",
                   common.table(["model", "bits", "max damage"] + list(METRICS), rows), ""]
     return "\n".join(parts)
+
+
+# --- issue 13: fast probes ---------------------------------------------------------------------------
+
+FAST_METRICS = ("sqnr", "kl")
+FAST_BITS = (2, 3, 4, 5, 6, 7, 8)
+_TIMED = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import onnxmpq
+from onnxmpq.graph import engine
+runs = [0]
+peek = engine.Frontier.peek
+outputs = {{o.name for o in onnxmpq.load({model!r}).proto.graph.output}}
+def counted(self, proto, targets, extra=()):
+    runs[0] += bool(outputs & set(targets))
+    return peek(self, proto, targets, extra)
+engine.Frontier.peek = counted
+start = time.perf_counter()
+tables = onnxmpq.pipeline.api.sensitivity({model!r}, {calib!r}, metrics={metrics!r}, weight_bits={bits!r},
+                                          limit={limit}, rounding="nearest", probes={probes!r})
+elapsed = time.perf_counter() - start
+print(json.dumps({{"time_s": elapsed, "runs": runs[0], "tables": [t.to_dict() for t in tables]}}))
+"""
+
+
+def timed_sweep(model, calib, limit: int, probes: str) -> dict:
+    """One sweep (every layer at FAST_BITS, weights only, FAST_METRICS) in its own process: its time, the
+    engine runs that reached the graph outputs (the float reference and the probes) and its tables."""
+    code = _TIMED.format(root=str(common.ROOT), model=str(model), calib=str(calib), metrics=list(FAST_METRICS),
+                         bits=list(FAST_BITS), limit=limit, probes=probes)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bundled_cifar(ctx: common.Context) -> tuple[np.ndarray, np.ndarray]:
+    """The 2,000 bundled CIFAR-10 test images (data/cifar10-test) preprocessed as the ResNets expect."""
+    if "bundled" not in ctx._cache:
+        from onnxmpq import calibrate
+        from onnxmpq.graph import model as graph
+        source = calibrate.read(common.ROOT / "data" / "cifar10-test", graph.load(common.MODELS["resnet20"]))
+        xs, ys = zip(*[(b.inputs["input"], b.labels) for b in source.batches(500)])
+        ctx._cache["bundled"] = (np.concatenate(xs), np.concatenate(ys))
+    return ctx._cache["bundled"]
+
+
+def _scores(table: dict) -> np.ndarray:
+    return np.array([[layer["scores"][f"w{b}"] for b in FAST_BITS] for layer in table["layers"]])
+
+
+def fast_rows(name: str, model, calib, limit: int, damage: np.ndarray | None) -> list[list]:
+    """One row per metric: sweep times and engine runs, exact then fast; Spearman of fast against exact
+    over every (layer, width) score and over the layers at each width, and of a layer-blind baseline
+    (score 4^-b at b bits, the same for every layer) over every score; of each table against `damage`."""
+    exact = timed_sweep(model, calib, limit, "exact")
+    quick = timed_sweep(model, calib, limit, "fast")
+    rows = []
+    for k, metric in enumerate(FAST_METRICS):
+        e, f = _scores(exact["tables"][k]), _scores(quick["tables"][k])
+        per_width = [spearmanr(e[:, j], f[:, j]).statistic for j in range(len(FAST_BITS))]
+        blind = np.tile(4.0 ** -np.array(FAST_BITS), (len(e), 1))
+        vs_true = [f"{spearmanr(s[:, 0], damage).statistic:.2f}" if damage is not None else "-" for s in (e, f)]
+        rows.append([name, len(e), metric, f"{exact['time_s']:.1f}", f"{quick['time_s']:.1f}",
+                     f"{exact['time_s'] / quick['time_s']:.1f}x", f"{exact['runs']:,d} / {quick['runs']:,d}",
+                     f"{spearmanr(e.ravel(), f.ravel()).statistic:.3f}", f"{spearmanr(e.ravel(), blind.ravel()).statistic:.3f}",
+                     f"{np.mean(per_width):.2f} ({min(per_width):.2f} at W{FAST_BITS[int(np.argmin(per_width))]})",
+                     *vs_true])
+    return rows
+
+
+def fast(ctx: common.Context) -> str:
+    """Issue 13: fast probes against exact ones on the bundled ResNets and the EfficientNet-Lite0-style CNN."""
+    from benchmarks import cnn
+    x, labels = bundled_cifar(ctx)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("resnet20", "resnet56"):
+            model = common.MODELS[name]
+            base = common.classify(model, x, labels)["top1"]
+            m = onnxmpq.load(model)
+            damage = true_damage(m, m.layers, 2, lambda p, base=base: base - common.classify(p, x, labels)["top1"],
+                                 Path(tmp))
+            rows += fast_rows(name, model, common.CALIB, 256, damage)
+    effnet, effnet_calib = cnn.ensure(common.CACHE)
+    rows += fast_rows("EfficientNet-Lite0-style", effnet, effnet_calib, 32, None)
+    return "\n".join([
+        "### Fast probes (issue 13): one network run per layer instead of one per layer and width\n",
+        f"Every weighted layer at weights {{{', '.join(map(str, FAST_BITS))}}} bits (activations float), nearest "
+        "rounding, 256 calibration images (32 random inputs for the EfficientNet-Lite0-style CNN, whose random "
+        "weights classify nothing: no true damage); each sweep in its own process, exact first. Engine runs: "
+        "network runs that reach the outputs, the float reference included. Spearman rank correlation of the "
+        "fast table against the exact one over every (layer, width) score, and over the layers at each width "
+        "(mean, and the worst width); the same over every score for a layer-blind baseline that scores 4^-b at b "
+        "bits whatever the layer (what the widths' order alone gives); against the true damage of one layer "
+        "at W2: top-1 drop on the "
+        f"{len(x):,d} bundled CIFAR-10 test images (data/cifar10-test) with only that layer's weights at 2 bits.\n",
+        common.table(["model", "layers", "metric", "exact s", "fast s", "speed-up", "engine runs exact / fast",
+                      "rho fast~exact, all scores", "rho 4^-b~exact, all scores", "rho fast~exact per width: mean (worst)",
+                      "rho exact~true W2", "rho fast~true W2"], rows), ""])
