@@ -27,7 +27,7 @@ from onnxmpq.registry import Registry
 from onnxmpq.rounding import round_nearest
 from onnxmpq.sensitivity import fast
 from onnxmpq.sensitivity import metrics as m
-from onnxmpq.sensitivity.probe import Probe, Reference, sweep, unit_candidates
+from onnxmpq.sensitivity.probe import Need, Probe, Reference, sweep, unit_candidates
 from onnxmpq.types import Candidate, LayerScores, Probes, QuantOptions, Rounding, SensitivityTable
 from onnxmpq.write.formats import weight_format
 
@@ -47,9 +47,9 @@ class LayerContext:
 
     @property
     def layer_output(self) -> np.ndarray:
-        """The float output of the unit, which `sweep` keeps for the metrics with `needs_layer_output`."""
+        """The float output of the unit, which `sweep` keeps for the metrics that need `Need.LAYER_OUTPUT`."""
         if self.float_output is None:
-            raise InternalError(f"the float output of {self.unit.name!r} was not kept (needs_layer_output unset)")
+            raise InternalError(f"the float output of {self.unit.name!r} was not kept (Need.LAYER_OUTPUT not asked)")
         return self.float_output
 
     @functools.cached_property
@@ -77,11 +77,14 @@ class Metric:
 
     name: str
     score: Callable[[LayerContext, Probe], float]
-    needs_layer_output: bool = False
-    needs_observers: bool = False
-    data_free: bool = False
+    needs: frozenset[Need] = frozenset({Need.OUTPUTS})
     extra: Callable[[LayerContext], dict] | None = None
     scales_with_power: bool = False
+
+    @property
+    def data_free(self) -> bool:
+        """Scored from the weights alone (no calibration data)."""
+        return not self.needs - {Need.WEIGHTS}
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -106,7 +109,7 @@ def _per_output(fn) -> Callable[[LayerContext, Probe], float]:
 
 def _output_entropy(ctx: LayerContext, probe: Probe) -> float:
     if probe.layer_output is None:
-        raise InternalError(f"the probe of {ctx.unit.name!r} kept no layer output (needs_layer_output unset)")
+        raise InternalError(f"the probe of {ctx.unit.name!r} kept no layer output (Need.LAYER_OUTPUT not asked)")
     quant = m.histogram_entropy(probe.layer_output, *ctx.output_range, ENTROPY_BINS)
     return m.entropy_loss(ctx.output_entropy, quant)
 
@@ -145,9 +148,9 @@ def _mutual_info(ctx: LayerContext, probe: Probe) -> float:
 
 _register(Metric("sqnr", _per_output(m.noise_to_signal), scales_with_power=True))
 _register(Metric("kl", _per_output(m.kl_divergence), scales_with_power=True))
-_register(Metric("output-entropy", _output_entropy, needs_layer_output=True, extra=_raw_entropy))
-_register(Metric("mutual-info", _mutual_info, needs_observers=True))
-_register(Metric("weight-entropy", _weight_entropy, data_free=True))
+_register(Metric("output-entropy", _output_entropy, frozenset({Need.LAYER_OUTPUT}), extra=_raw_entropy))
+_register(Metric("mutual-info", _mutual_info, frozenset({Need.OBSERVERS})))
+_register(Metric("weight-entropy", _weight_entropy, frozenset({Need.WEIGHTS})))
 
 
 def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None], separate: bool = False) -> list[Candidate]:
@@ -238,8 +241,7 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
         fast.sweep(model, batches, candidates, acts, stats, options, rounding, naive=naive, on_unit=score_unit)
     else:
         sweep(model, batches, candidates, acts, stats, options, rounding,
-              needs_layer_output=any(x.needs_layer_output for x in metrics),
-              with_observers=any(x.needs_observers for x in metrics), naive=naive, on_layer=score_layer)
+              needs=frozenset().union(*(x.needs for x in metrics)), naive=naive, on_layer=score_layer)
     samples = sum(len(next(iter(b.values()))) for b in batches) if batches else 0
     elapsed = time.perf_counter() - start
     return [SensitivityTable(metric.name, tuple(keys), tuple(rows[metric.name]), samples, elapsed, str(rounding),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 from onnx import numpy_helper
@@ -181,13 +182,26 @@ def fake_quant(x: np.ndarray, bits: int | None, tensor_stats, options: QuantOpti
     return ((q - p.zero_point) * p.scale).astype(np.float32)
 
 
+class Need(StrEnum):
+    """What a metric reads of a probe. The engine collects the union of what the asked-for metrics need,
+    and only that: the network outputs always (float and probed), a unit's own output (float and probed)
+    and the observers (the inputs of the last layers) when a metric needs them; `weights` alone (the
+    rounded codes) needs no calibration data."""
+
+    OUTPUTS = "outputs"
+    LAYER_OUTPUT = "layer-output"
+    OBSERVERS = "observers"
+    WEIGHTS = "weights"
+
+
 def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
           unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *,
-          needs_layer_output: bool, with_observers: bool, naive: bool = False,
+          needs: frozenset[Need], naive: bool = False,
           on_layer: Callable[[Unit, Reference, np.ndarray | None, list[Probe]], None]):
     """Probes every weighted layer at `candidates` and every unit without weights at the activation widths
-    of `unit_acts` (`unit_candidates`); calls `on_layer(unit, reference, float_unit_output, probes)` for
-    each unit probed."""
+    of `unit_acts` (`unit_candidates`), collecting what `needs` names; calls `on_layer(unit, reference,
+    float_unit_output, probes)` for each unit probed."""
+    needs_layer_output, with_observers = Need.LAYER_OUTPUT in needs, Need.OBSERVERS in needs
     formats = [f for c in (*candidates, *unit_acts) for f in (
         weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
         act_format(c.act_bits) if c.act_bits else None) if f]

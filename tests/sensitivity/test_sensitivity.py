@@ -671,3 +671,25 @@ def test_a_time_major_output_is_probed_with_every_metric(tmp_path):
     time_major = [[np.transpose(y[i:i + 4], (1, 0, 2))] for i in range(0, 37, 4)]
     np.testing.assert_array_equal(labels_of(time_major, [len(y[i:i + 4]) for i in range(0, 37, 4)]),
                                   y.argmax(-1).ravel())
+
+
+@pytest.mark.parametrize("metrics, wanted", [
+    (["sqnr"], {probe.Need.OUTPUTS}),
+    (["sqnr", "kl"], {probe.Need.OUTPUTS}),
+    (["kl", "output-entropy"], {probe.Need.OUTPUTS, probe.Need.LAYER_OUTPUT}),
+    (["mutual-info", "weight-entropy"], {probe.Need.OBSERVERS, probe.Need.WEIGHTS}),
+])
+def test_the_probe_engine_collects_the_union_of_what_the_metrics_need(monkeypatch, metrics, wanted):
+    """A metric declares its data (`Metric.needs`); the engine is asked for exactly the union."""
+    seen = []
+    real = sensitivity.sweep
+
+    def spy(*args, needs, **kwargs):
+        seen.append(needs)
+        return real(*args, needs=needs, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "sweep", spy)
+    m = load(build_cnn())
+    tables = sensitivity.measure(m, batches_for(m, 4, 1), metrics, WBITS)
+    assert seen == [frozenset(wanted)] and [t.metric for t in tables] == metrics
+    assert sensitivity.METRICS.get("weight-entropy").data_free and not sensitivity.METRICS.get("kl").data_free
