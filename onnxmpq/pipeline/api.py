@@ -29,7 +29,7 @@ from onnxmpq.graph import qdq
 from onnxmpq.graph.model import Model
 from onnxmpq.hardware import profiles
 from onnxmpq.pipeline import config, plan, sweep
-from onnxmpq.pipeline.config import DataConfig, OutputConfig, PrecisionConfig, SearchConfig
+from onnxmpq.pipeline.config import DataConfig, SearchConfig
 from onnxmpq.pipeline.context import RunContext
 from onnxmpq.pipeline.stages import (
     assign,
@@ -105,14 +105,18 @@ def quantize(model: str | os.PathLike | Model, output: str | os.PathLike, calib=
     if budgets:
         search = dataclasses.replace(search, budgets=config.parse_budgets(list(budgets), "search.budgets"))
     acts = tuple(act_bits) if isinstance(act_bits, (list, tuple)) else (act_bits,)
-    cfg = config.QuantizeConfig(
+    path_of = lambda value: None if value is None else str(value)  # noqa: E731
+    cfg = config.QuantizeConfig(  # every keyword through its field's parser, as the CLI's and YAML's values
         model=str(model.path) if isinstance(model, Model) and model.path else "<memory>" if isinstance(model, Model)
         else str(model),
-        data=DataConfig(None if calib is None or not isinstance(calib, (str, os.PathLike)) else str(calib),
-                        DataConfig().limit if limit is None else limit, batch_size),
-        precision=PrecisionConfig(weight_bits, acts, dict(layer_bits or {}), None, Rounding(rounding)),
+        data=config.build_section("data", {"calib": calib if isinstance(calib, (str, os.PathLike)) else None,
+                                           "limit": DataConfig().limit if limit is None else limit,
+                                           "batch_size": batch_size}),
+        precision=config.build_section("precision", {"weight_bits": weight_bits, "act_bits": acts,
+                                                     "layer_bits": dict(layer_bits or {}), "rounding": rounding}),
         quantizers=options, search=search,
-        output=OutputConfig(str(output), verify, None, None if report_dir is None else str(report_dir), stable))
+        output=config.build_section("output", {"path": str(output), "verify": verify,
+                                               "report_dir": path_of(report_dir), "stable_report": stable}))
     report = run(cfg, preprocess, model=load(model), calib=calib)
     if not isinstance(report, Report):
         raise InternalError("a run without a sweep returned no report")

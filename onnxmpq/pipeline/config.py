@@ -22,6 +22,7 @@ each front end words in its own names (`errors.option`: `--max-drop` on the comm
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -72,9 +73,12 @@ def parse_weight_widths(value: Any, path: str) -> tuple[int, ...]:
 
 
 def parse_layer_bits(value: Any, path: str) -> dict[str, Candidate]:
-    """NAME=W[:A] items (a list, or one string), or a mapping {NAME: "W[:A]"}; W or A may be float."""
+    """NAME=W[:A] items (a list, or one string), or a mapping {NAME: "W[:A]" or a Candidate}; W or A may be
+    float."""
     if isinstance(value, Mapping):
-        items = [f"{name}={bits}" for name, bits in value.items()]
+        given = {str(name): bits for name, bits in value.items() if isinstance(bits, Candidate)}
+        rest = parse_layer_bits([f"{name}={bits}" for name, bits in value.items() if name not in given], path)
+        return {**{name: _candidate(bits, path) for name, bits in given.items()}, **rest}
     else:
         items = [value] if isinstance(value, str) else list(value or ())
     out = {}
@@ -87,6 +91,11 @@ def parse_layer_bits(value: Any, path: str) -> dict[str, Candidate]:
     return out
 
 
+def _candidate(cand: Candidate, path: str) -> Candidate:
+    """A Candidate whose widths are checked as any other width."""
+    return Candidate(parse_bits(cand.weight_bits, path), parse_bits(cand.act_bits, path))
+
+
 def parse_budgets(value: Any, path: str) -> tuple[Budget, ...]:
     """KIND=VALUE items (see `allocate.parse_budget`), a list or one string."""
     items = [value] if isinstance(value, (str, Budget)) else list(value or ())
@@ -96,9 +105,12 @@ def parse_budgets(value: Any, path: str) -> tuple[Budget, ...]:
 def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
             high_open: bool = False) -> Parser:
     """A parser of int or float values in [low, high] (open ends where asked)."""
-    ends = ["" if low is None else f"{low:g}", "" if high is None else f"{high:g}"]
-    span = (f"{'(' if low_open else '['}{ends[0]}, {ends[1]}{')' if high_open else ']'}"
-            if low is not None or high is not None else "")
+    if low is not None and high is not None:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        span = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        span = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
 
     def parse(value: Any, path: str) -> Any:
         if isinstance(value, bool):
@@ -111,7 +123,7 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
             _bad(path, value, f"{'a whole number' if kind is int else 'a number'} {span}".strip())
         if (low is not None and (number < low or low_open and number == low)) or \
                 (high is not None and (number > high or high_open and number == high)):
-            _bad(path, value, f"a number in {span}")
+            _bad(path, value, f"a number {span}")
         return number
     return parse
 
@@ -121,7 +133,7 @@ def _optional(parse: Parser) -> Parser:
 
 
 def _text(value: Any, path: str) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+    if not isinstance(value, (str, int, float, os.PathLike)) or isinstance(value, bool):
         _bad(path, value, "a string")
     return str(value)
 

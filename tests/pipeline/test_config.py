@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_text_and_native_values_parse_alike():
 
 @pytest.mark.parametrize("path, value, words", [
     ("search.max_drop", 1.5, "in [0, 1)"), ("search.max_drop", "x", "not a number"),
-    ("search.method", "annealing", "greedy"), ("data.limit", 0, "[1, "), ("precision.weight_bits", 17, "bit-width"),
+    ("search.method", "annealing", "greedy"), ("data.limit", 0, ">= 1"), ("precision.weight_bits", 17, "bit-width"),
     ("precision.weight_bits", True, "bit-width"), ("search.weight_bits", "float", "weight widths"),
     ("quantizers.scope", "all", "graph"), ("output.stable_report", "maybe", "true or false"),
     ("data.batch_size", 2.5, "whole number"), ("precision.layer_bits", ["conv"], "NAME=W[:A]"),
@@ -113,3 +114,17 @@ def test_a_negated_flag_reads_as_its_setting_switched_off():
     values = config.from_mapping({"no-verify": True, "output": "o"}, "config f")
     assert config.build("m", values).output.verify is False
     assert config.build("m", config.from_mapping({"no-verify": False, "output": "o"}, "f")).output.verify is True
+
+
+def test_the_keyword_api_checks_its_values_like_the_cli(tmp_path):
+    """`onnxmpq.quantize(...)` sends every keyword through its field's parser before any work."""
+    import onnxmpq
+
+    model = Path(__file__).resolve().parents[2] / "models" / "resnet20_cifar10.onnx"
+    for kw, path in [({"weight_bits": 17}, "precision.weight_bits"), ({"limit": 0}, "data.limit"),
+                     ({"layer_bits": {"conv": Candidate(1, 8)}}, "precision.layer_bits"),
+                     ({"search": {"max_drop": 2}}, "search.max_drop"), ({"budgets": ["size=3"]}, None)]:
+        with pytest.raises(OnnxmpqError) as info:
+            onnxmpq.quantize(model, tmp_path / "q.onnx", **kw)
+        assert path is None or str(info.value).startswith(path), str(info.value)
+    assert not (tmp_path / "q.onnx").exists()
