@@ -90,6 +90,8 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
     profile = profiles.load(settings.profile)
     candidates = parse_candidates(settings.weight_bits, act_bits)
     model = ctx.model
+    if settings.max_drop is not None:
+        _check_reachable(ctx, settings, act_bits, options, profile)
     table = sensitivity(metric_of(settings), settings.weight_bits, tuple(act_bits))
     latency = _latency(ctx, candidates, budgets, settings, options, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
@@ -106,6 +108,26 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
                   if u.name in assignment}
     return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, tuple(act_bits),
                 profile)
+
+
+def _check_reachable(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | None], options: QuantOptions,
+                     profile: Profile) -> None:
+    """Before any sensitivity is measured: the drop limit must hold for the most precise choice (every
+    unit at the widest candidates; kept and pinned units as fixed), and the judge must be able to see a
+    drop that small: with n held-out samples one changed prediction is a drop of 1/n."""
+    widest = Candidate(max(settings.weight_bits), max((a for a in act_bits if a), default=None))
+    assignment = {u.name: Candidate(widest.weight_bits if u.layer else None, widest.act_bits)
+                  for u in ctx.model.points(options).units}
+    assignment.update({**profile.pin, **settings.keep})
+    drop = measured_drop(ctx, assignment, options)
+    if settings.max_drop is not None and drop > settings.max_drop:  # (always set here; for the type checker)
+        n = len(ctx.held_out) if ctx.held_out is not None else len(ctx.require_data("the drop limit"))
+        limit = option("search.max_drop")
+        raise ConstraintError(f"even the most precise choice ({widest.key} everywhere) drops {drop:.4f}, over {limit} "
+                              f"{settings.max_drop:g}; the drop is measured on {n} held-out samples, where one "
+                              f"changed prediction is {1 / max(n, 1):.4f}.",
+                              f"raise {limit} to at least {drop:.4f}, or give more calibration samples than "
+                              f"{option('data.limit')} so that more are held out.")
 
 
 def _latency(ctx: RunContext, candidates, budgets, settings: SearchConfig, options, profile):

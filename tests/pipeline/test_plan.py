@@ -428,10 +428,11 @@ def test_threshold_max_drop(quantize):
 
 
 def test_budget_answer_over_max_drop_exit_2(quantize):
-    code, _, stdout, err, out = quantize("violated", "--budget", "avg-bits=2", "--max-drop", "0.001")
+    # the most precise choice is within 0.01 (the check before the sweep passes); the avg-bits=2 answer is not
+    code, _, stdout, err, out = quantize("violated", "--budget", "avg-bits=2", "--max-drop", "0.01")
     assert code == 2
     line = one_error_line(err, stdout)
-    assert "--max-drop 0.001" in line and "measured drop" in line
+    assert "--max-drop 0.01" in line and "measured drop" in line
     assert not out.exists()
 
 
@@ -497,3 +498,22 @@ def test_sweep_models_are_valid_and_run(sweep):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (logits,) = sess.run(None, {sess.get_inputs()[0].name: x})
         assert logits.shape == (4, 10) and np.isfinite(logits).all()
+
+
+def test_an_unreachable_drop_limit_fails_before_the_sensitivity_sweep(monkeypatch, tmp_path):
+    """The most precise choice is judged first: a limit it cannot meet costs one build, not a sweep, and
+    the error says how finely the held-out samples resolve a drop."""
+    from onnxmpq.errors import ConstraintError
+    from onnxmpq.pipeline import api, stages
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the sensitivity sweep ran")
+
+    monkeypatch.setattr(stages, "measure", no_sweep)
+    with pytest.raises(ConstraintError) as info:
+        api.quantize(ROOT / "models" / "resnet20_cifar10.onnx", tmp_path / "q.onnx",
+                     ROOT / "calibration" / "cifar10_train256.npz", limit=32, rounding="nearest",
+                     search={"weight_bits": "2", "max_drop": 0.0})
+    text = str(info.value)
+    assert "most precise choice (w2a8 everywhere)" in text and "224 held-out samples" in text, text
+    assert info.value.exit_code == 2 and not (tmp_path / "q.onnx").exists()
