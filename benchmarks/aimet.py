@@ -102,31 +102,36 @@ def onnxmpq_configs(aimet_relative: float | None) -> list[tuple[str, list[str]]]
 
 
 def measure_model(name: str, data: dict, tmp: Path, repeat: int) -> tuple[list[dict], float]:
-    """Every configuration `repeat` times, interleaved (AIMET first in each round, as the budget rows
-    need its result); returns one record per configuration and the float top-1."""
+    """Every configuration `repeat` times, interleaved: each round runs AIMET first (the budget rows need
+    its result), then every onnxmpq row; one more AIMET run closes the model, so AIMET's median brackets
+    the onnxmpq runs in time. Returns one record per configuration and the float top-1."""
     model = common.MODELS[name]
     score = lambda path: common.classify(path, data["eval_x"], data["eval_y"])["top1"]  # noqa: E731
     records: dict[str, dict] = {}
     relative = None
-    for rnd in range(repeat):
-        out = tmp / f"{name}_aimet_{rnd}"
-        secs, result = run_aimet(model, tmp, out)
-        rec = records.setdefault("AIMET AMP", {"label": "AIMET AMP", "times": [], "result": result,
-                                               "path": out / "model.onnx"})
+
+    def add(label: str, path: Path, timed_run, **extra) -> dict:
+        load = os.getloadavg()[0]
+        secs, result = timed_run()
+        rec = records.setdefault(label, {"label": label, "times": [], "loads": [], "result": result, "path": path,
+                                         "same": True, **extra})
         rec["times"].append(secs)
-        if rnd == 0 and isinstance(result, dict):
-            relative = costs(model, result["layers"])[1] / costs(model, {s.name: {"weight_bits": 8, "act_bits": 8}
-                                                                        for s in graph.load(model).layers})[1]
-        print(f"{name} AIMET round {rnd}: {secs:.1f} s", flush=True)
+        rec["loads"].append(load)
+        rec["same"] &= _layers(result) == _layers(rec["result"])
+        print(f"{name} {label} run {len(rec['times'])}: {secs:.1f} s (load {load:.1f})", flush=True)
+        return rec
+
+    for rnd in range(repeat + 1):
+        out = tmp / f"{name}_aimet_{rnd}"
+        rec = add("AIMET AMP", out / "model.onnx", lambda out=out: run_aimet(model, tmp, out))
+        if rnd == repeat:
+            break
+        if rnd == 0 and isinstance(rec["result"], dict):
+            w8a8 = {s.name: {"weight_bits": 8, "act_bits": 8} for s in graph.load(model).layers}
+            relative = costs(model, rec["result"]["layers"])[1] / costs(model, w8a8)[1]
         for i, (label, extra) in enumerate(onnxmpq_configs(relative)):
             path = tmp / f"{name}_omq{i}_{rnd}.onnx"
-            secs, result = run_onnxmpq(model, path, extra)
-            rec = records.setdefault(label, {"label": label, "times": [], "result": result, "path": path,
-                                             "args": extra})
-            rec["times"].append(secs)
-            rec.setdefault("same", True)
-            rec["same"] &= _layers(result) == _layers(rec["result"])
-            print(f"{name} {label} round {rnd}: {secs:.1f} s", flush=True)
+            add(label, path, lambda path=path, extra=extra: run_onnxmpq(model, path, extra), args=extra)
     for rec in records.values():
         rec["time"] = statistics.median(rec["times"])
         if isinstance(rec["result"], dict):
@@ -187,10 +192,11 @@ accuracy callback, and **top-1 of every model is on the other 1,500**, in this p
   model on held-out calibration images (51 of the 256); `--budget bitops=AIMET's` is AIMET's BitOps from
   the same run, relative to W8A8.
 - **Wall s**: one subprocess per tool run, start to exit (interpreter start, imports, calibration,
-  sensitivity, search, writing); no cache. Runs per configuration: {repeat_text} Runs are interleaved
-  (AIMET, then each onnxmpq row, round after round) on one 2-core machine shared with other jobs (load
-  average {load_before} at the start, {load_after} at the end): the same command took up to 4x longer in one
-  round than in another, so the cell gives the median and (min-max) over the rounds.
+  sensitivity, search, writing); no cache. Rounds per model: {repeat_text} Each round runs AIMET, then
+  each onnxmpq row; one more AIMET run closes the model, so AIMET's median brackets the onnxmpq runs. One
+  2-core machine shared with other jobs (load average {load_before} at the start, {load_after} at the end;
+  the 1-minute load before each run is in the notes): the same command took up to 4x longer in one round
+  than in another, so the cell gives the median and (min-max) over the runs.
 - **Not like for like**: AIMET's phase 2 sees 500 labelled test images, drawn like the 1,500 scored;
   onnxmpq sees only the 256 unlabelled training images. AIMET's drop is labelled top-1 against float on
   its 500 (a W8A8 model that fixes as many predictions as it breaks drops 0); onnxmpq's is the share of
@@ -229,7 +235,7 @@ def _load(values) -> str:
 def render(raw: dict) -> str:
     """The section's markdown from the raw records of `run`."""
     repeats = {name: m["repeat"] for name, m in raw["models"].items()}
-    repeat_text = "; ".join(f"{name}: {f'median of {r} runs' if r > 1 else 'one run'}" for name, r in repeats.items())
+    repeat_text = "; ".join(f"{name}: {r}" for name, r in repeats.items())
     parts = ["## onnxmpq against AIMET-ONNX AMP (issue 13)",
              METHOD.format(models=", ".join(raw["models"]), versions=raw["versions"], repeat_text=repeat_text + ".",
                            load_before=_load(raw["load_before"]), load_after=_load(raw["load_after"]))]
@@ -270,6 +276,9 @@ def _model_notes(m: dict) -> str:
         if not isinstance(result, dict):
             notes.append(f"- {rec['label']} failed (every run; {rec['time']:.1f} s): `{result}`")
             continue
+        if len(rec["times"]) > 1:
+            runs = ", ".join(f"{t:.1f} s (load {l:.1f})" for t, l in zip(rec["times"], rec.get("loads", [])))
+            notes.append(f"- {rec['label']}: runs in order {runs}.")
         if not rec.get("same", True):
             notes.append(f"- {rec['label']}: the repeats chose different bits; the row scores the first.")
         if rec["label"] == "AIMET AMP":
