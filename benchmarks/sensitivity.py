@@ -112,6 +112,7 @@ def run(ctx: common.Context) -> str:
 
 FAST_METRICS = ("sqnr", "kl")
 FAST_BITS = (2, 3, 4, 5, 6, 7, 8)
+REPEATS = 2  # each sweep timed this many times, exact and fast in turn; the fastest run counts
 _TIMED = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -160,8 +161,10 @@ def fast_rows(name: str, model, calib, limit: int, damage: np.ndarray | None) ->
     """One row per metric: sweep times and engine runs, exact then fast; Spearman of fast against exact
     over every (layer, width) score and over the layers at each width, and of a layer-blind baseline
     (score 4^-b at b bits, the same for every layer) over every score; of each table against `damage`."""
-    exact = timed_sweep(model, calib, limit, "exact")
-    quick = timed_sweep(model, calib, limit, "fast")
+    runs = [timed_sweep(model, calib, limit, probes) for _ in range(REPEATS) for probes in ("exact", "fast")]
+    exact, quick = runs[0], runs[1]  # the tables are the same in every repeat; the times are not (shared cores)
+    exact["time_s"] = min(r["time_s"] for r in runs[0::2])
+    quick["time_s"] = min(r["time_s"] for r in runs[1::2])
     rows = []
     for k, metric in enumerate(FAST_METRICS):
         e, f = _scores(exact["tables"][k]), _scores(quick["tables"][k])
@@ -195,7 +198,8 @@ def fast(ctx: common.Context) -> str:
         "### Fast probes (issue 13): one network run per layer instead of one per layer and width\n",
         f"Every weighted layer at weights {{{', '.join(map(str, FAST_BITS))}}} bits (activations float), nearest "
         "rounding, 256 calibration images (32 random inputs for the EfficientNet-Lite0-style CNN, whose random "
-        "weights classify nothing: no true damage); each sweep in its own process, exact first. Engine runs: "
+        "weights classify nothing: no true damage); each sweep in its own process, exact and fast in turn, "
+        f"{REPEATS} times, the fastest of each counted (the cores are shared with other jobs). Engine runs: "
         "network runs that reach the outputs, the float reference included. Spearman rank correlation of the "
         "fast table against the exact one over every (layer, width) score, and over the layers at each width "
         "(mean, and the worst width); the same over every score for a layer-blind baseline that scores 4^-b at b "

@@ -169,9 +169,10 @@ def parse_candidates(weight_bits: Sequence[int], act_bits: Sequence[int | None],
 
 
 # Fast probes by default only if their ranks hold against the exact ones. Measured (BENCHMARKS.md,
-# Sensitivity, issue 13): over every (layer, width) score rho = 0.96-0.99, but a layer-blind 4^-b baseline
-# already reaches 0.95-0.96 there; within one width, the allocator's layer-against-layer choice, rho is
-# 0.74-0.89 on average and down to -0.26 at W2, and against the true W2 damage 0.57-0.73 where the exact
+# Sensitivity, issue 13; ResNet-20/56 and the EfficientNet-Lite0-style CNN, widths 2-8): over every
+# (layer, width) score rho = 0.955-0.994, but a layer-blind baseline scoring 4^-b already reaches
+# 0.95-0.96 on the ResNets; within one width, the allocator's layer-against-layer choice, rho is
+# 0.74-0.89 on average and down to -0.26 at W2; against the true W2 damage 0.57-0.73 where the exact
 # probes give 0.84-0.96. So the default stays exact.
 FAST_BY_DEFAULT = False
 

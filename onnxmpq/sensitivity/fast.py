@@ -62,7 +62,7 @@ MOMENT_SAMPLES = 64       # samples the moments are summed over when no GPTQ nee
 
 @dataclass(frozen=True)
 class Moments:
-    """Sums over every calibration sample of a layer's input columns X (G, K, n) and of the error
+    """Sums over `samples` samples of a layer's input columns X (G, K, n) and of the error
     E_a = fq_a(X) - X of reading them at each activation width a: H = sum X X^T, C_a = sum X E_a^T,
     H_a = sum E_a E_a^T, each (G, K, K)."""
 
