@@ -211,7 +211,7 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
     keys = list(dict.fromkeys([c.key for c in candidates] + [c.key for u in points.units if u.layer is None
                                                              for c in unit_candidates(u, acts)]))
     rows: dict[str, list[LayerScores]] = {metric.name: [] for metric in metrics}
-    consts = {t.name: t for t in model.proto.graph.initializer}
+    consts = model.index.consts
 
     def score_layer(unit, ref, float_out, probes):
         weight = numpy_helper.to_array(consts[unit.layer.weight]).astype(np.float32) if unit.layer else None

@@ -212,7 +212,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
     probed = [(u, c) for u, c in probed if c]
     ref = reference(model, [u for u, _ in probed], batches, with_observers)
     outputs = [o.name for o in model.proto.graph.output]
-    consts = {t.name: t for t in model.proto.graph.initializer}
+    consts = model.index.consts
     nodes = {n.name: n for n in model.proto.graph.node}
     front = Frontier(batches)
     for unit, cands in probed:
