@@ -111,15 +111,15 @@ def run(ctx: click.Context, config_file: str, as_json: bool, **kw: Any) -> None:
         raise OnnxmpqError(f"config {config_file}{f' line {line}' if line else ''}: {exc.field} {exc.problem}.",
                            exc.hint) from None
     cfg = config.build(model, {**values, **overrides})
-    result = execute(cfg)
-    if not check_profile:
-        emit_result(as_json, result)
-        return
-    if not isinstance(result, Report):
+    target = profiles.load(check_profile) if check_profile else None  # a bad profile fails before the run
+    if target is not None and cfg.sweep.spec:
         raise OnnxmpqError(f"config {config_file}: `check` needs one written model, not a sweep.",
                            "drop `check`, or check the sweep's models one by one with `onnxmpq check`.")
+    result = execute(cfg)
+    if target is None or not isinstance(result, Report):
+        emit_result(as_json, result)
+        return
     output = str(cfg.output.path)
-    target = profiles.load(check_profile)
     violations = hardware.check(api.load(output).proto, target)
     verdict = {"model": output, **hardware.summary(violations, target)}
     lines = [f"wrote {output}: avg {result.avg_weight_bits:.2f} weight bits, {result.weight_bytes:,d} weight bytes, "

@@ -497,3 +497,14 @@ def test_run_names_a_bad_file_value_by_its_key_and_line(tmp_path, capsys):
     path.write_text(f"model: {MODEL}\noutput: {tmp_path / 'm.onnx'}\nsearch: {{mthod: greedy}}\n")
     code, out, err = run(capsys, "-q", "run", path)
     assert code == 1 and "line 3: search.mthod is not a setting" in err, err
+
+
+def test_run_refuses_a_check_it_cannot_make_before_any_work(tmp_path, capsys):
+    """An unknown check profile, or a check of a sweep, fails before the sensitivity sweep and writes nothing."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {MODEL}\noutput: {tmp_path / 'm.onnx'}\ncheck: {{profile: no-such-npu}}\n")
+    code, out, err = run(capsys, "-q", "run", path)
+    assert code == 1 and "no-such-npu" in err and not (tmp_path / "m.onnx").exists(), err
+    path.write_text(f"model: {MODEL}\noutput: {tmp_path / 'm.onnx'}\nsweep: avg-bits=4:8:2\ncheck: {{profile: cpu-ort}}\n")
+    code, out, err = run(capsys, "-q", "run", path)
+    assert code == 1 and "not a sweep" in err and not list(tmp_path.glob("m.*")), err
