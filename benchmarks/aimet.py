@@ -96,6 +96,8 @@ def onnxmpq_configs(aimet_relative: float | None) -> list[tuple[str, list[str]]]
     if aimet_relative is not None:
         budget = ["--budget", f"bitops={aimet_relative:.4f}x"]
         configs += [(f"onnxmpq {m} --budget bitops=AIMET's", budget + ["--method", m]) for m in ("greedy", "ilp")]
+        configs.append(("onnxmpq ilp --budget bitops=AIMET's --probes fast", budget + ["--method", "ilp", "--probes",
+                                                                                       "fast"]))
         configs.append(("onnxmpq ilp --budget bitops=AIMET's --rounding nearest",
                         budget + ["--method", "ilp", "--rounding", "nearest"]))
     return configs
