@@ -50,10 +50,10 @@ from onnxmpq.graph.points import Points, Unit
 from onnxmpq.rounding import QuantizedWeight, per_channel, round_nearest
 from onnxmpq.rounding.gptq import COLUMN_BUDGET, GptqSettings
 from onnxmpq.rounding.linear import LinearView, view_of
-from onnxmpq.sensitivity.probe import Probe, Reference, fake_quant, layer_codes, reference, unit_candidates
+from onnxmpq.sensitivity.probe import Probe, Reference, fake_quant, layer_codes, probed_units, reference
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding, TensorStats
 from onnxmpq.write.build import build
-from onnxmpq.write.formats import act_format, required_opset, weight_format
+from onnxmpq.write.formats import weight_format
 
 NOISE = "onnxmpq/noise"   # the tensor a unit's output noise is fed as
 NOISE_BITS = 4            # the grid whose rounding residual sets a weight noise's scale per channel
@@ -213,13 +213,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
           on_unit: Callable[[UnitErrors, Reference], None]) -> None:
     """The fast sweep (see the module docstring) over the units `probe.sweep` probes, in graph order;
     calls `on_unit(findings, reference)` for each. One network run per unit, plus runs of single ops."""
-    formats = [f for c in (*candidates, *unit_acts) for f in (
-        weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
-        act_format(c.act_bits) if c.act_bits else None) if f]
-    model = graph.at_opset(model, required_opset(formats))
-    points = model.points(options)
-    probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
-    probed = [(u, c) for u, c in probed if c]
+    model, points, probed = probed_units(model, candidates, unit_acts, options)
     ref = reference(model, [u for u, _ in probed], batches, False)
     run = _Sweep(model, points, Frontier(batches), stats, options, rounding,
                  sum(len(next(iter(b.values()))) for b in batches), naive)

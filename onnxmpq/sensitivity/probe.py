@@ -21,7 +21,7 @@ from onnxmpq.calibrate.ranges import act_params, choose_range
 from onnxmpq.errors import InternalError, OnnxmpqError
 from onnxmpq.graph import model as graph
 from onnxmpq.graph.engine import Frontier
-from onnxmpq.graph.points import Unit
+from onnxmpq.graph.points import Points, Unit
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
@@ -68,23 +68,6 @@ def unit_candidates(unit: Unit, candidates: Sequence[Candidate]) -> list[Candida
         return list(candidates)
     acts = [Candidate(None, a) for a in dict.fromkeys(c.act_bits for c in candidates)]
     return acts if len(acts) > 1 else []
-
-
-def descendants(proto, start: str) -> set[str]:
-    """Every tensor computed from `start` (itself included)."""
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    seen, stack = set(), [start]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in consumers.get(name, []):
-            stack.extend(o for o in node.output if o)
-    return seen
 
 
 def batch_first(y: np.ndarray, n: int) -> np.ndarray | None:
@@ -152,7 +135,7 @@ def reference(model: graph.Model, units: Sequence[Unit], batches, with_observers
         if rows is not None:
             ref.observers[name] = rows
     for unit in units:
-        ref.downstream[unit.name] = descendants(model.proto, unit.output) & set(ref.observers)
+        ref.downstream[unit.name] = model.index.descendants(unit.output) & set(ref.observers)
     return ref
 
 
@@ -194,6 +177,20 @@ class Need(StrEnum):
     WEIGHTS = "weights"
 
 
+def probed_units(model: graph.Model, candidates: Sequence[Candidate], unit_acts: Sequence[Candidate],
+                 options: QuantOptions) -> tuple[graph.Model, Points, list[tuple[Unit, list[Candidate]]]]:
+    """What a sweep probes: the model at the opset its candidates' formats need, its points, and each
+    unit with its candidates (`candidates` for weighted layers, `unit_acts` for the others), units
+    without any left out."""
+    formats = [f for c in (*candidates, *unit_acts) for f in (
+        weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
+        act_format(c.act_bits) if c.act_bits else None) if f]
+    model = graph.at_opset(model, required_opset(formats))
+    points = model.points(options)
+    probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
+    return model, points, [(u, c) for u, c in probed if c]
+
+
 def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
           unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *,
           needs: frozenset[Need], naive: bool = False,
@@ -202,14 +199,8 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
     of `unit_acts` (`unit_candidates`), collecting what `needs` names; calls `on_layer(unit, reference,
     float_unit_output, probes)` for each unit probed."""
     needs_layer_output, with_observers = Need.LAYER_OUTPUT in needs, Need.OBSERVERS in needs
-    formats = [f for c in (*candidates, *unit_acts) for f in (
-        weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
-        act_format(c.act_bits) if c.act_bits else None) if f]
-    model = graph.at_opset(model, required_opset(formats))
-    points = model.points(options)
-    probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
+    model, points, probed = probed_units(model, candidates, unit_acts, options)
     sizes = [len(next(iter(feed.values()))) for feed in batches]
-    probed = [(u, c) for u, c in probed if c]
     ref = reference(model, [u for u, _ in probed], batches, with_observers)
     outputs = [o.name for o in model.proto.graph.output]
     consts = model.index.consts
