@@ -7,7 +7,7 @@ Data flow: path -> `graph.load` -> (ModelProto, [LayerSpec]) -> `calibrate` -> {
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -125,7 +125,9 @@ class TensorStats:
 
     `hist[i]` counts values in [edges[i], edges[i+1]); `min`/`max` are exact; `zeros` counts exact
     zeros (ReLU outputs), which every asymmetric grid represents without error; `floor`, for a
-    Softmax's logits only, is the smallest maximum of a row (over the Softmax axis) seen.
+    Softmax's logits only, is the smallest maximum of a row (over the Softmax axis) seen. `ranges`
+    keeps the ranges already chosen from these statistics (`calibrate.ranges.choose_range`: every
+    model built from one run's statistics asks for the same ones).
     """
 
     name: str
@@ -136,6 +138,7 @@ class TensorStats:
     count: int = 0
     zeros: int = 0
     floor: float | None = None
+    ranges: dict[tuple[object, ...], tuple[float, float]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 class Scope(StrEnum):

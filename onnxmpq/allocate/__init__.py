@@ -163,6 +163,20 @@ def extremes(problem: Problem, kind: str) -> tuple[float, float]:
             float(np.where(allowed, cost, -np.inf).max(axis=1).sum()))
 
 
+def reachable(problem: Problem) -> np.ndarray:
+    """The (L, C) mask of the allowed choices that some allocation within every budget can take: (l, c)
+    is reachable when cost_k[l, c] + sum_{l' != l} min_c' cost_k[l', c'] <= limit_k for every budget k
+    (a necessary condition: the ties, links and distinct-width rules only narrow it further)."""
+    allowed = admissible(problem)
+    mask = allowed.copy()
+    for kind, cost in problem.costs.items():
+        least = np.where(allowed, cost, np.inf).min(axis=1)
+        rest = float(least.sum()) - least
+        limit = problem.limits[kind]
+        mask &= cost + rest[:, None] <= limit + 1e-9 * max(abs(limit), 1.0)
+    return mask
+
+
 def check_feasible(problem: Problem) -> None:
     """Raises ConstraintError naming, for a budget no allocation can meet, the smallest value it can."""
     for kind in problem.costs:

@@ -139,16 +139,24 @@ def act_params(lo: float, hi: float, fmt: IntFormat) -> ActParams:
 
 def choose_range(stats: TensorStats, fmt: IntFormat, method: ActRange,
                  percentile: float = 99.99) -> tuple[float, float]:
-    """The [lo, hi] range of `stats` for the activation format `fmt` (see the module docstring)."""
+    """The [lo, hi] range of `stats` for the activation format `fmt` (see the module docstring), kept
+    in `stats.ranges` for the next call."""
+    key = (fmt, method, percentile)
+    if key not in stats.ranges:
+        stats.ranges[key] = _choose_range(stats, fmt, method, percentile)
+    return stats.ranges[key]
+
+
+def _choose_range(stats: TensorStats, fmt: IntFormat, method: ActRange, percentile: float) -> tuple[float, float]:
     stats = cut_logits(stats)
     if method == ActRange.MINMAX:
         return stats.min, stats.max
     if method == ActRange.PERCENTILE:
         return _percentile_range(stats, percentile)
     if method == ActRange.ENTROPY:
-        errors = [_kl_error(stats, a, fmt.qmax + 1) for a in RANGE_GRID]
+        errors = np.array([_kl_error(stats, a, fmt.qmax + 1) for a in RANGE_GRID])
     else:
-        errors = [_mse_error(stats, fmt, a) for a in RANGE_GRID]
+        errors = _mse_errors(stats, fmt, RANGE_GRID)
     best = RANGE_GRID[int(np.argmin(errors))]
     return best * min(stats.min, 0.0), best * max(stats.max, 0.0)
 
@@ -178,13 +186,19 @@ def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, flo
     return lo, hi
 
 
-def _mse_error(stats: TensorStats, fmt: IntFormat, alpha: float) -> float:
-    """Expected squared quantization error of the histogram for the range scaled by `alpha`."""
-    params = act_params(alpha * min(stats.min, 0.0), alpha * max(stats.max, 0.0), fmt)
+def _mse_errors(stats: TensorStats, fmt: IntFormat, alphas: np.ndarray) -> np.ndarray:
+    """Expected squared quantization error of the histogram for the range scaled by each of `alphas`:
+    sum_i hist_i (c_i - deq(c_i))^2 over the bin centres c_i, with the grid of `act_params` (the same
+    float32 scale and integer zero point), all alphas at once."""
+    lo, hi = alphas * min(stats.min, 0.0), alphas * max(stats.max, 0.0)
+    scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+    scale = np.where((scale > 0) & np.isfinite(scale), scale, 1e-8).astype(np.float32).astype(np.float64)
+    zero_point = np.clip(np.rint(-lo / scale), fmt.qmin, fmt.qmax)[:, None]
     centres = 0.5 * (stats.edges[:-1] + stats.edges[1:])
-    codes = np.clip(np.rint(centres / params.scale) + params.zero_point, fmt.qmin, fmt.qmax)
-    deq = (codes - params.zero_point) * params.scale
-    return float(np.sum(stats.hist * np.square(centres - deq)))
+    codes = np.clip(np.rint(centres[None, :] / scale[:, None]) + zero_point, fmt.qmin, fmt.qmax)
+    deq = (codes - zero_point) * scale[:, None]
+    errors: np.ndarray = np.sum(stats.hist[None, :] * np.square(centres[None, :] - deq), axis=1)
+    return errors
 
 
 def _kl_error(stats: TensorStats, alpha: float, levels: int) -> float:

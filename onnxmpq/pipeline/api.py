@@ -187,7 +187,8 @@ def _run_model(cfg: config.QuantizeConfig, model: Model, calib, preprocess, stag
             raise OnnxmpqError("choosing bits under a budget needs calibration data.", f"set {option('data.calib')}.")
         rounding = rounding.resolve(search.weight_bits, True)
         chosen = plan.choose(ctx, search, precision.act_bits, options,
-                             sensitivity=table_source(ctx, search, rounding, options))
+                             sensitivity=table_source(ctx, search, rounding, options),
+                             prune=out.report_dir is None)
         assignment = {**chosen.assignment, **precision.layer_bits}
     else:
         assignment = assign(model, precision.weight_bits, precision.act_bits[0], precision.layer_bits, options)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxmpq import progress
-from onnxmpq.allocate import SOLVERS, Allocation, Budget, Problem, extremes, latency, result, solve
+from onnxmpq.allocate import SOLVERS, Allocation, Budget, Problem, extremes, latency, reachable, result, solve
 from onnxmpq.allocate.latency import LatencyTable
 from onnxmpq.allocate.problem import build_problem, candidate_columns
 from onnxmpq.errors import ConfigError, ConstraintError, InternalError, OnnxmpqError, option
@@ -54,7 +54,8 @@ def search_dict(search: SearchConfig, samples: int) -> dict:
             "time_limit": search.time_limit, "profile": search.profile or "any",
             "keep": {k: v.key for k, v in search.keep.items()}, "max_drop": search.max_drop, "trials": search.trials,
             "samples": samples, "seed": search.seed,
-            "probes": str(resolve_probes(search.probes, [metric_of(search)]))}
+            "probes": str(resolve_probes(search.probes, [metric_of(search)])),
+            "probe_rounding": str(search.probe_rounding)}
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,14 @@ def measured_drop(ctx: RunContext, assignment: Mapping[str, Candidate], options:
 
 
 def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | None], options: QuantOptions,
-           sensitivity: Callable) -> Plan:
+           sensitivity: Callable, prune: bool = True) -> Plan:
     """The allocation stage (see the module docstring) on the run's model and data, with `act_bits` the
-    activation candidates. `sensitivity(metric, weight_bits, act_bits)` gives the SensitivityTable (the
-    caller decides rounding, samples and caching)."""
+    activation candidates. `sensitivity(metric, weight_bits, act_bits, only)` gives the SensitivityTable
+    (the caller decides rounding, samples and caching); with `prune`, `only` names for each unit the
+    candidates some allocation within the budgets can take (`allocate.reachable`), and a unit left with
+    one is not probed: under a tight budget the sweep shrinks, and where the budgets admit a single
+    allocation there is none. Without `prune` (a caller that re-solves the table under other budgets)
+    every candidate is measured."""
     budgets = settings.budgets
     if not settings.choosing:
         raise OnnxmpqError(f"choosing bits needs {option('search.budgets')} or {option('search.max_drop')}.",
@@ -92,9 +97,13 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
     model = ctx.model
     if settings.max_drop is not None:
         _check_reachable(ctx, settings, act_bits, options, profile)
-    table = sensitivity(metric_of(settings), settings.weight_bits, tuple(act_bits))
     latency = _latency(ctx, candidates, budgets, settings, options, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
+    only = _reachable(model, candidates, search_budgets, profile, options, settings, latency) \
+        if prune and budgets and spec.drop != "self" else None
+    table = None
+    if only is None or any(len(keys) > 1 for keys in only.values()):
+        table = sensitivity(metric_of(settings), settings.weight_bits, tuple(act_bits), only)
     problem, fixed = build_problem(model, table, candidates, search_budgets, profile, options, settings.keep, latency)
     columns = candidate_columns(model.points(options), candidates)
     if settings.max_drop is not None or spec.judge:
@@ -108,6 +117,16 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
                   if u.name in assignment}
     return Plan(assignment, allocation, problem, fixed, table, latency, tuple(search), settings, tuple(act_bits),
                 profile)
+
+
+def _reachable(model, candidates, budgets, profile: Profile, options: QuantOptions, settings: SearchConfig,
+               latency: LatencyTable | None) -> dict[str, frozenset[str]]:
+    """Each free unit's candidate keys that some allocation within `budgets` can take (`allocate.reachable`
+    on the problem without scores); none for the fixed units (kept, pinned, left float)."""
+    bare, fixed = build_problem(model, None, candidates, budgets, profile, options, settings.keep, latency)
+    mask = reachable(bare)
+    return {**{name: frozenset() for name in fixed},
+            **{name: frozenset(k for k, ok in zip(bare.candidates, row) if ok) for name, row in zip(bare.layers, mask)}}
 
 
 def _check_reachable(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | None], options: QuantOptions,

@@ -20,6 +20,7 @@ from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import RunContext
 from onnxmpq.rounding import sequential
 from onnxmpq.sensitivity import METRICS, cache, parallel, parse_candidates, resolve_probes
+from onnxmpq.sensitivity.probe import Only
 from onnxmpq.types import Candidate, Probes, QuantOptions, Rounding
 from onnxmpq.write.build import build
 
@@ -102,8 +103,9 @@ def verification(ctx: RunContext, output: Path, chosen=None) -> dict:
 def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int], act_bits: Sequence[int | None], *,
             separate: bool = False, rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
             batch_size: int = 64, workers: int = 1, cache_dir=None, naive: bool = False, executor: str = "process",
-            address: str | None = None, probes: Probes | str | None = None) -> list:
-    """The sensitivity tables of `sensitivity`, measured on the run's calibration samples and statistics."""
+            address: str | None = None, probes: Probes | str | None = None, only: Only = None) -> list:
+    """The sensitivity tables of `sensitivity`, measured on the run's calibration samples and statistics
+    (`only`: the candidates to probe each unit at, see `probe.probed_units`)."""
     candidates = parse_candidates(weight_bits, act_bits, separate)
     data_free = all(METRICS.get(name).data_free for name in metrics)
     probes = resolve_probes(probes, metrics)
@@ -118,16 +120,19 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
     model = ctx.model
     keys = [c.key for c in candidates]
     settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
-                "options": repr(options), "naive": naive, "probes": str(probes)}
+                "options": repr(options), "naive": naive, "probes": str(probes),
+                "only": None if only is None else {k: sorted(v) for k, v in sorted(only.items())}}
     key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
     if key and (hit := cache.load(cache_dir, key, list(metrics), keys)) is not None:
         return hit
     points = model.points(options)
     several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free
-    with progress.bar("sensitivity", len(points.units) if several_acts else len(points.layers), unit="unit") as advance:
+    units = points.units if several_acts else points.layers
+    todo = sum(1 for u in units if only is None or len(only.get(u.name, (0, 0))) > 1)
+    with progress.bar("sensitivity", todo, unit="unit") as advance:
         tables = parallel.measure(model, batches, list(metrics), candidates, stats, options, Rounding(rounding),
                                   workers=workers, naive=naive, executor=executor, address=address,
-                                  on_layer=lambda name: advance(1), probes=probes)
+                                  on_layer=lambda name: advance(1), probes=probes, only=only)
     if key:
         cache.store(cache_dir, key, tables)
     return tables
@@ -135,13 +140,17 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
 
 def table_source(ctx: RunContext, settings: SearchConfig, rounding: Rounding, options: QuantOptions):
     """The `sensitivity(metric, weight_bits, act_bits)` callable `plan.choose` takes: one measured table
-    per metric, with the run's samples, cache and rounding, kept for later calls (a sweep)."""
+    per metric, with the run's samples and cache, kept for later calls (a sweep). The probes round as
+    `settings.probe_rounding` says (auto: `rounding`, the written model's)."""
     tables: dict = {}
+    if settings.probe_rounding != Rounding.AUTO:
+        rounding = settings.probe_rounding
 
-    def table(metric: str, weight_bits, act_bits):
-        if metric not in tables:
-            tables[metric] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
-                                     batch_size=ctx.batch_size, cache_dir=settings.cache_dir,
-                                     probes=settings.probes)[0]
-        return tables[metric]
+    def table(metric: str, weight_bits, act_bits, only: Only = None):
+        key = (metric, None if only is None else tuple(sorted((k, tuple(sorted(v))) for k, v in only.items())))
+        if key not in tables:
+            tables[key] = measure(ctx, [metric], weight_bits, act_bits, rounding=rounding, options=options,
+                                  batch_size=ctx.batch_size, cache_dir=settings.cache_dir, probes=settings.probes,
+                                  only=only)[0]
+        return tables[key]
     return table

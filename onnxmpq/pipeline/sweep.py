@@ -95,7 +95,7 @@ def run(cfg: QuantizeConfig, model: Model, preprocess: Preprocess | None = None)
         for value in values:
             at = dataclasses.replace(search, budgets=(Budget(kind, value, relative),), max_drop=None)
             try:
-                chosen = plan.choose(ctx, at, cfg.precision.act_bits, options, table)
+                chosen = plan.choose(ctx, at, cfg.precision.act_bits, options, table, prune=False)
             except ConstraintError as exc:
                 points.append({"value": value, "error": str(exc).split(". Hint")[0]})
                 advance(1)

@@ -50,6 +50,7 @@ class GptqSettings:
     refit_damp: float = 0.01
     block: int = 128
     memory_budget: int = 1 << 30
+    columns_per_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,14 @@ def round_layer(w: np.ndarray, view: LinearView, stats: tuple[np.ndarray, np.nda
 COLUMN_BUDGET = 1 << 24  # float32 im2col elements per side and chunk (64 MiB)
 
 
-def accumulate(view: LinearView, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def accumulate(view: LinearView, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+               stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """H = sum X_q X_q^T and C = sum X_f X_q^T, each (G, K, K), over (x_float, x_quant) batches,
-    im2col'd a few samples at a time so the columns stay within COLUMN_BUDGET."""
+    im2col'd a few samples at a time so the columns stay within COLUMN_BUDGET; with `stride` s > 1
+    over every s-th column only (the sample's columns in order, starting one further each chunk)."""
     h: np.ndarray | None = None
     c: np.ndarray | None = None
+    chunk = 0
     for x_f, x_q in batches:
         x_f, x_q = np.asarray(x_f, np.float32), np.asarray(x_q, np.float32)
         per_sample = view.columns(x_q[:1]).size if x_q.ndim > 1 else x_q.size
@@ -157,6 +161,11 @@ def accumulate(view: LinearView, batches: Iterable[tuple[np.ndarray, np.ndarray]
         for i in range(0, max(len(x_q), 1), step):
             cols_q = view.columns(x_q[i:i + step])
             cols_f = view.columns(x_f[i:i + step])
+            if stride > 1:
+                start = chunk % stride
+                cols_q = np.ascontiguousarray(cols_q[:, :, start::stride])  # BLAS needs contiguous rows
+                cols_f = np.ascontiguousarray(cols_f[:, :, start::stride])
+            chunk += 1
             if h is None or c is None:
                 h = np.zeros((cols_q.shape[0], cols_q.shape[1], cols_q.shape[1]))
                 c = np.zeros_like(h)
@@ -165,6 +174,15 @@ def accumulate(view: LinearView, batches: Iterable[tuple[np.ndarray, np.ndarray]
     if h is None or c is None:
         raise InternalError("GPTQ statistics asked of no batches (the calibration data is checked non-empty)")
     return h, c
+
+
+def column_stride(view: LinearView, input_shape: tuple[int, ...], samples: int, columns_per_k: int | None) -> int:
+    """The `accumulate` stride that keeps about columns_per_k * K columns of `samples` samples (1: all)."""
+    if columns_per_k is None:
+        return 1
+    per_sample = view.columns(np.zeros((1, *input_shape[1:]), np.float32)).shape[2]
+    k = view.to_matrices(np.zeros(view.weight_shape, np.float32)).shape[2]
+    return max(1, int(per_sample * samples) // (columns_per_k * int(k)))
 
 
 def statistics_bytes(view: LinearView, groups_k: int) -> int:

@@ -18,7 +18,7 @@ from onnxmpq.graph import model as graph
 from onnxmpq.graph.engine import Frontier
 from onnxmpq.graph.model import Model
 from onnxmpq.rounding import QuantizedWeight, round_nearest
-from onnxmpq.rounding.gptq import GptqSettings, RoundingResult, accumulate, round_layer, statistics_bytes
+from onnxmpq.rounding.gptq import GptqSettings, RoundingResult, accumulate, column_stride, round_layer, statistics_bytes
 from onnxmpq.rounding.linear import LinearView, view_of
 from onnxmpq.types import Candidate, QuantOptions, TensorStats
 from onnxmpq.write.build import build, layer_formats
@@ -79,7 +79,8 @@ def round_model(model: Model, assignment: Mapping[str, Candidate], source: DataS
             quant_input = next(n for n in qproto.graph.node if n.name == spec.name).input[list(node.input).index(spec.activation)]
             x_float = float_front.advance(model.proto, [spec.activation])
             x_quant = quant_front.advance(qproto, [quant_input])
-            acc = accumulate(view, ((f[0], q[0]) for f, q in zip(x_float, x_quant)))
+            stride = column_stride(view, x_quant[0][0].shape, sum(len(q[0]) for q in x_quant), settings.columns_per_k)
+            acc = accumulate(view, ((f[0], q[0]) for f, q in zip(x_float, x_quant)), stride)
             done[spec.name] = round_layer(weight, view, acc, wfmt, spec.channel_axis, settings)
         else:
             fallbacks.append((spec.name, f"rounded to nearest: {reason}"))

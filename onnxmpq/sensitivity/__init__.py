@@ -27,7 +27,7 @@ from onnxmpq.registry import Registry
 from onnxmpq.rounding import round_nearest
 from onnxmpq.sensitivity import fast
 from onnxmpq.sensitivity import metrics as m
-from onnxmpq.sensitivity.probe import Need, Probe, Reference, sweep, unit_candidates
+from onnxmpq.sensitivity.probe import Need, Only, Probe, Reference, sweep, unit_candidates
 from onnxmpq.types import Candidate, LayerScores, Probes, QuantOptions, Rounding, SensitivityTable
 from onnxmpq.write.formats import weight_format
 
@@ -197,9 +197,12 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
             candidates: Sequence[Candidate], stats=None, options: QuantOptions = QuantOptions(),
             rounding: Rounding = Rounding.NEAREST, naive: bool = False,
             on_layer: Callable[[str], object] | None = None,
-            unit_acts: Sequence[int | None] | None = None, probes: Probes = Probes.EXACT) -> list[SensitivityTable]:
+            unit_acts: Sequence[int | None] | None = None, probes: Probes = Probes.EXACT,
+            only: Only = None) -> list[SensitivityTable]:
     """One SensitivityTable per metric (see the module docstring); `unit_acts` are the activation widths
-    the units without weights are probed at (default: those of `candidates`; () for none)."""
+    the units without weights are probed at (default: those of `candidates`; () for none); `only`
+    narrows the units it names to the candidate keys it lists (`probe.probed_units`), and the table
+    then has no row for a unit left with one."""
     start = time.perf_counter()
     metrics = [METRICS.get(name) for name in metric_names]
     if not metrics:
@@ -239,10 +242,11 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
         raise OnnxmpqError("these metrics need calibration data.", f"set {option('data.calib')}.")
     elif probes == Probes.FAST:
         resolve_probes(probes, metric_names)
-        fast.sweep(model, batches, candidates, acts, stats, options, rounding, naive=naive, on_unit=score_unit)
+        fast.sweep(model, batches, candidates, acts, stats, options, rounding, naive=naive, only=only,
+                   on_unit=score_unit)
     else:
         sweep(model, batches, candidates, acts, stats, options, rounding,
-              needs=frozenset().union(*(x.needs for x in metrics)), naive=naive, on_layer=score_layer)
+              needs=frozenset().union(*(x.needs for x in metrics)), naive=naive, only=only, on_layer=score_layer)
     samples = sum(len(next(iter(b.values()))) for b in batches) if batches else 0
     elapsed = time.perf_counter() - start
     return [SensitivityTable(metric.name, tuple(keys), tuple(rows[metric.name]), samples, elapsed, str(rounding),

@@ -50,7 +50,7 @@ from onnxmpq.graph.points import Points, Unit
 from onnxmpq.rounding import QuantizedWeight, per_channel, round_nearest
 from onnxmpq.rounding.gptq import COLUMN_BUDGET, GptqSettings
 from onnxmpq.rounding.linear import LinearView, view_of
-from onnxmpq.sensitivity.probe import Probe, Reference, fake_quant, layer_codes, probed_units, reference
+from onnxmpq.sensitivity.probe import Only, Probe, Reference, fake_quant, layer_codes, probed_units, reference
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding, TensorStats
 from onnxmpq.write.build import build
 from onnxmpq.write.formats import weight_format
@@ -210,10 +210,10 @@ class _Sweep:
 
 def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
           unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *, naive: bool = False,
-          on_unit: Callable[[UnitErrors, Reference], None]) -> None:
+          only: Only = None, on_unit: Callable[[UnitErrors, Reference], None]) -> None:
     """The fast sweep (see the module docstring) over the units `probe.sweep` probes, in graph order;
     calls `on_unit(findings, reference)` for each. One network run per unit, plus runs of single ops."""
-    model, points, probed = probed_units(model, candidates, unit_acts, options)
+    model, points, probed = probed_units(model, candidates, unit_acts, options, only)
     ref = reference(model, [u for u, _ in probed], batches, False)
     run = _Sweep(model, points, Frontier(batches), stats, options, rounding,
                  sum(len(next(iter(b.values()))) for b in batches), naive)

@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from onnxmpq import sensitivity
 from onnxmpq.errors import OnnxmpqError
 from onnxmpq.graph import runtime
+from onnxmpq.sensitivity.probe import Only
 from onnxmpq.types import Candidate, LayerScores, Probes, QuantOptions, Rounding, SensitivityTable
 
 
@@ -65,16 +66,17 @@ def merge(parts: Sequence[Sequence[SensitivityTable]], candidates: Sequence[Cand
 def measure(model, batches, metrics: Sequence[str], candidates: Sequence[Candidate], stats, options: QuantOptions,
             rounding: Rounding, *, workers: int = 1, naive: bool = False, executor: str = "process",
             address: str | None = None, on_layer: Callable[[str], object] | None = None,
-            probes: Probes = Probes.EXACT) -> list[SensitivityTable]:
+            probes: Probes = Probes.EXACT, only: Only = None) -> list[SensitivityTable]:
     """`sensitivity.measure`, on `workers` processes or Ray tasks when there are several candidates; fast
     probes run in this process (their cost is per unit: splitting the candidates would not share it)."""
     workers = max(1, min(workers, len(candidates)))
     if (workers == 1 and executor == "process") or probes == Probes.FAST:
         return sensitivity.measure(model, batches, metrics, candidates, stats, options, rounding, naive, on_layer,
-                                   probes=probes)
+                                   probes=probes, only=only)
     shares = [list(candidates[i::workers]) for i in range(workers)]
     acts = [c.act_bits for c in candidates]
-    jobs = [(model, batches, metrics, share, stats, options, rounding, naive, None, acts if i == 0 else (), probes)
+    jobs = [(model, batches, metrics, share, stats, options, rounding, naive, None, acts if i == 0 else (), probes,
+             only)
             for i, share in enumerate(shares)]
     if executor == "ray":
         parts = _on_ray(jobs, address)

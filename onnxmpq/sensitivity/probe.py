@@ -30,6 +30,7 @@ from onnxmpq.write.build import build
 from onnxmpq.write.formats import act_format, required_opset, weight_format
 
 N_OBSERVERS = 3
+Only = Mapping[str, frozenset[str]] | None  # unit name -> the candidate keys to probe it at (None: all)
 
 
 @dataclass
@@ -178,28 +179,33 @@ class Need(StrEnum):
 
 
 def probed_units(model: graph.Model, candidates: Sequence[Candidate], unit_acts: Sequence[Candidate],
-                 options: QuantOptions) -> tuple[graph.Model, Points, list[tuple[Unit, list[Candidate]]]]:
+                 options: QuantOptions, only: Only = None) -> tuple[graph.Model, Points, list[tuple[Unit, list[Candidate]]]]:
     """What a sweep probes: the model at the opset its candidates' formats need, its points, and each
     unit with its candidates (`candidates` for weighted layers, `unit_acts` for the others), units
-    without any left out."""
+    without any left out. `only` narrows a named unit to the candidate keys it lists, and a unit left
+    with fewer than two is not probed (nothing to choose between)."""
     formats = [f for c in (*candidates, *unit_acts) for f in (
         weight_format(c.weight_bits, options.int2_container == "int4") if c.weight_bits else None,
         act_format(c.act_bits) if c.act_bits else None) if f]
     model = graph.at_opset(model, required_opset(formats))
     points = model.points(options)
     probed = [(u, unit_candidates(u, candidates if u.layer else unit_acts)) for u in points.units]
+    if only is not None:
+        probed = [(u, [c for c in cands if c.key in only[u.name]]) if u.name in only else (u, cands)
+                  for u, cands in probed]
+        probed = [(u, cands) for u, cands in probed if u.name not in only or len(cands) > 1]
     return model, points, [(u, c) for u, c in probed if c]
 
 
 def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
           unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *,
-          needs: frozenset[Need], naive: bool = False,
+          needs: frozenset[Need], naive: bool = False, only: Only = None,
           on_layer: Callable[[Unit, Reference, np.ndarray | None, list[Probe]], None]):
     """Probes every weighted layer at `candidates` and every unit without weights at the activation widths
-    of `unit_acts` (`unit_candidates`), collecting what `needs` names; calls `on_layer(unit, reference,
-    float_unit_output, probes)` for each unit probed."""
+    of `unit_acts` (`unit_candidates`; narrowed by `only`, see `probed_units`), collecting what `needs`
+    names; calls `on_layer(unit, reference, float_unit_output, probes)` for each unit probed."""
     needs_layer_output, with_observers = Need.LAYER_OUTPUT in needs, Need.OBSERVERS in needs
-    model, points, probed = probed_units(model, candidates, unit_acts, options)
+    model, points, probed = probed_units(model, candidates, unit_acts, options, only)
     sizes = [len(next(iter(feed.values()))) for feed in batches]
     ref = reference(model, [u for u, _ in probed], batches, with_observers)
     outputs = [o.name for o in model.proto.graph.output]

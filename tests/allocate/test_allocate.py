@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxmpq.allocate import Budget, Problem, admissible, check_feasible, ilp, lagrange, mckp, parse_budget, solve
+from onnxmpq.allocate import Budget, Problem, admissible, check_feasible, ilp, lagrange, mckp, parse_budget, reachable, solve
 from onnxmpq.errors import ConstraintError, OnnxmpqError
 from onnxmpq.pipeline import api, stages
 from onnxmpq.types import Candidate, LayerScores, SensitivityTable
@@ -171,6 +171,33 @@ def test_relative_avg_bits_is_not_read_as_absolute_bits():
 
 
 # ---------------------------------------------------------------- ilp
+
+
+@HYPOTHESIS
+@given(problems())
+def test_reachable_keeps_every_choice_of_every_feasible_allocation(problem):
+    """Every (layer, candidate) that some allocation within the budgets uses is reachable, and with one
+    budget nothing else is (the bound is then exact: the rest of the layers at their cheapest)."""
+    n_layers, n_cands = problem.scores.shape
+    rows = np.arange(n_layers)
+    combos = np.array(list(itertools.product(range(n_cands), repeat=n_layers)))
+    ok = admissible(problem)[rows, combos].all(axis=1)
+    for kind, cost in problem.costs.items():
+        ok &= cost[rows, combos].sum(axis=1) <= problem.limits[kind]
+    used = np.zeros((n_layers, n_cands), bool)
+    for combo in combos[ok]:
+        used[rows, combo] = True
+    mask = reachable(problem)
+    assert not (used & ~mask).any()
+    if len(problem.costs) == 1 and ok.any():
+        assert (mask == used).all()
+
+
+def test_reachable_leaves_one_choice_per_layer_at_the_cheapest_total():
+    problem = make_problem([[0, 0], [0, 0], [0, 0]], {"bitops": [[1, 2], [2, 4], [3, 5]]}, {"bitops": 6})
+    assert reachable(problem).tolist() == [[True, False], [True, False], [True, False]]
+    wider = make_problem([[0, 0], [0, 0], [0, 0]], {"bitops": [[1, 2], [2, 4], [3, 5]]}, {"bitops": 7})
+    assert reachable(wider).tolist() == [[True, True], [True, False], [True, False]]
 
 
 @HYPOTHESIS

@@ -517,3 +517,64 @@ def test_an_unreachable_drop_limit_fails_before_the_sensitivity_sweep(monkeypatc
     text = str(info.value)
     assert "most precise choice (w2a8 everywhere)" in text and "224 held-out samples" in text, text
     assert info.value.exit_code == 2 and not (tmp_path / "q.onnx").exists()
+
+
+def test_a_budget_that_admits_one_allocation_measures_no_sensitivity(monkeypatch, tmp_path):
+    """avg-bits=4 over candidates {4, 8} leaves every layer one choice: the sweep is skipped, and the
+    written model has every layer at 4 bits."""
+    from onnxmpq.pipeline import stages
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the sensitivity sweep ran")
+
+    monkeypatch.setattr(stages, "measure", no_sweep)
+    report = api.quantize(RESNET, tmp_path / "q.onnx", CALIB, limit=64, rounding="nearest", budgets=["avg-bits=4"],
+                          search={"weight_bits": "4,8"}, verify=False)
+    assert {layer.weight_bits for layer in report.layers} == {4}
+    assert "sensitivity" not in report.stages
+
+
+def test_under_a_tight_budget_only_the_layers_with_a_choice_are_probed(monkeypatch, tmp_path, params):
+    """A budget a little over the cheapest total: a layer whose wider choice would overrun it on its own
+    is not probed, and the probed ones are exactly those `allocate.reachable` leaves two choices."""
+    from onnxmpq.pipeline import stages
+
+    real, asked = stages.measure, {}
+
+    def spy(*args, **kwargs):
+        asked["only"] = kwargs["only"]
+        tables = real(*args, **kwargs)
+        asked["rows"] = {row.name for row in tables[0].layers}
+        return tables
+
+    monkeypatch.setattr(stages, "measure", spy)
+    total = sum(params.values())
+    small = min(params.values())  # one small layer at 8 bits fits; the large ones do not
+    budget = (4 * total + 4 * small * 1.5) / total
+    report = api.quantize(RESNET, tmp_path / "q.onnx", CALIB, limit=32, rounding="nearest",
+                          budgets=[f"avg-bits={budget}"], search={"weight_bits": "4,8", "probes": "exact"},
+                          verify=False)
+    choices = {name: keys for name, keys in asked["only"].items() if len(keys) > 1}
+    assert 0 < len(choices) < len(params) and set(choices) == asked["rows"]
+    assert all(4 * params[name] * 1.0 <= 4 * small * 1.5 for name in choices)
+    assert all(4 * params[name] > 4 * small * 1.5 for name in params if name not in choices)
+    assert report.avg_weight_bits <= budget + 1e-9
+
+
+@pytest.mark.parametrize("probe_rounding, probed", [("auto", "gptq"), ("nearest", "nearest")])
+def test_probes_round_as_probe_rounding_says_and_the_model_as_rounding_says(monkeypatch, tmp_path, probe_rounding,
+                                                                              probed):
+    from onnxmpq.pipeline import stages
+
+    real, asked = stages.measure, []
+
+    def spy(*args, **kwargs):
+        asked.append(str(kwargs["rounding"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "measure", spy)
+    report = api.quantize(RESNET, tmp_path / "q.onnx", CALIB, limit=16, rounding="gptq", budgets=["avg-bits=5"],
+                          search={"weight_bits": "4,8", "metric": "sqnr", "probes": "fast",
+                                  "probe_rounding": probe_rounding}, verify=False)
+    assert asked == [probed]
+    assert report.settings["rounding"] == "gptq" and "gptq" in report.stages

@@ -332,6 +332,32 @@ def test_accumulate_in_chunks_gives_the_same_sums(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_accumulate_with_a_stride_sums_every_strided_column_starting_one_further_per_chunk(monkeypatch):
+    n, w, _ = grouped_conv()
+    view = view_of(n, w.shape)
+    xf = conv_input(2, 5)
+    xq = (xf + 0.1 * np.random.default_rng(3).normal(size=xf.shape)).astype(np.float32)
+    monkeypatch.setattr(gptq, "COLUMN_BUDGET", 1)  # one sample per chunk
+    hs, cs = accumulate(view, [(xf, xq)], stride=3)
+    want_h, want_c = np.zeros_like(hs), np.zeros_like(cs)
+    for i in range(len(xf)):
+        f, q = view.columns(xf[i:i + 1])[:, :, i % 3::3], view.columns(xq[i:i + 1])[:, :, i % 3::3]
+        want_h += q.astype(np.float64) @ np.swapaxes(q, 1, 2)
+        want_c += f.astype(np.float64) @ np.swapaxes(q, 1, 2)
+    np.testing.assert_allclose(hs, want_h, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cs, want_c, rtol=1e-5, atol=1e-4)
+    full = accumulate(view, [(xf, xq)])[0]
+    assert not np.allclose(hs, full, rtol=0.1)  # a third of the columns, not all of them
+
+
+def test_column_stride_keeps_about_the_asked_columns_per_row_of_h():
+    n, w, _ = grouped_conv()
+    view = view_of(n, w.shape)  # K = 2 * 3 * 3 = 18 per group; 16 columns per sample (4x4 outputs)
+    assert gptq.column_stride(view, (1, 4, 7, 7), 100, None) == 1
+    assert gptq.column_stride(view, (1, 4, 7, 7), 100, 10) == 1600 // 180
+    assert gptq.column_stride(view, (1, 4, 7, 7), 5, 10) == 1
+
+
 def run(proto, x):
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 

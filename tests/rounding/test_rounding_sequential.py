@@ -246,10 +246,10 @@ def test_each_layer_sees_the_inputs_of_the_network_quantized_so_far(monkeypatch)
     seen = []
     real = sequential.accumulate
 
-    def spy(view, batches):
+    def spy(view, batches, stride=1):
         batches = list(batches)
         seen.append((np.concatenate([f for f, _ in batches]), np.concatenate([q for _, q in batches])))
-        return real(view, batches)
+        return real(view, batches, stride)
 
     monkeypatch.setattr(sequential, "accumulate", spy)
     calib = images(5, 20)
