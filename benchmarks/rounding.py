@@ -3,6 +3,7 @@ ResNet-56 and PP-OCRv4, with rounding time and peak memory (each quantization in
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -99,3 +100,40 @@ def run(ctx: common.Context) -> str:
                   common.table(["weights/acts", "nearest", "gptq"], rows), "",
                   common.table(["gptq run", "seconds", "peak MB"], costs), ""]
     return "\n".join(parts)
+
+
+COLUMNS_PER_K = (None, 256, 64)
+
+
+def columns(ctx: common.Context) -> str:
+    """GPTQ's statistics over every im2col column against about columns_per_k * K of them (every s-th,
+    `rounding.gptq.column_stride`): the GPTQ stage's seconds (from the report, in one process, the
+    settings interleaved per model and width) and top-1 on the CIFAR-10 test images."""
+    from onnxmpq.pipeline import api, stages
+    from onnxmpq.rounding import sequential
+    from onnxmpq.rounding.gptq import GptqSettings
+
+    x, labels = ctx.cifar_test()
+    rows, original = [], sequential.round_model
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m.onnx"
+        try:
+            for name in ("resnet20", "resnet56"):
+                for bits in (3, 4):
+                    for cpk in COLUMNS_PER_K:
+                        stages.sequential.round_model = functools.partial(
+                            original, settings=GptqSettings(columns_per_k=cpk))
+                        report = api.quantize(common.MODELS[name], out, str(common.CALIB), weight_bits=bits,
+                                              act_bits=8, rounding="gptq", verify=False)
+                        rows.append([name, f"W{bits}A8", "all" if cpk is None else cpk,
+                                     f"{report.stages['gptq']:.1f}", common.classify(out, x, labels)["top1"]])
+                        print(rows[-1], flush=True)
+        finally:
+            stages.sequential.round_model = original
+    return "\n".join([
+        "## GPTQ statistics over a share of the columns (issue 13)\n",
+        f"Uniform GPTQ rounding, 256 calibration images, H and C over every im2col column ('all') or every s-th "
+        f"column so that about columns_per_k x K remain (the default is {GptqSettings().columns_per_k}); the GPTQ "
+        f"stage's seconds from the report, top-1 on {len(x):,d} CIFAR-10 test images (standard error about "
+        "0.4 points).\n",
+        common.table(["model", "widths", "columns per K", "gptq s", "top-1"], rows), ""])

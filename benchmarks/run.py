@@ -49,6 +49,7 @@ from benchmarks import (  # noqa: E402
 )
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
+            "gptq-columns": rounding.columns,
             "sensitivity": sensitivity.run, "sensitivity-fast": sensitivity.fast, "allocation": allocation.run,
             "memory": memory.run, "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
             "cost": cost.run, "aimet": aimet.run}
