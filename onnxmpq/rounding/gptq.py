@@ -23,9 +23,10 @@ For each layer with quantized weights, in topological order (G groups, see `line
    applied within blocks of `block` columns and to the rest of the matrix once per block.
 
 Parameters (`GptqSettings`): damp = 0.01, refit = True, refit_damp = 0.01, block = 128,
-memory_budget = 1 GiB for H and C of one layer, columns_per_k = 64 (None: every column). A layer whose statistics would not fit the budget, or
-whose op the method does not cover (batched MatMul weights, ConvTranspose with groups, output_padding or
-auto_pad), is rounded to nearest and listed in `RoundingResult.fallbacks`.
+memory_budget = 1 GiB for H and C of one layer, columns_per_k = 64 (None: every column). A layer
+whose statistics would not fit the budget, or whose op the method does not cover (batched MatMul
+weights, ConvTranspose with groups, output_padding or auto_pad), is rounded to nearest and listed in
+`RoundingResult.fallbacks`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ running the network, and a gain measured by one noise probe per unit:
       H = sum X X^T,  C = sum X E^T,  H_E = sum E E^T,
   that is ||W_q (X + E) - W X||^2 / N, the exact error of the layer's linear output (written in error
   terms only, never as a difference of large traces), over the first MOMENT_SAMPLES samples (the
-  scores take ratios of such errors; with GPTQ rounding, which needs H of every sample, over all).
+  scores take ratios of such errors; with GPTQ rounding, which needs H of every sample, over all),
+  and over about 64 columns per row of H of those (every s-th im2col column, the sums times s; as
+  GPTQ's statistics are taken, `rounding.gptq`).
   A layer without a view gets e by running its op alone from the cut with the probe's weights.
   Activation bits also add, for every tensor the unit writes at a bits (and, for a unit without
   weights, every one it reads), the fake-quantization error ||fq_a(t) - t||^2 / N of the float
@@ -48,7 +50,7 @@ from onnxmpq.graph import model as graph
 from onnxmpq.graph.engine import Frontier
 from onnxmpq.graph.points import Points, Unit
 from onnxmpq.rounding import QuantizedWeight, per_channel, round_nearest
-from onnxmpq.rounding.gptq import COLUMN_BUDGET, GptqSettings
+from onnxmpq.rounding.gptq import COLUMN_BUDGET, GptqSettings, column_stride
 from onnxmpq.rounding.linear import LinearView, view_of
 from onnxmpq.sensitivity.probe import Only, Probe, Reference, fake_quant, layer_codes, probed_units, reference
 from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding, TensorStats
@@ -82,26 +84,35 @@ class Moments:
 
 
 def moments(view: LinearView, xs: Sequence[np.ndarray],
-            quantizers: Mapping[int, Callable[[np.ndarray], np.ndarray]]) -> Moments:
+            quantizers: Mapping[int, Callable[[np.ndarray], np.ndarray]], stride: int = 1) -> Moments:
     """`Moments` of the batches `xs` of a layer's input, im2col'd a few samples at a time (COLUMN_BUDGET);
-    `quantizers` maps each activation width to the fake quantizer of the layer's input."""
+    `quantizers` maps each activation width to the fake quantizer of the layer's input. With `stride`
+    s > 1 the sums run over every s-th column (as `gptq.accumulate` takes them) times s: an estimate of
+    the sums over all columns, so that errors from them add to errors of whole tensors."""
     sums: dict[tuple[str, int], np.ndarray] = {}
 
     def add(key: tuple[str, int], a: np.ndarray, b: np.ndarray) -> None:
         product = a @ np.swapaxes(b, 1, 2)  # float32 products of a chunk, summed in float64
         sums[key] = sums[key] + product if key in sums else product.astype(np.float64)
 
+    def strided(cols: np.ndarray, start: int) -> np.ndarray:
+        return cols if stride == 1 else np.ascontiguousarray(cols[:, :, start::stride])
+
+    chunks = 0
     for x in xs:
         x = np.asarray(x, np.float32)
         step = max(1, COLUMN_BUDGET // max(view.columns(x[:1]).size, 1))
         for i in range(0, len(x), step):
-            chunk = x[i:i + step]
-            cols = view.columns(chunk)
+            chunk, start = x[i:i + step], chunks % stride
+            chunks += 1
+            cols = strided(view.columns(chunk), start)
             add(("h", 0), cols, cols)
             for bits, fq in quantizers.items():
-                err = view.columns(fq(chunk) - chunk)
+                err = strided(view.columns(fq(chunk) - chunk), start)
                 add(("c", bits), cols, err)
                 add(("e", bits), err, err)
+    if stride > 1:
+        sums = {key: value * stride for key, value in sums.items()}
     return Moments(sums[("h", 0)], {b: sums[("c", b)] for b in quantizers}, {b: sums[("e", b)] for b in quantizers},
                    sum(len(x) for x in xs))
 
@@ -263,7 +274,9 @@ def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Ca
             and 8 * (1 + 2 * len(acts)) * mats.shape[0] * mats.shape[2] ** 2 <= GptqSettings().memory_budget:
         quantizers = {a: (lambda x, a=a: run.fake_quant(spec.activation, a, x)) for a in acts}
         full = run.rounding == Rounding.GPTQ  # GPTQ rounds against H of every sample, as the exact probe does
-        m = moments(view, at[spec.activation] if full else first(at[spec.activation], MOMENT_SAMPLES), quantizers)
+        xs = at[spec.activation] if full else first(at[spec.activation], MOMENT_SAMPLES)
+        stride = column_stride(view, xs[0].shape, sum(len(x) for x in xs), GptqSettings().columns_per_k)
+        m = moments(view, xs, quantizers, stride)
         rounded = run.codes(spec, weight, at[spec.activation], m if full else None)
         codes = {c.key: rounded(c) for c in cands}
         errors = {}

@@ -115,6 +115,26 @@ def test_moments_error_with_activation_bits_equals_the_single_layer_models(cand)
         assert moments_error(m, spec, cand, stats, batches) == pytest.approx(expected, rel=2e-3), spec.name
 
 
+def test_strided_moments_are_the_strided_sums_times_the_stride_and_estimate_the_full_ones():
+    """moments(..., stride=s): s times the sums over every s-th column (starting one further per chunk);
+    on smooth feature maps the output error from them is within a few percent of the full one."""
+    conv = onnx.helper.make_node("Conv", ["x", "W"], ["y"], "c", pads=[1, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
+    view = view_of(conv, w.shape)
+    x = np.cumsum(np.cumsum(rng.normal(size=(40, 4, 12, 12)), axis=2), axis=3).astype(np.float32) / 6
+    fq = {4: lambda t: (np.round(t * 2) / 2).astype(np.float32)}
+    full, strided = moments(view, [x[:20], x[20:]], fq), moments(view, [x[:20], x[20:]], fq, stride=5)
+    chunk = [view.columns(x[i:i + 20]) for i in (0, 20)]
+    want = sum(5 * (c[:, :, k % 5::5].astype(np.float64) @ np.swapaxes(c[:, :, k % 5::5], 1, 2))
+               for k, c in enumerate(chunk))
+    np.testing.assert_allclose(strided.h, want, rtol=1e-4, atol=1e-2)  # float32 products against float64
+    mats = view.to_matrices(w.astype(np.float64))
+    wq = view.to_matrices(round_nearest(w, 0, _fmt(3)).dequantize().astype(np.float64))
+    for bits in (None, 4):
+        assert strided.output_error(mats, wq, bits) == pytest.approx(full.output_error(mats, wq, bits), rel=0.05)
+
+
 def test_gptq_codes_are_the_exact_probes():
     """GPTQ's H of the float input is the moments' H: the exact probe's codes (its scales to float32
     rounding: its C = sum X X^T is a second product, which BLAS may round differently from H's)."""
