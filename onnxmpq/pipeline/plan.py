@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxmpq import progress
-from onnxmpq.allocate import SOLVERS, Allocation, Budget, Problem, extremes, latency, reachable, result, solve
+from onnxmpq.allocate import SOLVERS, Allocation, Budget, Problem, admissible, extremes, latency, reachable, result, solve
 from onnxmpq.allocate.latency import LatencyTable
 from onnxmpq.allocate.problem import build_problem, candidate_columns
 from onnxmpq.errors import ConfigError, ConstraintError, InternalError, OnnxmpqError, option
@@ -120,11 +120,14 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
 
 
 def _reachable(model, candidates, budgets, profile: Profile, options: QuantOptions, settings: SearchConfig,
-               latency: LatencyTable | None) -> dict[str, frozenset[str]]:
+               latency: LatencyTable | None) -> dict[str, frozenset[str]] | None:
     """Each free unit's candidate keys that some allocation within `budgets` can take (`allocate.reachable`
-    on the problem without scores); none for the fixed units (kept, pinned, left float)."""
+    on the problem without scores), none for the fixed units (kept, pinned, left float); None when the
+    budgets rule out no allowed choice (the full sweep, which a sensitivity cache shares between budgets)."""
     bare, fixed = build_problem(model, None, candidates, budgets, profile, options, settings.keep, latency)
     mask = reachable(bare)
+    if (mask == admissible(bare)).all():
+        return None
     return {**{name: frozenset() for name in fixed},
             **{name: frozenset(k for k, ok in zip(bare.candidates, row) if ok) for name, row in zip(bare.layers, mask)}}
 

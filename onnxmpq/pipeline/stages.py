@@ -120,11 +120,15 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
     model = ctx.model
     keys = [c.key for c in candidates]
     settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
-                "options": repr(options), "naive": naive, "probes": str(probes),
-                "only": None if only is None else {k: sorted(v) for k, v in sorted(only.items())}}
-    key = cache.cache_key(model.proto, batches, settings) if cache_dir else None
-    if key and (hit := cache.load(cache_dir, key, list(metrics), keys)) is not None:
-        return hit
+                "options": repr(options), "naive": naive, "probes": str(probes)}
+    # a table of every candidate serves any narrower request; a narrowed one only the same narrowing
+    narrowed = {**settings, "only": {k: sorted(v) for k, v in sorted(only.items())}} if only is not None else None
+    if cache_dir:
+        for wanted in [settings] + ([narrowed] if narrowed else []):
+            hit = cache.load(cache_dir, cache.cache_key(model.proto, batches, wanted), list(metrics), keys)
+            if hit is not None:
+                return hit
+    key = cache.cache_key(model.proto, batches, narrowed or settings) if cache_dir else None
     points = model.points(options)
     several_acts = len({c.act_bits for c in candidates}) > 1 and not data_free
     units = points.units if several_acts else points.layers

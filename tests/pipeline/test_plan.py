@@ -578,3 +578,29 @@ def test_probes_round_as_probe_rounding_says_and_the_model_as_rounding_says(monk
                                   "probe_rounding": probe_rounding}, verify=False)
     assert asked == [probed]
     assert report.settings["rounding"] == "gptq" and "gptq" in report.stages
+
+
+def test_a_cached_full_table_serves_a_pruned_budget_and_a_pruned_table_never_a_full_one(monkeypatch, tmp_path, params):
+    from onnxmpq.sensitivity import parallel
+
+    real, runs = parallel.measure, []
+
+    def counting(*args, **kwargs):
+        runs.append(kwargs.get("only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "measure", counting)
+    small = min(params.values())
+    tight = (4 * sum(params.values()) + 6 * small) / sum(params.values())
+
+    def quantize(budget, cache):
+        api.quantize(RESNET, tmp_path / "q.onnx", CALIB, limit=16, rounding="nearest", budgets=[f"avg-bits={budget}"],
+                     search={"weight_bits": "4,8", "probes": "exact", "cache_dir": str(tmp_path / cache)},
+                     verify=False)
+
+    quantize(7, "full-first")       # nothing ruled out: the full table, cached
+    quantize(tight, "full-first")   # served by it
+    assert runs == [None]
+    quantize(tight, "pruned-first")  # a narrowed table, cached under its narrowing
+    quantize(7, "pruned-first")      # which cannot serve the full request
+    assert runs[1] is not None and runs[2] is None and len(runs) == 3
