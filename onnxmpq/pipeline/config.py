@@ -308,9 +308,11 @@ class SearchConfig:
                                     "candidate) or fast (one run per layer with noise, scaled by each candidate's "
                                     "own output error; sqnr and kl only) [default: exact; BENCHMARKS.md compares "
                                     "them].", _optional(_enum(Probes)), choices=lambda: [m.value for m in Probes])
-    probe_rounding: Rounding = setting(Rounding.AUTO, "--probe-rounding", "Weight rounding inside the sensitivity "
-                                       "probes: nearest, gptq, or auto = the written model's rounding (--rounding).",
-                                       _enum(Rounding), choices=lambda: [m.value for m in Rounding])
+    probe_rounding: Rounding = setting(Rounding.NEAREST, "--probe-rounding", "Weight rounding inside the "
+                                       "sensitivity probes: nearest, gptq, or auto = the written model's (--rounding); "
+                                       "nearest probes choose allocations whose GPTQ-rounded models score as those "
+                                       "of GPTQ probes, at a fraction of the cost (BENCHMARKS.md).", _enum(Rounding),
+                                       choices=lambda: [m.value for m in Rounding])
 
     @property
     def choosing(self) -> bool:
