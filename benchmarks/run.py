@@ -50,7 +50,8 @@ from benchmarks import (  # noqa: E402
 
 SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": rounding.cost,
             "gptq-columns": rounding.columns,
-            "sensitivity": sensitivity.run, "sensitivity-fast": sensitivity.fast, "allocation": allocation.run,
+            "sensitivity": sensitivity.run, "sensitivity-fast": sensitivity.fast,
+            "probe-rounding": sensitivity.probe_rounding, "allocation": allocation.run,
             "memory": memory.run, "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
             "cost": cost.run, "aimet": aimet.run}
 OPTIONAL = {"aimet"}  # measured only when named: needs AIMET's own venv (make bench-aimet)
