@@ -27,6 +27,7 @@ import numpy as np
 from benchmarks import common
 from onnxmpq import calibrate
 from onnxmpq.graph import model as graph
+from onnxmpq.sensitivity import FAST_BY_DEFAULT
 
 AIMET_PYTHON = Path(os.environ.get("AIMET_PYTHON", "/tmp/venv-aimet/bin/python"))
 RUNNER = common.ROOT / "benchmarks" / "aimet_amp.py"
@@ -96,8 +97,11 @@ def onnxmpq_configs(aimet_relative: float | None) -> list[tuple[str, list[str]]]
     if aimet_relative is not None:
         budget = ["--budget", f"bitops={aimet_relative:.4f}x"]
         configs += [(f"onnxmpq {m} --budget bitops=AIMET's", budget + ["--method", m]) for m in ("greedy", "ilp")]
-        configs.append(("onnxmpq ilp --budget bitops=AIMET's --probes fast", budget + ["--method", "ilp", "--probes",
-                                                                                       "fast"]))
+        other = "exact" if FAST_BY_DEFAULT else "fast"
+        configs.append((f"onnxmpq ilp --budget bitops=AIMET's --probes {other}",
+                        budget + ["--method", "ilp", "--probes", other]))
+        configs.append(("onnxmpq ilp --budget bitops=AIMET's --probe-rounding auto (GPTQ probes, as before)",
+                        budget + ["--method", "ilp", "--probe-rounding", "auto"]))
         configs.append(("onnxmpq ilp --budget bitops=AIMET's --rounding nearest",
                         budget + ["--method", "ilp", "--rounding", "nearest"]))
     return configs

@@ -99,7 +99,7 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
         _check_reachable(ctx, settings, act_bits, options, profile)
     latency = _latency(ctx, candidates, budgets, settings, options, profile)
     search_budgets = list(budgets) or [Budget("avg-bits", math.inf)]
-    only = _reachable(model, candidates, search_budgets, profile, options, settings, latency) \
+    only = _choices_within(model, candidates, search_budgets, profile, options, settings, latency) \
         if prune and budgets and spec.drop != "self" else None
     table = None
     if only is None or any(len(keys) > 1 for keys in only.values()):
@@ -119,7 +119,7 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
                 profile)
 
 
-def _reachable(model, candidates, budgets, profile: Profile, options: QuantOptions, settings: SearchConfig,
+def _choices_within(model, candidates, budgets, profile: Profile, options: QuantOptions, settings: SearchConfig,
                latency: LatencyTable | None) -> dict[str, frozenset[str]] | None:
     """Each free unit's candidate keys that some allocation within `budgets` can take (`allocate.reachable`
     on the problem without scores), none for the fixed units (kept, pinned, left float); None when the
