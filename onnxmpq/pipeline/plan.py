@@ -120,7 +120,7 @@ def choose(ctx: RunContext, settings: SearchConfig, act_bits: Sequence[int | Non
 
 
 def _choices_within(model, candidates, budgets, profile: Profile, options: QuantOptions, settings: SearchConfig,
-               latency: LatencyTable | None) -> dict[str, frozenset[str]] | None:
+                    latency: LatencyTable | None) -> dict[str, frozenset[str]] | None:
     """Each free unit's candidate keys that some allocation within `budgets` can take (`allocate.reachable`
     on the problem without scores), none for the fixed units (kept, pinned, left float); None when the
     budgets rule out no allowed choice (the full sweep, which a sensitivity cache shares between budgets)."""
