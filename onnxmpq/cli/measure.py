@@ -108,8 +108,8 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Reuse results across runs (a folder).")
 @click.option("--probes", type=click.Choice([m.value for m in Probes]),
               help="Exact (one network run per layer and candidate) or fast (one run per layer with noise, scaled "
-                   "by each candidate's own output error; sqnr and kl only) [default: exact; BENCHMARKS.md compares "
-                   "them].")
+                   "by each candidate's own output error; sqnr and kl only) [default: fast where every metric "
+                   "allows, else exact; BENCHMARKS.md compares them].")
 @click.option("--json", "as_json", is_flag=True, help="Print the table(s) as JSON on stdout.")
 @config_options(["preprocess"])
 def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, batch_size, output, plot, workers,
