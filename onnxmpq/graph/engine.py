@@ -8,12 +8,15 @@ initializers), runs that segment in onnxruntime batch by batch, returns the targ
 the cut forward. The proto may change between calls (GPTQ quantizes one more layer each time) as long
 as the nodes already run keep their output names; a node whose outputs are all computed counts as run.
 
-Memory: the cut's tensors for every calibration sample (for a ResNet, one or two feature maps).
+Memory: the cut's tensors for every calibration sample (for a ResNet, one or two feature maps) up to
+SPILL_BUDGET bytes in RAM, the batches beyond it on disk (`store.CutStore`) and read back one at a time,
+so that a large set or a wide cut costs disk, not RAM; `advance` returns the targets as a `Values` view
+that reads them batch by batch. onnxruntime runs one batch at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -21,54 +24,115 @@ import onnx
 from onnxmpq.errors import InternalError
 from onnxmpq.graph import runtime
 from onnxmpq.graph.model import node_reads
+from onnxmpq.graph.store import CutStore
+
+SPILL_BUDGET = 512 << 20  # bytes of a frontier's cut held in RAM; the batches beyond go to disk (`store`)
+
+
+class Values(Sequence[list[np.ndarray]]):
+    """What `Frontier.advance` returns: per batch, the targets' values. While the cut is all in RAM they
+    are the arrays themselves; once it has spilled they are read from the cut's store when asked for
+    (one batch back from disk at a time), and valid until the frontier moves again."""
+
+    def __init__(self, front: Frontier, targets: Sequence[str], aside: Sequence[Mapping[str, np.ndarray]]):
+        self._front, self._targets, self._aside, self._moves = front, list(targets), aside, front.moves
+        self._rows = None if front.values.spilled else [self._row(i) for i in range(len(aside))]
+
+    def __len__(self) -> int:
+        return len(self._aside)
+
+    def __getitem__(self, i: int) -> list[np.ndarray]:  # type: ignore[override]  # indexed, never sliced
+        if self._rows is not None:
+            return self._rows[i]
+        if self._front.moves != self._moves:
+            raise InternalError("the spilled values of an earlier cut were read after the frontier moved on")
+        return self._row(i)
+
+    def _row(self, i: int) -> list[np.ndarray]:
+        aside, vals = self._aside[i], self._front.values[i]
+        return [aside[t] if t in aside else vals[t] for t in self._targets]
+
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
+        return (self[i] for i in range(len(self)))
+
+    def column(self, k: int) -> Sequence[np.ndarray]:
+        """Target k of every batch, read batch by batch."""
+        return _Column(self, k)
+
+
+class _Column(Sequence[np.ndarray]):
+    def __init__(self, values: Values, k: int):
+        self._values, self._k = values, k
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]  # indexed, never sliced
+        return self._values[i][self._k]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
 
 
 class Frontier:
-    """Cached values at the cut of a graph, one dict of arrays per calibration batch."""
+    """Cached values at the cut of a graph, one dict of arrays per calibration batch, in a `CutStore`
+    that keeps `budget` bytes (default SPILL_BUDGET) in RAM and spills the rest to disk."""
 
-    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]]):
-        self.values = [dict(batch) for batch in batches]
-        self.computed: set[str] = set(self.values[0]) if self.values else set()
+    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]], budget: int | None = None):
+        self.values = CutStore(batches, SPILL_BUDGET if budget is None else budget)
+        self.computed: set[str] = self.values.names()
+        self.moves = 0
 
-    def advance(self, proto: onnx.ModelProto, targets: Sequence[str]) -> list[list[np.ndarray]]:
-        """Values of `targets` for every batch (outer list: batches; inner: targets); moves the cut."""
-        return self._run(proto, targets, move=True)
+    def advance(self, proto: onnx.ModelProto, targets: Sequence[str]) -> Values:
+        """Values of `targets` for every batch (outer: batches; inner: targets); moves the cut."""
+        front = self.values
+        available, dtypes = front.names(), {n: v.dtype for n, v in front[0].items()} if len(front) else {}
+        segment, inputs, produced = _segment(proto, available, targets, self.computed, dtypes, True)
+        if segment is None:  # every target is already at the cut
+            return Values(self, targets, [{}] * len(front))
+        outputs = list(dict.fromkeys([t for t in targets if t not in available] + produced))
+        self.computed.update(o for n in segment.graph.node for o in n.output if o)
+        self.moves += 1
+        live = _live(proto, self.computed)
+        sess = runtime.session(segment)
+        aside = []
+        for i in range(len(front)):
+            vals = front[i]
+            got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
+            aside.append({t: got[t] if t in got else vals[t] for t in targets if t not in live})
+            front.put(i, {n: v for n, v in got.items() if n in live}, forget=available - live)
+        return Values(self, targets, aside)
 
     def peek(self, proto: onnx.ModelProto, targets: Sequence[str],
              extra: Sequence[Mapping[str, np.ndarray]] = ()) -> list[list[np.ndarray]]:
         """Values of `targets` computed from the current cut, which stays where it is (a probe: the
         cut's float values through a graph that differs only downstream of the cut); `extra` adds
         tensors to the cut for this call, one dict per batch (the inputs of nodes the probe added)."""
-        return self._run(proto, targets, move=False, extra=extra)
-
-    def _run(self, proto: onnx.ModelProto, targets: Sequence[str], move: bool,
-             extra: Sequence[Mapping[str, np.ndarray]] = ()) -> list[list[np.ndarray]]:
-        values = [{**vals, **more} for vals, more in zip(self.values, extra, strict=True)] if extra else self.values
-        available = set(values[0])
-        dtypes = {name: value.dtype for name, value in values[0].items()}
-        segment, inputs, produced = _segment(proto, available, targets, self.computed, dtypes, move)
-        outputs = list(dict.fromkeys([t for t in targets if t not in available] + produced))
-        results = []
+        front = self.values
+        first = {**front[0], **extra[0]} if extra else front[0]
+        available = set(first)
+        dtypes = {name: value.dtype for name, value in first.items()}
+        segment, inputs, _ = _segment(proto, available, targets, self.computed, dtypes, False)
+        batches = ({**vals, **more} for vals, more in zip(front, extra, strict=True)) if extra else iter(front)
         if segment is None:  # every target is already at the cut
-            return [[vals[t] for t in targets] for vals in values]
+            return [[vals[t] for t in targets] for vals in batches]
+        outputs = list(dict.fromkeys(t for t in targets if t not in available))
         sess = runtime.session(segment)
-        for vals in values:
+        results = []
+        for vals in batches:
             got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
             results.append([got[t] if t in got else vals[t] for t in targets])
-            if move:
-                vals.update(got)
-        if move:
-            self.computed.update(o for n in segment.graph.node for o in n.output if o)
-            self._drop_dead(proto)
         return results
 
-    def _drop_dead(self, proto: onnx.ModelProto) -> None:
-        """Forgets cut tensors that no node still to run reads."""
-        pending = [n for n in proto.graph.node if not all(o in self.computed for o in n.output if o)]
-        live = {i for n in pending for i in node_reads(n)} | {o.name for o in proto.graph.output}
-        for vals in self.values:
-            for name in [k for k in vals if k not in live]:
-                del vals[name]
+    def close(self) -> None:
+        """Lets go of the cut (and its spill folder) now rather than when the frontier is dropped."""
+        self.values.close()
+
+
+def _live(proto: onnx.ModelProto, computed: set[str]) -> set[str]:
+    """The tensors a node still to run reads, and the graph outputs."""
+    pending = [n for n in proto.graph.node if not all(o in computed for o in n.output if o)]
+    return {i for n in pending for i in node_reads(n)} | {o.name for o in proto.graph.output}
 
 
 def _segment(proto: onnx.ModelProto, available: set[str], targets: Sequence[str], computed: set[str],

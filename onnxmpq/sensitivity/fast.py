@@ -208,7 +208,7 @@ class _Sweep:
     def runner(self, batches) -> Frontier:
         return Frontier(batches) if self.naive else self.front
 
-    def codes(self, spec: LayerSpec, weight: np.ndarray, xs: list[np.ndarray], m: Moments | None) \
+    def codes(self, spec: LayerSpec, weight: np.ndarray, xs: Sequence[np.ndarray], m: Moments | None) \
             -> Callable[[Candidate], QuantizedWeight | None]:
         """The codes of each candidate, as the exact probe rounds them (`probe.layer_codes`; GPTQ's H of
         the float input is the moments' H, summed the same way)."""
@@ -229,7 +229,8 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
     run = _Sweep(model, points, Frontier(batches), stats, options, rounding,
                  sum(len(next(iter(b.values()))) for b in batches), naive)
     for unit, cands in probed:
-        at = dict(zip(unit.inputs, map(list, zip(*run.front.advance(model.proto, list(unit.inputs))))))
+        cut = run.front.advance(model.proto, list(unit.inputs))
+        at = {name: cut.column(k) for k, name in enumerate(unit.inputs)}
         acts = sorted({c.act_bits for c in cands if c.act_bits})
         act_error = _act_errors(run, unit, acts, at)
         if unit.layer is None:
@@ -242,7 +243,7 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
             on_unit(replace(found, errors=errors), ref)
 
 
-def _act_errors(run: _Sweep, unit: Unit, acts: Sequence[int], at: Mapping[str, list]) -> dict[int, float]:
+def _act_errors(run: _Sweep, unit: Unit, acts: Sequence[int], at: Mapping[str, Sequence[np.ndarray]]) -> dict[int, float]:
     """Per activation width: the fake-quantization error of the tensors the unit writes (and, without
     weights, reads) at that width, summed and per sample."""
     if not acts:
@@ -257,7 +258,7 @@ def _act_errors(run: _Sweep, unit: Unit, acts: Sequence[int], at: Mapping[str, l
 
 
 def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Candidate],
-           at: Mapping[str, list]) -> UnitErrors:
+           at: Mapping[str, Sequence[np.ndarray]]) -> UnitErrors:
     """A weighted layer's weight-noise probe and the output error of each candidate's weights and input:
     from its moments where it has a view (and they fit GptqSettings' memory budget), else by running
     its op alone."""

@@ -213,9 +213,9 @@ def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candi
     nodes = {n.name: n for n in model.proto.graph.node}
     front = Frontier(batches)
     for unit, cands in probed:
-        cut = [v for v in front.advance(model.proto, list(unit.inputs))]
+        cut = front.advance(model.proto, list(unit.inputs))
         spec = unit.layer
-        x = [v[list(unit.inputs).index(spec.activation)] for v in cut] if spec and spec.activation in unit.inputs else []
+        x = cut.column(list(unit.inputs).index(spec.activation)) if spec and spec.activation in unit.inputs else []
         float_out = None
         if needs_layer_output:
             float_out = np.concatenate([v[0] for v in front.peek(model.proto, [unit.output])])

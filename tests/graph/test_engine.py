@@ -235,3 +235,54 @@ def test_non_float_tensors_at_the_cut_without_value_info():
     for batch, [s], [y] in zip(data, shapes, ys):
         np.testing.assert_array_equal(s, batch["x"].shape[:1] + (3, 4, 4))
         np.testing.assert_allclose(y, full_run(proto, batch, ["y"])[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [0, 2000])
+def test_a_spilled_frontier_gives_the_values_of_one_in_ram(budget):
+    """Budget 0: every batch on disk; 2000 bytes: the first batch fits, the others spill."""
+    proto = build_branchy()
+    data = batches()
+    ram, disk = Frontier(data), Frontier(data, budget=budget)
+    for targets in TARGETS:
+        want, got = ram.advance(proto, targets), disk.advance(proto, targets)
+        assert disk.values.spilled
+        assert len(got) == len(want)
+        for w, g in zip(want, got):
+            for a, b in zip(w, g):
+                np.testing.assert_array_equal(a, b)
+        assert disk.values.names() == ram.values.names()
+        for w, g in zip(ram.peek(proto, ["y"]), disk.peek(proto, ["y"])):
+            np.testing.assert_array_equal(w[0], g[0])
+
+
+def test_a_spilled_frontier_holds_at_most_a_batch_beyond_its_budget():
+    proto = build_branchy()
+    data = batches(sizes=(4,) * 6)
+    front = Frontier(data, budget=0)
+    widest = 0
+    for targets in TARGETS:
+        front.advance(proto, targets)
+        front.peek(proto, ["y"])
+        widest = max(widest, max(sum(v.nbytes for v in front.values[i].values()) for i in range(len(data))))
+    # the cut of one batch (plus the outputs a move adds to it), never the set's
+    assert 0 < front.values.peak_resident <= 2 * widest
+    assert front.values.spilled_bytes > len(data) * front.values.peak_resident / 2
+
+
+def test_spilled_values_read_after_the_frontier_moved_on_are_refused():
+    proto = build_branchy()
+    front = Frontier(batches(), budget=0)
+    old = front.advance(proto, ["r1"])
+    front.advance(proto, ["s"])
+    with pytest.raises(engine.InternalError):
+        old[0]
+
+
+def test_the_spill_folder_goes_with_the_frontier():
+    proto = build_branchy()
+    front = Frontier(batches(), budget=0)
+    front.advance(proto, ["ra"])
+    folder = front.values.folder
+    assert folder is not None and any(folder.iterdir())
+    front.close()
+    assert not folder.exists()
