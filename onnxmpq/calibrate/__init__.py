@@ -63,7 +63,7 @@ def collect(model: Model, source: DataSource, groups: Mapping[str, Sequence[str]
         groups = {name: [name] for name in groups}
     feeds = {spec.name for spec in model.inputs}
     fetch = list(dict.fromkeys(t for members in groups.values() for t in members if t not in feeds))
-    sess = runtime.session(with_outputs(model.proto, fetch))
+    sess = runtime.session(with_outputs(model.proto, fetch), arena=False)
     hists = {name: Histogram(name, floor_axis=(logits or {}).get(name)) for name in groups}
     seen = 0
     for batch in source.batches(batch_size):

@@ -94,7 +94,7 @@ class Frontier:
         self.computed.update(o for n in segment.graph.node for o in n.output if o)
         self.moves += 1
         live = _live(proto, self.computed)
-        sess = runtime.session(segment)
+        sess = runtime.session(segment, arena=False)
         aside = []
         for i in range(len(front)):
             vals = front[i]
@@ -117,7 +117,7 @@ class Frontier:
         if segment is None:  # every target is already at the cut
             return [[vals[t] for t in targets] for vals in batches]
         outputs = list(dict.fromkeys(t for t in targets if t not in available))
-        sess = runtime.session(segment)
+        sess = runtime.session(segment, arena=False)
         results = []
         for vals in batches:
             got = dict(zip(outputs, runtime.run(sess, {n: vals[n] for n in inputs}, outputs)))
