@@ -307,7 +307,8 @@ class SearchConfig:
     probes: Probes | None = setting(None, "--probes", "Sensitivity probes: exact (one network run per layer and "
                                     "candidate) or fast (one run per layer with noise, scaled by each candidate's "
                                     "own output error; sqnr and kl only) [default: fast where the metric allows, "
-                                    "else exact; BENCHMARKS.md compares them].", _optional(_enum(Probes)), choices=lambda: [m.value for m in Probes])
+                                    "else exact; BENCHMARKS.md compares them].", _optional(_enum(Probes)),
+                                    choices=lambda: [m.value for m in Probes])
     probe_rounding: Rounding = setting(Rounding.NEAREST, "--probe-rounding", "Weight rounding inside the "
                                        "sensitivity probes: nearest, gptq, or auto = the written model's (--rounding); "
                                        "nearest probes choose allocations whose GPTQ-rounded models score as those "

@@ -220,10 +220,13 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
     def score_layer(unit, ref, float_out, probes):
         weight = numpy_helper.to_array(consts[unit.layer.weight]).astype(np.float32) if unit.layer else None
         ctx = LayerContext(unit, weight, ref, float_out)
+        scores: dict[str, dict[str, float]] = {metric.name: {} for metric in metrics}
+        for probe in probes:  # one at a time: each probe is scored, then let go
+            for metric in metrics:
+                scores[metric.name][probe.cand.key] = float(metric.score(ctx, probe))
         for metric in metrics:
-            scores = {probe.cand.key: float(metric.score(ctx, probe)) for probe in probes}
             extra = metric.extra(ctx) if metric.extra else None
-            rows[metric.name].append(LayerScores(unit.name, unit.op_type, scores, extra))
+            rows[metric.name].append(LayerScores(unit.name, unit.op_type, scores[metric.name], extra))
         if on_layer:
             on_layer(unit.name)
 

@@ -10,7 +10,7 @@ graph inputs instead: the baseline the benchmark compares with.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -25,7 +25,7 @@ from onnxmpq.graph.points import Points, Unit
 from onnxmpq.rounding import QuantizedWeight, round_nearest
 from onnxmpq.rounding.gptq import GptqSettings, accumulate, round_layer
 from onnxmpq.rounding.linear import view_of
-from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding
+from onnxmpq.types import Candidate, LayerSpec, QuantOptions, Rounding, TensorStats
 from onnxmpq.write.build import build
 from onnxmpq.write.formats import act_format, required_opset, weight_format
 
@@ -200,44 +200,66 @@ def probed_units(model: graph.Model, candidates: Sequence[Candidate], unit_acts:
 def sweep(model: graph.Model, batches: Sequence[Mapping[str, np.ndarray]], candidates: Sequence[Candidate],
           unit_acts: Sequence[Candidate], stats, options: QuantOptions, rounding: Rounding, *,
           needs: frozenset[Need], naive: bool = False, only: Only = None,
-          on_layer: Callable[[Unit, Reference, np.ndarray | None, list[Probe]], None]):
+          on_layer: Callable[[Unit, Reference, np.ndarray | None, Iterator[Probe]], None]):
     """Probes every weighted layer at `candidates` and every unit without weights at the activation widths
     of `unit_acts` (`unit_candidates`; narrowed by `only`, see `probed_units`), collecting what `needs`
-    names; calls `on_layer(unit, reference, float_unit_output, probes)` for each unit probed."""
+    names; calls `on_layer(unit, reference, float_unit_output, probes)` for each unit probed, `probes`
+    yielding one probe at a time (run when asked for, so that only one candidate's outputs are held at
+    once)."""
     needs_layer_output, with_observers = Need.LAYER_OUTPUT in needs, Need.OBSERVERS in needs
     model, points, probed = probed_units(model, candidates, unit_acts, options, only)
-    sizes = [len(next(iter(feed.values()))) for feed in batches]
     ref = reference(model, [u for u, _ in probed], batches, with_observers)
-    outputs = [o.name for o in model.proto.graph.output]
-    consts = model.index.consts
-    nodes = {n.name: n for n in model.proto.graph.node}
-    front = Frontier(batches)
+    run = _Run(model, points, Frontier(batches), batches, stats, options, rounding, ref, needs_layer_output, naive)
     for unit, cands in probed:
-        cut = front.advance(model.proto, list(unit.inputs))
+        cut = run.front.advance(model.proto, list(unit.inputs))
         spec = unit.layer
         x = cut.column(list(unit.inputs).index(spec.activation)) if spec and spec.activation in unit.inputs else []
         float_out = None
         if needs_layer_output:
-            float_out = np.concatenate([v[0] for v in front.peek(model.proto, [unit.output])])
-        weight = numpy_helper.to_array(consts[spec.weight]).astype(np.float32) if spec else None
+            float_out = np.concatenate([v[0] for v in run.front.peek(model.proto, [unit.output])])
+        on_layer(unit, ref, float_out, run.probes(unit, cands, x))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every probe of one exact sweep shares."""
+
+    model: graph.Model
+    points: Points
+    front: Frontier
+    batches: Sequence[Mapping[str, np.ndarray]]
+    stats: Mapping[str, TensorStats] | None
+    options: QuantOptions
+    rounding: Rounding
+    ref: Reference
+    needs_layer_output: bool
+    naive: bool
+
+    def probes(self, unit: Unit, cands: Sequence[Candidate], x: Sequence[np.ndarray]) -> Iterator[Probe]:
+        """The probe of `unit` at each of `cands` in turn, from the frontier's cut (`x`: the unit's input)."""
+        model, spec = self.model, unit.layer
+        outputs = [o.name for o in model.proto.graph.output]
+        weight = numpy_helper.to_array(model.index.consts[spec.weight]).astype(np.float32) if spec else None
+        node = next((n for n in model.proto.graph.node if spec and n.name == spec.name), None)
         cache: dict = {}
-        probes = []
-        observers = sorted(ref.downstream.get(unit.name, ()))
-        targets = list(dict.fromkeys(outputs + ([unit.output] if needs_layer_output else []) + observers))
-        group = points.group.get(spec.activation) if spec else None
+        observers = sorted(self.ref.downstream.get(unit.name, ()))
+        targets = list(dict.fromkeys(outputs + ([unit.output] if self.needs_layer_output else []) + observers))
+        group = self.points.group.get(spec.activation) if spec else None
+        sizes = [len(next(iter(feed.values()))) for feed in self.batches]
         for cand in cands:
-            codes = layer_codes(spec, weight, nodes[spec.name], cand, x, rounding, options, stats, cache, group) \
+            codes = layer_codes(spec, weight, node, cand, x, self.rounding, self.options, self.stats, cache, group) \
                 if spec and weight is not None else None
-            proto, _ = build(model, {unit.name: cand}, stats, options, weights={unit.name: codes} if codes else None)
-            runner = Frontier(batches) if naive else front
+            proto, _ = build(model, {unit.name: cand}, self.stats, self.options,
+                             weights={unit.name: codes} if codes else None)
+            runner = Frontier(self.batches) if self.naive else self.front
             values = [dict(zip(targets, v)) for v in runner.peek(proto, targets)]
             probe = Probe(cand, [[v[o] for o in outputs] for v in values], None, {}, codes)
-            if needs_layer_output:
+            if self.needs_layer_output:
                 probe.layer_output = np.concatenate([v[unit.output] for v in values])
             for name in observers:
-                rows = observer_rows([v[name] for v in values], sizes, len(ref.labels))
+                rows = observer_rows([v[name] for v in values], sizes, len(self.ref.labels))
                 if rows is None:  # the reference aligned this tensor, and Q/DQ leaves its shape alone
                     raise InternalError(f"observer {name!r} has no row axis in the probe of {unit.name!r}")
                 probe.observers[name] = rows
-            probes.append(probe)
-        on_layer(unit, ref, float_out, probes)
+            del values
+            yield probe
