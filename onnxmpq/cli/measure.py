@@ -114,7 +114,7 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @config_options(["preprocess"])
 def sensitivity(model, calib, metric_list, bits, act_bits, separate, rounding, limit, batch_size, output, plot, workers,
                 executor, address, cache_dir, probes, as_json, **kw):
-    """Per-layer sensitivity of MODEL: one probe per layer and candidate, the rest of the network float."""
+    """Per-layer sensitivity of MODEL: each layer quantized alone at each candidate, the rest of the network float."""
     metrics = [m.strip() for m in metric_list.split(",") if m.strip()]
     if not metrics:
         raise OnnxmpqError("--metric names no metric.", "write e.g. --metric sqnr,kl.")

@@ -38,10 +38,11 @@ def assert_user_error(code: int, out: str, err: str, *needles: str):
         assert needle in lines[0], lines[0]
 
 
-def assert_table(table: dict, metric: str, candidates: list[str], layers: list[tuple[str, str]], samples: int):
+def assert_table(table: dict, metric: str, candidates: list[str], layers: list[tuple[str, str]], samples: int,
+                 probes: str):
     assert set(table) == TABLE_KEYS
     assert table["metric"] == metric and table["candidates"] == candidates
-    assert table["samples"] == samples and table["rounding"] == "nearest" and table["probes"] == "exact"
+    assert table["samples"] == samples and table["rounding"] == "nearest" and table["probes"] == probes
     assert isinstance(table["time_s"], float) and table["time_s"] >= 0
     assert [(l["name"], l["op_type"]) for l in table["layers"]] == layers
     for layer in table["layers"]:
@@ -76,7 +77,7 @@ def test_resnet_sqnr_kl_json_file_and_plot(tmp_path, capsys):
     assert len(layers) == 20
     assert isinstance(printed, list) and [t["metric"] for t in printed] == ["sqnr", "kl"]
     for table in printed:
-        assert_table(table, table["metric"], ["w2", "w4", "w8"], layers, 32)
+        assert_table(table, table["metric"], ["w2", "w4", "w8"], layers, 32, "fast")  # sqnr and kl: fast by default
         for layer in table["layers"]:
             assert layer["scores"]["w2"] > layer["scores"]["w8"]
     data = png.read_bytes()
@@ -98,10 +99,10 @@ def test_single_metric_prints_one_table_with_extras(tiny, capsys):
 def test_separate_weight_and_activation_candidates(tiny, capsys):
     cnn, calib, _ = tiny
     code, out, err = run(capsys, "sensitivity", cnn, "--calib", calib, "--bits", "2,8", "--act-bits", "2,8",
-                         "--separate", "--rounding", "nearest", "--json")
+                         "--separate", "--rounding", "nearest", "--probes", "exact", "--json")
     assert code == 0, err
     table = json.loads(out)
-    assert_table(table, "sqnr", ["w2", "w8", "a2", "a8"], CNN_LAYERS, 16)
+    assert_table(table, "sqnr", ["w2", "w8", "a2", "a8"], CNN_LAYERS, 16, "exact")
     for layer in table["layers"]:
         assert layer["scores"]["w2"] > layer["scores"]["w8"] and layer["scores"]["a2"] > layer["scores"]["a8"]
 
@@ -113,7 +114,7 @@ def test_weight_entropy_runs_without_calibration_and_plots(tiny, tmp_path, capsy
                          "--json")
     assert code == 0, err
     table = json.loads(out)
-    assert_table(table, "weight-entropy", ["w2", "w4", "w16"], CNN_LAYERS, 0)
+    assert_table(table, "weight-entropy", ["w2", "w4", "w16"], CNN_LAYERS, 0, "exact")
     for layer in table["layers"]:
         assert layer["scores"]["w2"] > layer["scores"]["w4"] > layer["scores"]["w16"] == 0.0
     assert png.read_bytes()[:8] == PNG_MAGIC
