@@ -9,7 +9,8 @@ Sections: uniform (issue 2: float vs onnxruntime quantize_static vs onnxmpq unif
 time); rounding (issue 3: nearest vs GPTQ); sensitivity (issue 4: sweep cost, rank correlation);
 sensitivity-fast (issue 13: fast probes against exact ones, time and rank correlation);
 allocation (issue 5: metric x allocator vs uniform, Pareto, solver time); memory (issue 7: peak RSS
-against calibration size); latency (issue 11: kernels onnxruntime runs after load and ms per batch of
+against calibration size); memory-search (issue 13: peak RSS of the sensitivity sweep and of GPTQ
+against set size and model size); latency (issue 11: kernels onnxruntime runs after load and ms per batch of
 float, onnxruntime W8A8 and onnxmpq W8A8/W4A8/mixed/layers-only on ResNet-20/56 and a depthwise
 EfficientNet-Lite0-style CNN, timed interleaved); prediction (latency-ms budgets: the report's predicted
 latency against the measured one on the bundled ResNets); transformer (all-MiniLM-L6-v2 built from
@@ -52,7 +53,8 @@ SECTIONS = {"uniform": uniform.run, "rounding": rounding.run, "rounding-cost": r
             "gptq-columns": rounding.columns,
             "sensitivity": sensitivity.run, "sensitivity-fast": sensitivity.fast,
             "probe-rounding": sensitivity.probe_rounding, "allocation": allocation.run,
-            "memory": memory.run, "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
+            "memory": memory.run, "memory-search": memory.search,
+            "latency": latency.run, "prediction": prediction.run, "transformer": transformer.run,
             "cost": cost.run, "aimet": aimet.run}
 OPTIONAL = {"aimet"}  # measured only when named: needs AIMET's own venv (make bench-aimet)
 RESULTS = ROOT / "benchmarks" / "results"
