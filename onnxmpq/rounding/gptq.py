@@ -163,12 +163,9 @@ def accumulate(view: LinearView, batches: Iterable[tuple[np.ndarray, np.ndarray]
         per_sample = view.columns(x_q[:1]).size if x_q.ndim > 1 else x_q.size
         step = max(1, COLUMN_BUDGET // max(per_sample, 1))
         for i in range(0, max(len(x_q), 1), step):
-            cols_q = view.columns(x_q[i:i + step])
-            cols_f = view.columns(x_f[i:i + step])
-            if stride > 1:
-                start = chunk % stride
-                cols_q = np.ascontiguousarray(cols_q[:, :, start::stride])  # BLAS needs contiguous rows
-                cols_f = np.ascontiguousarray(cols_f[:, :, start::stride])
+            start = chunk % stride
+            cols_q = view.columns(x_q[i:i + step], start, stride)
+            cols_f = view.columns(x_f[i:i + step], start, stride)
             chunk += 1
             if h is None or c is None:
                 h = np.zeros((cols_q.shape[0], cols_q.shape[1], cols_q.shape[1]))

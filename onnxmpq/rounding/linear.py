@@ -59,25 +59,27 @@ class LinearView:
             return m if self.trans_b else m.T
         return m if self.weight_left else m.T
 
-    def columns(self, x: np.ndarray) -> np.ndarray:
-        """The layer input `x` (a batch) as (G, K, n)."""
+    def columns(self, x: np.ndarray, first: int = 0, every: int = 1) -> np.ndarray:
+        """The layer input `x` (a batch) as (G, K, n); with `every` s > 1 only the columns first, first + s,
+        ... of that order, gathered without building the others (what `[:, :, first::every]` of the whole
+        would give, in a layout BLAS reads without a copy)."""
         g = self.groups
-        if self.op_type == "Conv":
-            cols = _im2col(x, self.weight_shape[2:], self.strides, self.pads, self.dilations)
-            return cols.reshape(g, cols.shape[0] // g, -1)
-        if self.op_type == "ConvTranspose":
-            kernel = self.weight_shape[2:]
-            n = len(kernel)
-            up = _insert_zeros(x, self.strides)
-            pads = [d * (k - 1) - p for k, d, p in zip(kernel * 2, self.dilations * 2, self.pads)]
-            cols = _im2col(up, kernel, (1,) * n, tuple(pads), self.dilations)
+        if self.op_type in ("Conv", "ConvTranspose"):
+            kernel, strides, pads = self.weight_shape[2:], self.strides, self.pads
+            if self.op_type == "ConvTranspose":
+                x = _insert_zeros(x, strides)
+                pads = tuple(d * (k - 1) - p for k, d, p in zip(kernel * 2, self.dilations * 2, self.pads))
+                strides = (1,) * len(kernel)
+            cols = _im2col(x, kernel, strides, pads, self.dilations, first, every)
             return cols.reshape(g, cols.shape[0] // g, -1)
         if self.op_type == "Gemm":
             a = x.T if self.trans_a else x
-            return a.reshape(-1, a.shape[-1]).T[None]
-        if self.weight_left:
-            return np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2]).T[None]
-        return x.reshape(-1, x.shape[-1]).T[None]
+            rows = a.reshape(-1, a.shape[-1])
+        elif self.weight_left:
+            rows = np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        return rows[first::every].T[None]
 
 
 def view_of(node: onnx.NodeProto, weight_shape: tuple[int, ...], weight_left: bool = False) -> LinearView | None:
@@ -109,16 +111,23 @@ def _insert_zeros(x: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
 
 
 def _im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
-            dilations: tuple[int, ...]) -> np.ndarray:
+            dilations: tuple[int, ...], first: int = 0, every: int = 1) -> np.ndarray:
     """(N, C, *spatial) -> (C * prod(kernel), N * prod(out spatial)), rows ordered as the weight's
-    (C, k1, k2, ...) flattening."""
+    (C, k1, k2, ...) flattening; with `every` > 1 only the columns first::every, gathered from the
+    sliding windows directly (a (K, n) transpose of a C-ordered (n, K) array)."""
     n = len(kernel)
     x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + n]) for i in range(n)])
     span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
     win = sliding_window_view(x, span, axis=tuple(range(2, 2 + n)))
     win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
               + (Ellipsis,) + tuple(slice(None, None, d) for d in dilations)]
+    k = x.shape[1] * int(np.prod(kernel))
+    if every > 1 or first:
+        # win: (N, C, *out, *kernel) -> (N, *out, C, *kernel), the chosen (N, *out) positions gathered
+        positions = (x.shape[0], *win.shape[2:2 + n])
+        picked = np.unravel_index(np.arange(first, int(np.prod(positions)), every), positions)
+        by_position = win.transpose([0] + list(range(2, 2 + n)) + [1] + list(range(2 + n, 2 + 2 * n)))
+        return by_position[picked].reshape(-1, k).T
     # win: (N, C, *out, *kernel) -> (C, *kernel, N, *out)
     order = [1] + list(range(2 + n, 2 + 2 * n)) + [0] + list(range(2, 2 + n))
-    cols = np.ascontiguousarray(win.transpose(order))
-    return cols.reshape(x.shape[1] * int(np.prod(kernel)), -1)
+    return np.ascontiguousarray(win.transpose(order)).reshape(k, -1)

@@ -95,9 +95,6 @@ def moments(view: LinearView, xs: Sequence[np.ndarray],
         product = a @ np.swapaxes(b, 1, 2)  # float32 products of a chunk, summed in float64
         sums[key] = sums[key] + product if key in sums else product.astype(np.float64)
 
-    def strided(cols: np.ndarray, start: int) -> np.ndarray:
-        return cols if stride == 1 else np.ascontiguousarray(cols[:, :, start::stride])
-
     chunks = 0
     for x in xs:
         x = np.asarray(x, np.float32)
@@ -105,10 +102,10 @@ def moments(view: LinearView, xs: Sequence[np.ndarray],
         for i in range(0, len(x), step):
             chunk, start = x[i:i + step], chunks % stride
             chunks += 1
-            cols = strided(view.columns(chunk), start)
+            cols = view.columns(chunk, start, stride)
             add(("h", 0), cols, cols)
             for bits, fq in quantizers.items():
-                err = strided(view.columns(fq(chunk) - chunk), start)
+                err = view.columns(fq(chunk) - chunk, start, stride)
                 add(("c", bits), cols, err)
                 add(("e", bits), err, err)
     if stride > 1:

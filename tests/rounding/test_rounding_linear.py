@@ -225,3 +225,32 @@ def test_columns_of_the_float_view_are_the_input_for_a_1x1_conv():
     view = view_of(node("Conv", ["x", "W"], ["y"]), (6, 3, 1, 1))
     [cols] = list(view.columns(x))
     np.testing.assert_array_equal(cols, x.transpose(1, 0, 2, 3).reshape(3, -1))
+
+
+# --- every s-th column, gathered directly -------------------------------------------------------------
+
+SELECTIONS = [(0, 2), (1, 3), (4, 7), (3, 1)]
+
+
+@pytest.mark.parametrize("op, case", [("Conv", c) for c in sorted(CONV_CASES)]
+                         + [("ConvTranspose", c) for c in sorted(CONVT_CASES)])
+def test_selected_columns_are_the_slice_of_all_columns(op, case):
+    x_shape, w_shape, attrs = (CONV_CASES if op == "Conv" else CONVT_CASES)[case]
+    x, w = arr(1, *x_shape), arr(2, *w_shape)
+    n, _ = one_node(op, x_shape, w, **attrs)
+    view = view_of(n, w.shape)
+    assert view is not None
+    whole = view.columns(x)
+    for first, every in SELECTIONS:
+        np.testing.assert_array_equal(view.columns(x, first, every), whole[:, :, first::every])
+
+
+@pytest.mark.parametrize("view, x_shape", [
+    (LinearView("Gemm", (10, 4), trans_b=True), (7, 4)), (LinearView("Gemm", (4, 10), trans_a=True), (4, 7)),
+    (LinearView("MatMul", (4, 10)), (2, 7, 4)), (LinearView("MatMul", (10, 4), weight_left=True), (3, 4, 7))],
+    ids=["gemm", "gemm_trans_a", "matmul", "matmul_left"])
+def test_selected_rows_of_linear_layers_are_the_slice_of_all(view, x_shape):
+    x = arr(3, *x_shape)
+    whole = view.columns(x)
+    for first, every in SELECTIONS:
+        np.testing.assert_array_equal(view.columns(x, first, every), whole[:, :, first::every])
