@@ -96,7 +96,8 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--separate", is_flag=True, help="Probe weights (w{W}) and activations (a{A}) separately.")
 @click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
               help="Rounding the probes use (the one the model will be written with; auto as in quantize).")
-@click.option("--limit", type=int, default=256, show_default=True, help="Calibration samples to probe with.")
+@click.option("--limit", type=int, default=256, show_default=True,
+              help="Calibration samples to probe with (fast probes rounded to nearest: the first 128 of them).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per onnxruntime call.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table(s) as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of score per layer per candidate.")

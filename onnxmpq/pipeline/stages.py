@@ -19,7 +19,7 @@ from onnxmpq.hardware import profiles
 from onnxmpq.pipeline.config import SearchConfig
 from onnxmpq.pipeline.context import RunContext
 from onnxmpq.rounding import sequential
-from onnxmpq.sensitivity import METRICS, cache, parallel, parse_candidates, resolve_probes
+from onnxmpq.sensitivity import METRICS, cache, fast, parallel, parse_candidates, resolve_probes
 from onnxmpq.sensitivity.probe import Only
 from onnxmpq.types import Candidate, Probes, QuantOptions, Rounding
 from onnxmpq.write.build import build
@@ -121,6 +121,8 @@ def measure(ctx: RunContext, metrics: Sequence[str], weight_bits: Sequence[int],
     keys = [c.key for c in candidates]
     settings = {"metrics": list(metrics), "candidates": keys, "rounding": str(rounding),
                 "options": repr(options), "naive": naive, "probes": str(probes)}
+    if probes == Probes.FAST:
+        settings["fast_samples"] = fast.SAMPLES
     # a table of every candidate serves any narrower request; a narrowed one only the same narrowing
     narrowed = {**settings, "only": {k: sorted(v) for k, v in sorted(only.items())}} if only is not None else None
     if cache_dir:

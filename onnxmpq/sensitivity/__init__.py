@@ -246,6 +246,7 @@ def measure(model: Model, batches: Sequence[Mapping[str, np.ndarray]], metric_na
         raise OnnxmpqError("these metrics need calibration data.", f"set {option('data.calib')}.")
     elif probes == Probes.FAST:
         resolve_probes(probes, metric_names)
+        batches = fast.sweep_batches(batches, rounding)
         fast.sweep(model, batches, candidates, acts, stats, options, rounding, naive=naive, only=only,
                    on_unit=score_unit)
     else:

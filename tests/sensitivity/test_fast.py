@@ -291,6 +291,26 @@ def test_resnet_fast_ranks_follow_the_exact_ones():
     assert min(per_width) > 0.5 and np.mean(per_width) > 0.75, per_width
 
 
+def test_fast_sweep_runs_on_the_first_samples_unless_gptq_needs_all():
+    """Nearest probes: the table from fast.SAMPLES + 36 samples (batches of 48, the last cut short) is
+    the table from the first fast.SAMPLES of them in the same batches; GPTQ probes: every sample."""
+    m = load(build_cnn())
+    n = fast.SAMPLES + 36
+    data = np.random.default_rng(5).normal(size=(n, 3, 8, 8)).astype(np.float32)
+    batches = [{"x": data[i:i + 48]} for i in range(0, n, 48)]
+    cut = fast.sweep_batches(batches, Rounding.NEAREST)
+    sizes = [len(b["x"]) for b in cut]
+    assert sum(sizes) == fast.SAMPLES and sizes[:-1] == [48] * (len(sizes) - 1) and 0 < sizes[-1] <= 48
+    assert fast.sweep_batches(batches, Rounding.GPTQ) == batches
+    cands = [Candidate(2, None), Candidate(4, None)]
+    whole = sensitivity.measure(m, batches, ["sqnr"], cands, probes=Probes.FAST)[0]
+    head = sensitivity.measure(m, [{"x": b["x"].copy()} for b in cut], ["sqnr"], cands, probes=Probes.FAST)[0]
+    assert whole.samples == head.samples == fast.SAMPLES
+    assert [r.scores for r in whole.layers] == [r.scores for r in head.layers]
+    gptq = sensitivity.measure(m, batches, ["sqnr"], cands[1:], rounding=Rounding.GPTQ, probes=Probes.FAST)[0]
+    assert gptq.samples == n
+
+
 def test_cli_probes_option(tmp_path):
     from conftest import cli, one_error_line
 
