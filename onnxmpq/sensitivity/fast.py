@@ -16,7 +16,11 @@ running the network, and a gain measured by one noise probe per unit:
       H = sum X X^T,  C = sum X E^T,  H_E = sum E E^T,
   that is ||W_q (X + E) - W X||^2 / N, the exact error of the layer's linear output (written in error
   terms only, never as a difference of large traces), over about 64 columns per row of H (every s-th
-  im2col column, the sums times s; as GPTQ's statistics are taken, `rounding.gptq`).
+  im2col column, the sums times s; as GPTQ's statistics are taken, `rounding.gptq`). Where the layer
+  has few output rows R per group beside K, the same e is summed from its outputs instead,
+  sum ||dW X + W_q E||^2 / N over the same columns (`direct_errors`): one R x K product per candidate
+  and width against 1 + 2A products K x K for the moments, whichever costs less (GPTQ-rounded probes
+  take the moments, whose H their codes need).
   A layer without a view gets e by running its op alone from the cut with the probe's weights.
   Activation bits also add, for every tensor the unit writes at a bits (and, for a unit without
   weights, every one it reads), the fake-quantization error ||fq_a(t) - t||^2 / N of the float
@@ -64,6 +68,7 @@ from onnxmpq.write.formats import weight_format
 
 NOISE = "onnxmpq/noise"   # the tensor a unit's output noise is fed as
 NOISE_BITS = 4            # the grid whose rounding residual sets a weight noise's scale per channel
+_NOISE_KEY = "onnxmpq/noise"  # direct_errors' key of the noise probe's weights
 SAMPLES = 128             # calibration samples the fast sweep runs on when no GPTQ rounding needs them all
 
 
@@ -117,6 +122,42 @@ def moments(view: LinearView, xs: Sequence[np.ndarray],
         sums = {key: value * stride for key, value in sums.items()}
     return Moments(sums[("h", 0)], {b: sums[("c", b)] for b in quantizers}, {b: sums[("e", b)] for b in quantizers},
                    sum(len(x) for x in xs))
+
+
+def direct_errors(view: LinearView, xs: Sequence[np.ndarray], w: np.ndarray,
+                  targets: Mapping[str, tuple[np.ndarray, int | None]],
+                  quantizers: Mapping[int, Callable[[np.ndarray], np.ndarray]], stride: int = 1) -> dict[str, float]:
+    """The output error of each target (W_t, a), the one `Moments.output_error` gives, from the layer's
+    outputs instead of its moments: e_t = sum ||dW_t X + W_t E_a||^2 / N, dW_t = W_t - W, over the
+    columns X of the batches `xs` (E_a the columns of fq_a(x) - x, zero for a None; every s-th column
+    times s with `stride` s, as `moments` takes them). One R x K by K x n product per target and width
+    (two with activation bits) instead of 1 + 2A of K x K by K x n: the cheaper where R, the layer's
+    output rows per group, is small beside K (`_direct_is_cheaper`)."""
+    deltas = {key: ((wt - w).astype(np.float32), wt.astype(np.float32), a) for key, (wt, a) in targets.items()}
+    totals = dict.fromkeys(targets, 0.0)
+    chunks = 0
+    for x in xs:
+        x = np.asarray(x, np.float32)
+        step = max(1, COLUMN_BUDGET // max(view.columns(x[:1]).size, 1))
+        for i in range(0, len(x), step):
+            chunk, start = x[i:i + step], chunks % stride
+            chunks += 1
+            cols = view.columns(chunk, start, stride)
+            errs = {a: view.columns(fq(chunk) - chunk, start, stride) for a, fq in quantizers.items()}
+            for key, (dw, wt, a) in deltas.items():
+                out = dw @ cols
+                if a:
+                    out += wt @ errs[a]
+                flat = out.astype(np.float64).ravel()
+                totals[key] += float(flat @ flat)
+    samples = sum(len(x) for x in xs)
+    return {key: total * stride / samples for key, total in totals.items()}
+
+
+def _direct_is_cheaper(w: np.ndarray, targets: Mapping[str, tuple[np.ndarray, int | None]], acts: int) -> bool:
+    """Products per column: direct_errors sum_t (1 + [a_t]) R K against the moments' (1 + 2A) K K."""
+    rows, k = w.shape[1], w.shape[2]
+    return sum(1 + bool(a) for _, a in targets.values()) * rows < (1 + 2 * acts) * k
 
 
 def sweep_batches(batches: Sequence[Mapping[str, np.ndarray]], rounding: Rounding) -> list[Mapping[str, np.ndarray]]:
@@ -267,8 +308,8 @@ def _act_errors(run: _Sweep, unit: Unit, acts: Sequence[int], at: Mapping[str, S
 def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Candidate],
            at: Mapping[str, Sequence[np.ndarray]]) -> UnitErrors:
     """A weighted layer's weight-noise probe and the output error of each candidate's weights and input:
-    from its moments where it has a view (and they fit GptqSettings' memory budget), else by running
-    its op alone."""
+    where it has a view, from its moments (if they fit GptqSettings' memory budget) or its outputs,
+    whichever costs less (`_direct_is_cheaper`); else by running its op alone."""
     model = run.model
     node = next(n for n in model.proto.graph.node if n.name == spec.name)
     weight = numpy_helper.to_array(next(t for t in model.proto.graph.initializer if t.name == spec.weight))
@@ -278,21 +319,24 @@ def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Ca
     view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
     acts = sorted({c.act_bits for c in cands if c.act_bits})
     mats = view.to_matrices(weight.astype(np.float64)) if view is not None else None
-    if mats is not None and view is not None and spec.activation in at \
-            and 8 * (1 + 2 * len(acts)) * mats.shape[0] * mats.shape[2] ** 2 <= GptqSettings().memory_budget:
+    full = run.rounding == Rounding.GPTQ  # GPTQ rounds against H of every sample, as the exact probe does
+    fits = mats is not None and 8 * (1 + 2 * len(acts)) * mats.shape[0] * mats.shape[2] ** 2 \
+        <= GptqSettings().memory_budget
+    if mats is not None and view is not None and spec.activation in at and (fits or not full):
         quantizers = {a: (lambda x, a=a: run.fake_quant(spec.activation, a, x)) for a in acts}
-        full = run.rounding == Rounding.GPTQ  # GPTQ rounds against H of every sample, as the exact probe does
         xs = at[spec.activation]
         stride = column_stride(view, xs[0].shape, sum(len(x) for x in xs), GptqSettings().columns_per_k)
-        m = moments(view, xs, quantizers, stride)
-        rounded = run.codes(spec, weight, at[spec.activation], m if full else None)
+        m = moments(view, xs, quantizers, stride) if full else None  # GPTQ's codes need the moments' H
+        rounded = run.codes(spec, weight, xs, m)
         codes = {c.key: rounded(c) for c in cands}
-        errors = {}
-        for c in cands:
-            q = codes[c.key]
-            errors[c.key] = m.output_error(mats, view.to_matrices(q.dequantize().astype(np.float64)) if q else mats,
-                                           c.act_bits)
-        noise_error = m.output_error(mats, view.to_matrices((weight + noise).astype(np.float64)), None)
+        targets = {c.key: (view.to_matrices(q.dequantize().astype(np.float64)) if (q := codes[c.key]) else mats,
+                           c.act_bits) for c in cands}
+        targets[_NOISE_KEY] = (view.to_matrices((weight + noise).astype(np.float64)), None)
+        if m is None and fits and not _direct_is_cheaper(mats, targets, len(acts)):
+            m = moments(view, xs, quantizers, stride)
+        errors = ({key: m.output_error(mats, wt, a) for key, (wt, a) in targets.items()} if m is not None
+                  else direct_errors(view, xs, mats, targets, quantizers, stride))
+        noise_error = errors.pop(_NOISE_KEY)
     else:
         rounded = run.codes(spec, weight, at.get(spec.activation, []), None)
         codes = {c.key: rounded(c) for c in cands}

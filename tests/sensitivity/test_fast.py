@@ -67,8 +67,9 @@ def layer_error(m: graph.Model, spec, cand: Candidate, stats, batches, codes=Non
     return float(np.sum(diff ** 2) / sum(len(b["x"]) for b in batches))
 
 
-def moments_error(m: graph.Model, spec, cand: Candidate, stats, batches) -> float:
-    """The same error from the layer's moments (`Moments.output_error`)."""
+def moments_error(m: graph.Model, spec, cand: Candidate, stats, batches, how: str = "moments") -> float:
+    """The same error from the layer's moments (`Moments.output_error`), or with how="direct" from its
+    outputs (`fast.direct_errors`)."""
     node = next(n for n in m.proto.graph.node if n.name == spec.name)
     weight = weight_of(m, spec.weight)
     view = view_of(node, weight.shape, weight_left=node.input[0] == spec.weight)
@@ -77,10 +78,12 @@ def moments_error(m: graph.Model, spec, cand: Candidate, stats, batches) -> floa
     group = m.points().group.get(spec.activation)
     quantizers = {cand.act_bits: lambda x: probe.fake_quant(x, cand.act_bits, stats[group], FLOAT_BIAS)} \
         if cand.act_bits else {}
-    stats_ = moments(view, xs, quantizers)
     mats = view.to_matrices(weight.astype(np.float64))
     wq = round_nearest(weight, spec.channel_axis, _fmt(cand.weight_bits)).dequantize() if cand.weight_bits else weight
-    return stats_.output_error(mats, view.to_matrices(wq.astype(np.float64)), cand.act_bits)
+    wq_mats = view.to_matrices(wq.astype(np.float64))
+    if how == "direct":
+        return fast.direct_errors(view, xs, mats, {"t": (wq_mats, cand.act_bits)}, quantizers)["t"]
+    return moments(view, xs, quantizers).output_error(mats, wq_mats, cand.act_bits)
 
 
 def _fmt(bits: int):
@@ -91,28 +94,32 @@ def _fmt(bits: int):
 # --- the output error from the moments ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["moments", "direct"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_moments_error_equals_the_single_layer_models_output_error(name):
-    """e = tr(dW H dW^T) / N for every op view (Conv, grouped, ConvTranspose, MatMul both sides, Gemm)."""
+def test_moments_error_equals_the_single_layer_models_output_error(name, how):
+    """e = tr(dW H dW^T) / N, or ||dW X||^2 / N from the outputs, for every op view (Conv, grouped,
+    ConvTranspose, MatMul both sides, Gemm)."""
     m = load(MODELS[name]())
     batches = batches_for(m, 6, 2)
     for spec in m.layers:
         for cand in WBITS:
             expected = layer_error(m, spec, cand, None, batches)
-            assert moments_error(m, spec, cand, None, batches) == pytest.approx(expected, rel=2e-3), (spec.name, cand)
+            got = moments_error(m, spec, cand, None, batches, how)
+            assert got == pytest.approx(expected, rel=2e-3), (spec.name, cand)
 
 
+@pytest.mark.parametrize("how", ["moments", "direct"])
 @pytest.mark.parametrize("cand", [Candidate(4, 8), Candidate(2, 4), Candidate(None, 4)], ids=lambda c: c.key)
-def test_moments_error_with_activation_bits_equals_the_single_layer_models(cand):
-    """With the input read at a bits: ||W_q (X + E) - W X||^2 / N from H, C and H_E (the cnn's two Convs,
-    whose op outputs are read before any activation Q/DQ)."""
+def test_moments_error_with_activation_bits_equals_the_single_layer_models(cand, how):
+    """With the input read at a bits: ||W_q (X + E) - W X||^2 / N from H, C and H_E, or from the outputs
+    dW X + W_q E (the cnn's two Convs, whose op outputs are read before any activation Q/DQ)."""
     m = load(build_cnn())
     batches = batches_for(m, 8, 2)
     stats = group_stats(m, {"x": np.concatenate([b["x"] for b in batches])})
     for spec in m.layers[:2]:
         expected = layer_error(m, spec, cand, stats, batches)
         assert expected > 0
-        assert moments_error(m, spec, cand, stats, batches) == pytest.approx(expected, rel=2e-3), spec.name
+        assert moments_error(m, spec, cand, stats, batches, how) == pytest.approx(expected, rel=2e-3), spec.name
 
 
 def test_strided_moments_are_the_strided_sums_times_the_stride_and_estimate_the_full_ones():
@@ -133,6 +140,16 @@ def test_strided_moments_are_the_strided_sums_times_the_stride_and_estimate_the_
     wq = view.to_matrices(round_nearest(w, 0, _fmt(3)).dequantize().astype(np.float64))
     for bits in (None, 4):
         assert strided.output_error(mats, wq, bits) == pytest.approx(full.output_error(mats, wq, bits), rel=0.05)
+        direct = fast.direct_errors(view, [x[:20], x[20:]], mats, {"t": (wq, bits)}, fq, stride=5)["t"]
+        assert direct == pytest.approx(strided.output_error(mats, wq, bits), rel=1e-4)  # the same columns
+
+
+def test_the_sweep_takes_the_cheaper_of_moments_and_outputs():
+    """Products per column: direct (1 + [a]) R K per target against the moments' (1 + 2A) K^2."""
+    three_by_three, one_by_one = np.zeros((1, 16, 144)), np.zeros((1, 96, 16))
+    targets = {f"w{b}a8": (None, 8) for b in range(2, 9)} | {"noise": (None, None)}
+    assert fast._direct_is_cheaper(three_by_three, targets, 1)  # 15 x 16 < 3 x 144
+    assert not fast._direct_is_cheaper(one_by_one, targets, 1)  # 15 x 96 > 3 x 16
 
 
 def test_gptq_codes_are_the_exact_probes():
