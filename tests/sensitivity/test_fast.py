@@ -145,11 +145,14 @@ def test_strided_moments_are_the_strided_sums_times_the_stride_and_estimate_the_
 
 
 def test_the_sweep_takes_the_cheaper_of_moments_and_outputs():
-    """Products per column: direct (1 + [a]) R K per target against the moments' (1 + 2A) K^2."""
-    three_by_three, one_by_one = np.zeros((1, 16, 144)), np.zeros((1, 96, 16))
-    targets = {f"w{b}a8": (None, 8) for b in range(2, 9)} | {"noise": (None, None)}
-    assert fast._direct_is_cheaper(three_by_three, targets, 1)  # 15 x 16 < 3 x 144
-    assert not fast._direct_is_cheaper(one_by_one, targets, 1)  # 15 x 96 > 3 x 16
+    """Products per column: direct 2 (1 + [a]) R K per target against the moments' (1 + 2A) K^2."""
+    conv3x3, expansion, depthwise = np.zeros((1, 16, 144)), np.zeros((1, 144, 24)), np.zeros((32, 1, 9))
+    few = {"w4a8": (None, 8), "w8a8": (None, 8), "noise": (None, None)}
+    many = {f"w{b}a8": (None, 8) for b in range(2, 9)} | {"noise": (None, None)}
+    assert fast._direct_is_cheaper(conv3x3, few, 1)  # 2 x 5 x 16 < 3 x 144
+    assert not fast._direct_is_cheaper(conv3x3, many, 1)  # 2 x 15 x 16 > 3 x 144
+    assert not fast._direct_is_cheaper(expansion, few, 1)  # 2 x 5 x 144 > 3 x 24
+    assert fast._direct_is_cheaper(depthwise, few, 1) and not fast._direct_is_cheaper(depthwise, many, 1)
 
 
 def test_gptq_codes_are_the_exact_probes():
@@ -353,3 +356,22 @@ def test_quantize_reports_the_probes_its_allocation_used(tmp_path):
                               "--metric", "sqnr", "--rounding", "nearest", "--no-verify", "--probes", probes, "--json")
         assert code == 0, err
         assert json.loads(text)["allocation"]["probes"] == probes
+
+
+def test_tables_from_outputs_and_from_moments_agree(monkeypatch):
+    """ResNet-20 at W4/W8 (A8): the sweep takes the outputs on its 3x3 convs; forced to the moments, the
+    same table to float rounding."""
+    m = graph.load(RESNET)
+    batches = [{"input": np.load(CALIB)["input"][:32]}]
+    stats = group_stats(m, batches[0])
+    cands = [Candidate(4, 8), Candidate(8, 8)]
+    taken = []
+    real = fast._direct_is_cheaper
+    monkeypatch.setattr(fast, "_direct_is_cheaper", lambda *a: taken.append(real(*a)) or taken[-1])
+    direct = sensitivity.measure(m, batches, ["sqnr"], cands, stats, probes=Probes.FAST)[0]
+    assert sum(taken) >= 10, taken
+    monkeypatch.setattr(fast, "_direct_is_cheaper", lambda *a: False)
+    moments_ = sensitivity.measure(m, batches, ["sqnr"], cands, stats, probes=Probes.FAST)[0]
+    for a, b in zip(direct.layers, moments_.layers):
+        for key in a.scores:
+            assert a.scores[key] == pytest.approx(b.scores[key], rel=1e-3, abs=1e-12), (a.name, key)
