@@ -197,7 +197,8 @@ def fast(ctx: common.Context) -> str:
     return "\n".join([
         "### Fast probes (issue 13): one network run per layer instead of one per layer and width\n",
         f"Every weighted layer at weights {{{', '.join(map(str, FAST_BITS))}}} bits (activations float), nearest "
-        "rounding, 256 calibration images (32 random inputs for the EfficientNet-Lite0-style CNN, whose random "
+        "rounding, 256 calibration images for the exact probes and the first 128 of them for the fast ones "
+        "(`fast.SAMPLES`; 32 random inputs for the EfficientNet-Lite0-style CNN, whose random "
         "weights classify nothing: no true damage); each sweep in its own process, exact and fast in turn, "
         f"{REPEATS} times, the fastest of each counted (the cores are shared with other jobs). Engine runs: "
         "network runs that reach the outputs, the float reference included. Spearman rank correlation of the "
