@@ -94,8 +94,9 @@ def _fmt(value, width: int = 7, digits: int = 4) -> str:
 @click.option("--act-bits", default="float", show_default=True,
               help="Candidate activation bits, comma-separated (float = activations unquantized).")
 @click.option("--separate", is_flag=True, help="Probe weights (w{W}) and activations (a{A}) separately.")
-@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="auto", show_default=True,
-              help="Rounding the probes use (the one the model will be written with; auto as in quantize).")
+@click.option("--rounding", type=click.Choice([m.value for m in Rounding]), default="nearest", show_default=True,
+              help="Rounding the probes use: nearest, as quantize's probes by default (--probe-rounding), or "
+                   "gptq, or auto (gptq below 8 bits, as quantize writes the model).")
 @click.option("--limit", type=int, default=256, show_default=True,
               help="Calibration samples to probe with (fast probes rounded to nearest: the first 128 of them).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per onnxruntime call.")

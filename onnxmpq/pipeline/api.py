@@ -296,7 +296,7 @@ def _file_bytes(path: Path) -> int:
 
 def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight_bits: Sequence[int] = (2, 4, 8),
                 act_bits: Sequence[int | None] = (None,), separate: bool = False,
-                rounding: Rounding | str = Rounding.AUTO, options: QuantOptions = QuantOptions(),
+                rounding: Rounding | str = Rounding.NEAREST, options: QuantOptions = QuantOptions(),
                 limit: int = 256, batch_size: int = 64, workers: int = 1, cache_dir=None, preprocess=None,
                 naive: bool = False, executor: str = "process", address: str | None = None,
                 probes: Probes | str | None = None) -> list:
@@ -304,7 +304,8 @@ def sensitivity(model, calib=None, *, metrics: Sequence[str] = ("sqnr",), weight
 
     The calibration samples (at most `limit`) are held in memory with the activations at the probe
     engine's cut; `workers` > 1 splits the candidates over processes; `probes` fast or exact (default:
-    `sensitivity.resolve_probes`).
+    `sensitivity.resolve_probes`); `rounding` of the probes nearest by default, as quantize's
+    (`search.probe_rounding`).
     """
     model = load(model)
     data_free = all(METRICS.get(name).data_free for name in metrics)

@@ -121,14 +121,16 @@ def test_weight_entropy_runs_without_calibration_and_plots(tiny, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--bits", "2,4"], "gptq"),
-    (["--bits", "8"], "nearest"),
-    (["--bits", "2,4", "--rounding", "nearest"], "nearest"),
-    (["--bits", "2,4", "--metric", "weight-entropy"], "nearest"),
-], ids=["auto-low-bits", "auto-8-bits", "nearest", "weight-entropy-is-data-free"])
+    (["--bits", "2,4"], "nearest"),
+    (["--bits", "2,4", "--rounding", "auto"], "gptq"),
+    (["--bits", "8", "--rounding", "auto"], "nearest"),
+    (["--bits", "2,4", "--rounding", "gptq"], "gptq"),
+    (["--bits", "2,4", "--metric", "weight-entropy", "--rounding", "auto"], "nearest"),
+], ids=["default-nearest", "auto-low-bits", "auto-8-bits", "gptq", "weight-entropy-is-data-free"])
 def test_rounding_recorded_is_the_rounding_used(tiny, capsys, args, expected):
-    """`auto` is GPTQ below 8 bits when data is used, else nearest; weight-entropy never reads the data (its
-    codes are nearest with or without --calib), so its table must not claim gptq."""
+    """Nearest by default (as quantize's probes); `auto` is GPTQ below 8 bits when data is used, else
+    nearest; weight-entropy never reads the data (its codes are nearest with or without --calib), so its
+    table must not claim gptq."""
     cnn, calib, _ = tiny
     code, out, err = run(capsys, "sensitivity", cnn, "--calib", calib, *args, "--json")
     assert code == 0, err
