@@ -41,6 +41,13 @@ print(json.dumps({{"time_s": time.perf_counter() - start, "peak_mb": hwm / 1024}
 """
 
 
+def _tiled(base: np.ndarray, size: int, tmp: Path) -> Path:
+    """The bundled calibration images tiled to `size` samples, saved as an .npz in `tmp`."""
+    calib = tmp / f"calib_{size}.npz"
+    np.savez(calib, input=np.resize(base, (size,) + base.shape[1:]))
+    return calib
+
+
 def _child(model, out, calib, wb, rounding, limit) -> dict:
     code = _CHILD.format(root=str(common.ROOT), model=str(model), out=str(out), calib=str(calib), wb=wb,
                          rounding=rounding, limit=limit)
@@ -91,8 +98,7 @@ def search(ctx: common.Context) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size in SEARCH_SIZES:
-            calib = tmp / f"calib_{size}.npz"
-            np.savez(calib, input=np.resize(base, (size,) + base.shape[1:]))
+            calib = _tiled(base, size, tmp)
             rows.append(_search_row("resnet20 (32x32)", common.MODELS["resnet20"], calib, size, tmp))
         rows.append(_search_row("resnet56 (32x32)", common.MODELS["resnet56"], common.CALIB, 256, tmp))
         model, _ = cnn.ensure(tmp / "effnet")
@@ -121,8 +127,7 @@ def run(ctx: common.Context) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size in SIZES:
-            calib = tmp / f"calib_{size}.npz"
-            np.savez(calib, input=np.resize(base, (size,) + base.shape[1:]))
+            calib = _tiled(base, size, tmp)
             mb = calib.stat().st_size / 1e6
             near = _child(common.MODELS["resnet20"], tmp / "m.onnx", calib, 8, "nearest", None)
             gptq = _child(common.MODELS["resnet20"], tmp / "m.onnx", calib, 4, "gptq", 512)

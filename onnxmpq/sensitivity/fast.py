@@ -48,7 +48,7 @@ over every score: sqnr 0.994 / 0.991 both ways, kl 0.993 / 0.982 against 0.993 /
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,7 +68,6 @@ from onnxmpq.write.formats import weight_format
 
 NOISE = "onnxmpq/noise"   # the tensor a unit's output noise is fed as
 NOISE_BITS = 4            # the grid whose rounding residual sets a weight noise's scale per channel
-_NOISE_KEY = "onnxmpq/noise"  # direct_errors' key of the noise probe's weights
 SAMPLES = 128             # calibration samples the fast sweep runs on when no GPTQ rounding needs them all
 
 
@@ -93,6 +92,23 @@ class Moments:
         return float(max(total, 0.0) / self.samples)
 
 
+def _column_chunks(view: LinearView, xs: Sequence[np.ndarray],
+                   quantizers: Mapping[int, Callable[[np.ndarray], np.ndarray]],
+                   stride: int) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """The columns X of the batches `xs`, a few samples at a time (COLUMN_BUDGET), with E_a, the columns
+    of fq_a(x) - x, for each width of `quantizers`; with `stride` s every s-th column only, starting one
+    further each chunk (as `gptq.accumulate` takes them)."""
+    chunks = 0
+    for x in xs:
+        x = np.asarray(x, np.float32)
+        step = max(1, COLUMN_BUDGET // max(view.columns(x[:1]).size, 1))
+        for i in range(0, len(x), step):
+            chunk, start = x[i:i + step], chunks % stride
+            chunks += 1
+            yield (view.columns(chunk, start, stride),
+                   {a: view.columns(fq(chunk) - chunk, start, stride) for a, fq in quantizers.items()})
+
+
 def moments(view: LinearView, xs: Sequence[np.ndarray],
             quantizers: Mapping[int, Callable[[np.ndarray], np.ndarray]], stride: int = 1) -> Moments:
     """`Moments` of the batches `xs` of a layer's input, im2col'd a few samples at a time (COLUMN_BUDGET);
@@ -105,19 +121,11 @@ def moments(view: LinearView, xs: Sequence[np.ndarray],
         product = a @ np.swapaxes(b, 1, 2)  # float32 products of a chunk, summed in float64
         sums[key] = sums[key] + product if key in sums else product.astype(np.float64)
 
-    chunks = 0
-    for x in xs:
-        x = np.asarray(x, np.float32)
-        step = max(1, COLUMN_BUDGET // max(view.columns(x[:1]).size, 1))
-        for i in range(0, len(x), step):
-            chunk, start = x[i:i + step], chunks % stride
-            chunks += 1
-            cols = view.columns(chunk, start, stride)
-            add(("h", 0), cols, cols)
-            for bits, fq in quantizers.items():
-                err = view.columns(fq(chunk) - chunk, start, stride)
-                add(("c", bits), cols, err)
-                add(("e", bits), err, err)
+    for cols, errs in _column_chunks(view, xs, quantizers, stride):
+        add(("h", 0), cols, cols)
+        for bits, err in errs.items():
+            add(("c", bits), cols, err)
+            add(("e", bits), err, err)
     if stride > 1:
         sums = {key: value * stride for key, value in sums.items()}
     return Moments(sums[("h", 0)], {b: sums[("c", b)] for b in quantizers}, {b: sums[("e", b)] for b in quantizers},
@@ -135,21 +143,13 @@ def direct_errors(view: LinearView, xs: Sequence[np.ndarray], w: np.ndarray,
     output rows per group, is small beside K and the targets are few (`_direct_is_cheaper`)."""
     deltas = {key: ((wt - w).astype(np.float32), wt.astype(np.float32), a) for key, (wt, a) in targets.items()}
     totals = dict.fromkeys(targets, 0.0)
-    chunks = 0
-    for x in xs:
-        x = np.asarray(x, np.float32)
-        step = max(1, COLUMN_BUDGET // max(view.columns(x[:1]).size, 1))
-        for i in range(0, len(x), step):
-            chunk, start = x[i:i + step], chunks % stride
-            chunks += 1
-            cols = view.columns(chunk, start, stride)
-            errs = {a: view.columns(fq(chunk) - chunk, start, stride) for a, fq in quantizers.items()}
-            for key, (dw, wt, a) in deltas.items():
-                out = dw @ cols
-                if a:
-                    out += wt @ errs[a]
-                flat = out.astype(np.float64).ravel()
-                totals[key] += float(flat @ flat)
+    for cols, errs in _column_chunks(view, xs, quantizers, stride):
+        for key, (dw, wt, a) in deltas.items():
+            out = dw @ cols
+            if a:
+                out += wt @ errs[a]
+            flat = out.astype(np.float64).ravel()
+            totals[key] += float(flat @ flat)
     samples = sum(len(x) for x in xs)
     return {key: total * stride / samples for key, total in totals.items()}
 
@@ -334,12 +334,12 @@ def _layer(run: _Sweep, batches, unit: Unit, spec: LayerSpec, cands: Sequence[Ca
         codes = {c.key: rounded(c) for c in cands}
         targets = {c.key: (view.to_matrices(q.dequantize().astype(np.float64)) if (q := codes[c.key]) else mats,
                            c.act_bits) for c in cands}
-        targets[_NOISE_KEY] = (view.to_matrices((weight + noise).astype(np.float64)), None)
+        targets[NOISE] = (view.to_matrices((weight + noise).astype(np.float64)), None)
         if m is None and fits and not _direct_is_cheaper(mats, targets, len(acts)):
             m = moments(view, xs, quantizers, stride)
         errors = ({key: m.output_error(mats, wt, a) for key, (wt, a) in targets.items()} if m is not None
                   else direct_errors(view, xs, mats, targets, quantizers, stride))
-        noise_error = errors.pop(_NOISE_KEY)
+        noise_error = errors.pop(NOISE)
     else:
         rounded = run.codes(spec, weight, at.get(spec.activation, []), None)
         codes = {c.key: rounded(c) for c in cands}
